@@ -1,0 +1,71 @@
+//! Device and dtype names as scripts and the CLI spell them.
+
+use anyhow::{bail, Result};
+use candle_core::{DType, Device};
+
+/// Parses `"f32"`, `"f16"`, `"bf16"`, `"f64"`, `"i64"`, `"u8"`, `"u32"`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    Ok(match s {
+        "f32" | "float32" | "fp32" => DType::F32,
+        "f16" | "float16" | "fp16" | "half" => DType::F16,
+        "bf16" | "bfloat16" => DType::BF16,
+        "f64" | "float64" => DType::F64,
+        "i64" | "int64" => DType::I64,
+        "u8" | "uint8" => DType::U8,
+        "u32" | "uint32" => DType::U32,
+        other => bail!(
+            "unknown dtype {other:?}; expected one of \"f32\", \"f16\", \"bf16\", \"f64\", \"i64\", \"u8\", \"u32\""
+        ),
+    })
+}
+
+/// The script name of a dtype.
+pub fn dtype_name(d: DType) -> &'static str {
+    match d {
+        DType::F32 => "f32",
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F64 => "f64",
+        DType::I64 => "i64",
+        DType::U8 => "u8",
+        DType::U32 => "u32",
+        _ => "other",
+    }
+}
+
+/// The default device: the first CUDA GPU when built with CUDA and one is present, else the CPU.
+pub fn default_device() -> Device {
+    #[cfg(feature = "cuda")]
+    if let Ok(d) = Device::new_cuda(0) {
+        return d;
+    }
+    Device::Cpu
+}
+
+/// Parses `"cpu"`, `"cuda"`, `"cuda:N"`.
+pub fn parse_device(s: &str) -> Result<Device> {
+    if s == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match s.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => match rest.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => bail!("unknown device {s:?}; expected \"cpu\", \"cuda\" or \"cuda:N\""),
+        },
+        None => bail!("unknown device {s:?}; expected \"cpu\", \"cuda\" or \"cuda:N\""),
+    };
+    if !cfg!(feature = "cuda") {
+        bail!("device {s:?}: this sdtune was built without CUDA (build with `--features cuda`)");
+    }
+    Ok(Device::new_cuda(ordinal)?)
+}
+
+/// The script name of a device.
+pub fn device_name(d: &Device) -> String {
+    match d.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}

@@ -1,0 +1,6 @@
+//! Reading and writing files: tensor files, whole-model checkpoints and the LDM ↔ diffusers key tables.
+
+pub mod checkpoint;
+pub mod keymap;
+pub mod png;
+pub mod tensors;

@@ -1,0 +1,10 @@
+//! sdtune: a Stable Diffusion training studio — models, checkpoints and recipes as Rhai scripts over candle.
+//!
+//! Module map: see ARCHITECTURE.md.
+
+pub mod device;
+pub mod io;
+pub mod models;
+pub mod nn;
+pub mod schedule;
+pub mod script;

@@ -1,0 +1,185 @@
+//! The CLIP text encoder in transformers' `CLIPTextModel` layout (SD1: CLIP-L, SD2: OpenCLIP-H as converted).
+
+use crate::nn::{attention, quick_gelu, LayerNorm, Linear, Weights};
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+
+/// The MLP activation.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Activation {
+    /// `x·sigmoid(1.702x)` (OpenAI CLIP, SD1).
+    QuickGelu,
+    /// exact (erf) GELU (OpenCLIP, SD2).
+    Gelu,
+}
+
+impl Activation {
+    /// The transformers `hidden_act` name.
+    pub fn hf_name(self) -> &'static str {
+        match self {
+            Activation::QuickGelu => "quick_gelu",
+            Activation::Gelu => "gelu",
+        }
+    }
+}
+
+/// Hyper-parameters of the text encoder; all but `heads`, `activation` and `eps` come from tensor shapes.
+#[derive(Clone, Debug)]
+pub struct ClipConfig {
+    pub vocab_size: usize,
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub max_positions: usize,
+    pub activation: Activation,
+    pub eps: f64,
+}
+
+impl ClipConfig {
+    /// Reads sizes from the weights (`text_model.*` keys); `heads` and `activation` are given.
+    pub fn infer(w: &Weights, heads: Option<usize>, activation: Activation) -> Result<Self> {
+        let tm = w.pp("text_model");
+        let tok = tm.get("embeddings.token_embedding.weight")?;
+        let pos = tm.get("embeddings.position_embedding.weight")?;
+        let (vocab_size, hidden) = tok.dims2()?;
+        let layers = tm.pp("encoder").count("layers");
+        if layers == 0 {
+            bail!("text encoder has no `text_model.encoder.layers.*` tensors");
+        }
+        let intermediate = tm.get("encoder.layers.0.mlp.fc1.weight")?.dims()[0];
+        let heads = heads.unwrap_or_else(|| default_heads(hidden));
+        Ok(Self {
+            vocab_size,
+            hidden,
+            intermediate,
+            layers,
+            heads,
+            max_positions: pos.dims()[0],
+            activation,
+            eps: 1e-5,
+        })
+    }
+}
+
+/// Heads when no config says: 64-wide heads as in CLIP-L and OpenCLIP-H; 8-wide for test models too narrow for that.
+pub fn default_heads(hidden: usize) -> usize {
+    if hidden % 64 == 0 {
+        hidden / 64
+    } else {
+        (hidden / 8).max(1)
+    }
+}
+
+struct EncoderLayer {
+    ln1: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl EncoderLayer {
+    fn new(w: &Weights, cfg: &ClipConfig) -> Result<Self> {
+        let a = w.pp("self_attn");
+        Ok(Self {
+            ln1: LayerNorm::new(&w.pp("layer_norm1"), cfg.eps)?,
+            q: Linear::new(&a.pp("q_proj"))?,
+            k: Linear::new(&a.pp("k_proj"))?,
+            v: Linear::new(&a.pp("v_proj"))?,
+            out: Linear::new(&a.pp("out_proj"))?,
+            ln2: LayerNorm::new(&w.pp("layer_norm2"), cfg.eps)?,
+            fc1: Linear::new(&w.pp("mlp.fc1"))?,
+            fc2: Linear::new(&w.pp("mlp.fc2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cfg: &ClipConfig) -> Result<Tensor> {
+        let h = self.ln1.forward(x)?;
+        let a = attention(&self.q.forward(&h)?, &self.k.forward(&h)?, &self.v.forward(&h)?, cfg.heads, true)?;
+        let x = (x + self.out.forward(&a)?)?;
+        let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
+        let h = match cfg.activation {
+            Activation::QuickGelu => quick_gelu(&h)?,
+            Activation::Gelu => h.gelu_erf()?,
+        };
+        Ok((x + self.fc2.forward(&h)?)?)
+    }
+}
+
+/// What the text encoder returns.
+pub struct ClipOutput {
+    /// The context fed to the UNet (`[B, S, hidden]`).
+    pub context: Tensor,
+    /// The final-layer-normed state at the first end-of-text token (`[B, hidden]`), when asked for.
+    pub pooled: Option<Tensor>,
+}
+
+/// CLIP text transformer (token + position embeddings, causal encoder layers, final LayerNorm).
+pub struct ClipTextModel {
+    pub cfg: ClipConfig,
+    token_embedding: Tensor,
+    position_embedding: Tensor,
+    layers: Vec<EncoderLayer>,
+    final_ln: LayerNorm,
+}
+
+impl ClipTextModel {
+    pub fn new(w: &Weights, cfg: ClipConfig) -> Result<Self> {
+        let tm = w.pp("text_model");
+        let emb = tm.pp("embeddings");
+        let token_embedding = emb.get_shape("token_embedding.weight", &[cfg.vocab_size, cfg.hidden])?;
+        let position_embedding = emb.get_shape("position_embedding.weight", &[cfg.max_positions, cfg.hidden])?;
+        let enc = tm.pp("encoder.layers");
+        let layers = (0..cfg.layers).map(|i| EncoderLayer::new(&enc.pp(i), &cfg)).collect::<Result<Vec<_>>>()?;
+        let final_ln = LayerNorm::new(&tm.pp("final_layer_norm"), cfg.eps)?;
+        Ok(Self { cfg, token_embedding, position_embedding, layers, final_ln })
+    }
+
+    /// Encodes `ids` (`[B, S]`, integer): the hidden state `clip_skip` layers from the end (1 = last),
+    /// through the final LayerNorm when `final_ln`; `pooled` adds the pooled output of the last layer.
+    pub fn encode(&self, ids: &Tensor, clip_skip: usize, final_ln: bool, pooled: bool) -> Result<ClipOutput> {
+        let (b, s) = ids.dims2()?;
+        if s > self.cfg.max_positions {
+            bail!("token ids have length {s}, the text encoder takes at most {}", self.cfg.max_positions);
+        }
+        if clip_skip == 0 || clip_skip > self.cfg.layers {
+            bail!("clip_skip must be between 1 and {} (the number of layers), got {clip_skip}", self.cfg.layers);
+        }
+        let ids = ids.to_dtype(DType::U32)?;
+        let tok = self.token_embedding.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, self.cfg.hidden))?;
+        let pos = self.position_embedding.narrow(0, 0, s)?.unsqueeze(0)?;
+        let mut x = tok.broadcast_add(&pos)?;
+        let run = if pooled { self.layers.len() } else { self.layers.len() + 1 - clip_skip };
+        let mut chosen = None;
+        for (i, layer) in self.layers.iter().enumerate().take(run) {
+            x = layer.forward(&x, &self.cfg)?;
+            if i + clip_skip == self.layers.len() {
+                chosen = Some(x.clone());
+            }
+        }
+        let chosen = chosen.expect("clip_skip checked above");
+        let context = if final_ln { self.final_ln.forward(&chosen)? } else { chosen };
+        let pooled = if pooled {
+            let last = self.final_ln.forward(&x)?;
+            // transformers (eos_token_id 2 in SD configs) takes the first position of the largest id: the first EOS.
+            let rows = ids
+                .to_vec2::<u32>()?
+                .iter()
+                .enumerate()
+                .map(|(bi, row)| {
+                    let max = row.iter().copied().max().unwrap_or(0);
+                    let p = row.iter().position(|&v| v == max).unwrap_or(0);
+                    last.get(bi)?.get(p)
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            Some(Tensor::stack(&rows, 0)?)
+        } else {
+            None
+        };
+        Ok(ClipOutput { context, pooled })
+    }
+}

@@ -1,0 +1,62 @@
+//! The CLIP BPE tokenizer (bundled vocabulary), with SD's 77-token BOS/EOS/padding convention.
+
+use anyhow::{anyhow, Result};
+use candle_core::{Device, Tensor};
+use std::sync::OnceLock;
+
+/// `<|startoftext|>`.
+pub const BOS: u32 = 49406;
+/// `<|endoftext|>`.
+pub const EOS: u32 = 49407;
+/// The context length of SD text encoders.
+pub const MAX_LEN: usize = 77;
+
+/// The bundled `tokenizer.json` (transformers' CLIPTokenizerFast conversion of OpenAI's BPE).
+pub const TOKENIZER_JSON: &[u8] = include_bytes!("../../assets/clip-tokenizer/tokenizer.json");
+/// The bundled `vocab.json`, written into diffusers folders.
+pub const VOCAB_JSON: &[u8] = include_bytes!("../../assets/clip-tokenizer/vocab.json");
+/// The bundled `merges.txt`, written into diffusers folders.
+pub const MERGES_TXT: &[u8] = include_bytes!("../../assets/clip-tokenizer/merges.txt");
+
+fn shared() -> Result<&'static tokenizers::Tokenizer> {
+    static TOK: OnceLock<std::result::Result<tokenizers::Tokenizer, String>> = OnceLock::new();
+    TOK.get_or_init(|| tokenizers::Tokenizer::from_bytes(TOKENIZER_JSON).map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| anyhow!("bundled CLIP tokenizer failed to load: {e}"))
+}
+
+/// A CLIP tokenizer with the family's padding token.
+#[derive(Clone, Debug)]
+pub struct ClipTokenizer {
+    /// Id used after EOS to fill 77 positions: 49407 (SD1) or 0 (`!`, SD2).
+    pub pad_id: u32,
+}
+
+impl ClipTokenizer {
+    pub fn new(pad_id: u32) -> Self {
+        Self { pad_id }
+    }
+
+    /// All ids of `text` with BOS and EOS, untruncated.
+    pub fn encode_full(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = shared()?.encode(text, true).map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// 77 ids: BOS, at most 75 tokens, EOS, then padding (transformers' `max_length` + truncation).
+    pub fn encode_padded(&self, text: &str) -> Result<Vec<u32>> {
+        let mut ids = self.encode_full(text)?;
+        if ids.len() > MAX_LEN {
+            ids.truncate(MAX_LEN - 1);
+            ids.push(EOS);
+        }
+        ids.resize(MAX_LEN, self.pad_id);
+        Ok(ids)
+    }
+
+    /// `[1, 77]` i64 tensor of `encode_padded`.
+    pub fn tokenize(&self, text: &str, device: &Device) -> Result<Tensor> {
+        let ids: Vec<i64> = self.encode_padded(text)?.into_iter().map(i64::from).collect();
+        Ok(Tensor::from_vec(ids, (1, MAX_LEN), device)?)
+    }
+}

@@ -1,0 +1,7 @@
+//! Neural-network building blocks shared by the models: weight views and differentiable layers.
+
+mod layers;
+mod weights;
+
+pub use layers::{attention, quick_gelu, Conv2d, GroupNorm, LayerNorm, Linear};
+pub use weights::Weights;

@@ -1,0 +1,96 @@
+//! A read-only, prefix-scoped view over a map of named tensors, used to build models.
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::sync::Arc;
+
+/// Named tensors plus a key prefix; `pp` descends into a sub-module like candle's `VarBuilder`.
+#[derive(Clone)]
+pub struct Weights {
+    map: Arc<HashMap<String, Tensor>>,
+    prefix: String,
+    source: Arc<str>,
+}
+
+impl Weights {
+    /// Wraps a tensor map; `source` names where the tensors came from (for error messages).
+    pub fn new(map: HashMap<String, Tensor>, source: &str) -> Self {
+        Self { map: Arc::new(map), prefix: String::new(), source: source.into() }
+    }
+
+    /// Shares an existing map.
+    pub fn from_arc(map: Arc<HashMap<String, Tensor>>, source: &str) -> Self {
+        Self { map, prefix: String::new(), source: source.into() }
+    }
+
+    /// A view one level deeper (`prefix.name`).
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        Self { map: self.map.clone(), prefix, source: self.source.clone() }
+    }
+
+    /// The module path of this view (dotted, as in the checkpoint).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The full key of `name` under this view.
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    /// Whether `name` exists under this view.
+    pub fn contains(&self, name: &str) -> bool {
+        self.map.contains_key(&self.key(name))
+    }
+
+    /// Whether any key starts with `name.` under this view.
+    pub fn has_module(&self, name: &str) -> bool {
+        let p = format!("{}.", self.key(name));
+        self.map.keys().any(|k| k.starts_with(&p))
+    }
+
+    /// The tensor `name`; an error names the missing key and the source.
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        let key = self.key(name);
+        self.map.get(&key).cloned().with_context(|| format!("{}: missing tensor `{key}`", self.source))
+    }
+
+    /// The tensor `name` if present.
+    pub fn get_opt(&self, name: &str) -> Option<Tensor> {
+        self.map.get(&self.key(name)).cloned()
+    }
+
+    /// The tensor `name`, checked against an expected shape.
+    pub fn get_shape(&self, name: &str, dims: &[usize]) -> Result<Tensor> {
+        let t = self.get(name)?;
+        if t.dims() != dims {
+            bail!("{}: tensor `{}` has shape {:?}, expected {:?}", self.source, self.key(name), t.dims(), dims);
+        }
+        Ok(t)
+    }
+
+    /// Number of consecutive numbered children `name.0`, `name.1`, ... under this view.
+    pub fn count(&self, name: &str) -> usize {
+        let mut n = 0;
+        while self.has_module(&format!("{name}.{n}")) {
+            n += 1;
+        }
+        n
+    }
+
+    /// The dtype of the stored tensors (of any one of them; F32 when empty).
+    pub fn dtype(&self) -> DType {
+        self.map.values().next().map(|t| t.dtype()).unwrap_or(DType::F32)
+    }
+
+    /// The device of the stored tensors (CPU when empty).
+    pub fn device(&self) -> Device {
+        self.map.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu)
+    }
+}

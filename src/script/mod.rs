@@ -1,0 +1,53 @@
+//! The Rhai scripting host: one engine with thin bindings over the Rust API, and `run` for script files.
+
+mod errors;
+mod model_api;
+mod opts;
+mod tensor_api;
+
+pub use errors::{describe_eval, locate};
+pub use model_api::Model;
+pub use tensor_api::randn_vec;
+
+use rhai::{Array, Dynamic, Engine, Scope};
+use std::path::Path;
+
+/// A fresh engine with every sdtune function registered.
+pub fn engine() -> Engine {
+    let mut engine = Engine::new();
+    engine.set_max_expr_depths(0, 0);
+    tensor_api::register(&mut engine);
+    model_api::register(&mut engine);
+    engine.register_fn("show", |x: Dynamic| errors::rt(show(x)));
+    engine
+}
+
+/// `show(x)`: an image tensor is saved as a PNG in a temporary folder and its path printed; anything else is printed.
+fn show(x: Dynamic) -> anyhow::Result<()> {
+    if let Some(t) = x.clone().try_cast::<candle_core::Tensor>() {
+        if crate::io::png::tensor_to_rgb8(&t).is_ok() {
+            static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            let dir = std::env::temp_dir().join(format!("sdtune-show-{}", std::process::id()));
+            std::fs::create_dir_all(&dir)?;
+            let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let path = dir.join(format!("show-{n:03}.png"));
+            crate::io::png::save_tensor_png(&path, &t, &[])?;
+            println!("{}", path.display());
+            return Ok(());
+        }
+    }
+    println!("{x}");
+    Ok(())
+}
+
+/// Runs a script file with `ARGS`; the error is one line naming the file, the script position and the cause.
+pub fn run_file(path: &Path, args: &[String]) -> Result<(), String> {
+    let name = path.display().to_string();
+    let source = std::fs::read_to_string(path).map_err(|e| format!("{name}: cannot read script: {e}"))?;
+    let engine = engine();
+    let ast = engine.compile(&source).map_err(|e| format!("{}: syntax error: {}", locate(&name, e.1), e.0))?;
+    let mut scope = Scope::new();
+    let argv: Array = args.iter().map(|a| Dynamic::from(a.clone())).collect();
+    scope.push_constant("ARGS", argv);
+    engine.run_ast_with_scope(&mut scope, &ast).map_err(|e| describe_eval(&name, &e))
+}

@@ -1,0 +1,121 @@
+//! Script bindings for models: `load_model`, tokenizing, text encoding, UNet, VAE and saving.
+
+use super::errors::{rt, RhaiResult};
+use super::opts::Opts;
+use crate::device::{default_device, parse_device, parse_dtype};
+use crate::models::{Family, LoadOptions, SaveFormat, StableDiffusion};
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor};
+use rhai::{Dynamic, Engine, Map};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// A model as scripts hold it.
+pub type Model = Arc<StableDiffusion>;
+
+const LOAD_KEYS: &[&str] = &["family", "v_pred", "vae", "dtype", "device", "clip_skip", "config"];
+const ENCODE_KEYS: &[&str] = &["clip_skip", "final_ln", "pooled"];
+const SAVE_KEYS: &[&str] = &["format", "dtype", "overwrite"];
+
+fn load_model(path: &str, opts: &Map) -> Result<Model> {
+    let o = Opts::new(opts, "load_model", LOAD_KEYS)?;
+    let mut lo = LoadOptions { device: default_device(), ..Default::default() };
+    if let Some(f) = o.string("family")? {
+        lo.family = Some(Family::parse(&f)?);
+    }
+    lo.v_pred = o.bool("v_pred")?;
+    lo.vae = o.string("vae")?.map(PathBuf::from);
+    if let Some(d) = o.string("dtype")? {
+        lo.dtype = parse_dtype(&d)?;
+    }
+    if let Some(d) = o.string("device")? {
+        lo.device = parse_device(&d)?;
+    }
+    if let Some(c) = o.usize("clip_skip")? {
+        lo.clip_skip = c;
+    }
+    lo.config = o.string("config")?.map(PathBuf::from);
+    Ok(Arc::new(StableDiffusion::load(Path::new(path), &lo)?))
+}
+
+fn encode_ids(m: &Model, ids: &Tensor, opts: &Map) -> Result<Dynamic> {
+    let o = Opts::new(opts, "encode_ids", ENCODE_KEYS)?;
+    let pooled = o.bool("pooled")?.unwrap_or(false);
+    let out = m.encode_ids(ids, o.usize("clip_skip")?, o.bool("final_ln")?.unwrap_or(true), pooled)?;
+    Ok(match out.pooled {
+        Some(p) => {
+            let mut map = Map::new();
+            map.insert("context".into(), Dynamic::from(out.context));
+            map.insert("pooled".into(), Dynamic::from(p));
+            Dynamic::from_map(map)
+        }
+        None => Dynamic::from(out.context),
+    })
+}
+
+fn vae_encode(m: &Model, image: &Tensor) -> Result<Map> {
+    let p = m.vae_encode(image)?;
+    let std = (&p.logvar * 0.5)?.exp()?;
+    let mut map = Map::new();
+    map.insert("mean".into(), Dynamic::from(p.mean));
+    map.insert("logvar".into(), Dynamic::from(p.logvar));
+    map.insert("std".into(), Dynamic::from(std));
+    map.insert("moments".into(), Dynamic::from(p.moments));
+    Ok(map)
+}
+
+fn save(m: &Model, path: &str, opts: &Map) -> Result<()> {
+    let o = Opts::new(opts, "save", SAVE_KEYS)?;
+    let format = match o.string("format")?.as_deref() {
+        None | Some("single") | Some("safetensors") => SaveFormat::SingleFile,
+        Some("diffusers") => SaveFormat::Diffusers,
+        Some(other) => {
+            bail!("save: unknown format {other:?}; expected \"single\" or \"diffusers\"")
+        }
+    };
+    let dtype = match o.string("dtype")? {
+        Some(d) => parse_dtype(&d)?,
+        None => m.dtype,
+    };
+    m.save(Path::new(path), format, dtype, o.bool("overwrite")?.unwrap_or(false))
+}
+
+fn timesteps(t: Dynamic) -> Result<Tensor> {
+    if let Some(t) = t.clone().try_cast::<Tensor>() {
+        return Ok(t);
+    }
+    if let Ok(i) = t.as_int() {
+        return Ok(Tensor::new(&[i], &candle_core::Device::Cpu)?);
+    }
+    if let Ok(f) = t.as_float() {
+        return Ok(Tensor::new(&[f as f32], &candle_core::Device::Cpu)?);
+    }
+    bail!("unet: timesteps must be a Tensor or a number, got {}", t.type_name())
+}
+
+/// Registers the Model type and its functions.
+pub fn register(engine: &mut Engine) {
+    engine.register_type_with_name::<Model>("Model");
+    engine.register_fn("load_model", |p: &str| rt(load_model(p, &Map::new())));
+    engine.register_fn("load_model", |p: &str, o: Map| rt(load_model(p, &o)));
+    engine.register_get("family", |m: &mut Model| m.family.name().to_string());
+    engine.register_get("v_pred", |m: &mut Model| m.v_pred);
+    engine.register_get("vae_scale", |m: &mut Model| m.vae_scale);
+    engine.register_get("clip_skip", |m: &mut Model| m.clip_skip as i64);
+    engine.register_get("dtype", |m: &mut Model| crate::device::dtype_name(m.dtype).to_string());
+    engine.register_get("device", |m: &mut Model| crate::device::device_name(&m.device));
+    engine.register_fn("to_string", |m: &mut Model| format!("Model({}, {})", m.family.name(), m.source.display()));
+    engine.register_fn("to_debug", |m: &mut Model| format!("Model({}, {})", m.family.name(), m.source.display()));
+    engine.register_fn("tokenize", |m: &mut Model, s: &str| rt(m.tokenize(s)));
+    engine.register_fn("encode_ids", |m: &mut Model, ids: Tensor| rt(encode_ids(m, &ids, &Map::new())));
+    engine.register_fn("encode_ids", |m: &mut Model, ids: Tensor, o: Map| rt(encode_ids(m, &ids, &o)));
+    engine.register_fn("unet", |m: &mut Model, s: Tensor, t: Dynamic, c: Tensor| -> RhaiResult<Tensor> {
+        rt(timesteps(t).and_then(|t| m.unet(&s, &t, &c)).and_then(|x| Ok(x.to_dtype(DType::F32)?)))
+    });
+    engine.register_fn("vae_encode", |m: &mut Model, i: Tensor| rt(vae_encode(m, &i)));
+    engine.register_fn("vae_decode", |m: &mut Model, l: Tensor| {
+        rt(m.vae_decode(&l).and_then(|x| Ok(x.to_dtype(DType::F32)?)))
+    });
+    engine.register_fn("save", |m: &mut Model, p: &str| rt(save(m, p, &Map::new())));
+    engine.register_fn("save", |m: &mut Model, p: &str, o: Map| rt(save(m, p, &o)));
+}

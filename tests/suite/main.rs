@@ -1,0 +1,9 @@
+//! The integration suite (one test binary: candle links once). Run with `cargo test --release`.
+
+mod cli;
+mod common;
+mod gradients;
+mod parity;
+mod roundtrip;
+mod schedule;
+mod tokenizer;
