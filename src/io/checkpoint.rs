@@ -249,6 +249,33 @@ fn openclip_to_hf(
     Ok(out)
 }
 
+/// A 23-layer OpenCLIP-H text encoder without its original 24th layer (a diffusers SD2 model) is written as
+/// sd-scripts does, so that loaders expecting OpenCLIP-H's 24 resblocks accept it: layer 22 copied to 23, and
+/// placeholder `text_projection` (ones) and `logit_scale` (1). SD2 uses the penultimate layer, so none of them
+/// changes the model's output.
+fn pad_openclip_h(out: &mut HashMap<String, Tensor>) -> Result<()> {
+    let layers = count_numbered(
+        out.keys().filter_map(|k| k.strip_prefix(SD2_TE_PREFIX).map(str::to_string)),
+        "transformer.resblocks.",
+    );
+    if layers != 23 {
+        return Ok(());
+    }
+    let src = format!("{SD2_TE_PREFIX}transformer.resblocks.22.");
+    let copies: Vec<(String, Tensor)> = out
+        .iter()
+        .filter_map(|(k, t)| {
+            k.strip_prefix(&src).map(|rest| (format!("{SD2_TE_PREFIX}transformer.resblocks.23.{rest}"), t.clone()))
+        })
+        .collect();
+    out.extend(copies);
+    let ln = &out[&format!("{SD2_TE_PREFIX}ln_final.weight")];
+    let (d, dtype, dev) = (ln.dim(0)?, ln.dtype(), ln.device().clone());
+    out.entry(format!("{SD2_TE_PREFIX}text_projection")).or_insert(Tensor::ones((d, d), dtype, &dev)?);
+    out.entry(format!("{SD2_TE_PREFIX}logit_scale")).or_insert(Tensor::ones((), dtype, &dev)?);
+    Ok(())
+}
+
 fn hf_to_openclip(te: &HashMap<String, Tensor>) -> Result<HashMap<String, Tensor>> {
     let layers = count_numbered(te.keys().cloned(), "text_model.encoder.layers.");
     let mut rest = te.clone();
@@ -306,6 +333,9 @@ pub fn to_single_file(c: &Components, family: Family) -> Result<HashMap<String, 
         }
     }
     out.extend(c.extras.iter().map(|(k, t)| (k.clone(), t.clone())));
+    if family == Family::Sd2 {
+        pad_openclip_h(&mut out)?;
+    }
     Ok(out)
 }
 
@@ -490,4 +520,69 @@ pub fn save_diffusers(dir: &Path, c: &Components, configs: &DiffusersConfigs, dt
         let _ = std::fs::remove_dir_all(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn openclip_layers(n: usize, d: usize) -> HashMap<String, Tensor> {
+        let dev = Device::Cpu;
+        let mut m = HashMap::new();
+        for i in 0..n {
+            let p = format!("transformer.resblocks.{i}.");
+            let v = i as f64;
+            m.insert(
+                format!("{p}attn.in_proj_weight"),
+                (Tensor::ones((3 * d, d), DType::F32, &dev).unwrap() * v).unwrap(),
+            );
+            m.insert(format!("{p}attn.in_proj_bias"), Tensor::zeros(3 * d, DType::F32, &dev).unwrap());
+            for (name, shape) in [("attn.out_proj", (d, d)), ("mlp.c_fc", (4 * d, d)), ("mlp.c_proj", (d, 4 * d))] {
+                m.insert(format!("{p}{name}.weight"), Tensor::ones(shape, DType::F32, &dev).unwrap());
+                m.insert(format!("{p}{name}.bias"), Tensor::zeros(shape.0, DType::F32, &dev).unwrap());
+            }
+            for ln in ["ln_1", "ln_2"] {
+                m.insert(format!("{p}{ln}.weight"), Tensor::ones(d, DType::F32, &dev).unwrap());
+                m.insert(format!("{p}{ln}.bias"), Tensor::zeros(d, DType::F32, &dev).unwrap());
+            }
+        }
+        m.insert("ln_final.weight".into(), Tensor::ones(d, DType::F32, &dev).unwrap());
+        m.insert("ln_final.bias".into(), Tensor::zeros(d, DType::F32, &dev).unwrap());
+        m.insert("token_embedding.weight".into(), Tensor::ones((10, d), DType::F32, &dev).unwrap());
+        m.insert("positional_embedding".into(), Tensor::ones((77, d), DType::F32, &dev).unwrap());
+        m
+    }
+
+    #[test]
+    fn openclip_h_24_layers_load_as_23_and_keep_the_rest_as_extras() {
+        let mut m = openclip_layers(24, 4);
+        m.insert("text_projection".into(), Tensor::ones((4, 4), DType::F32, &Device::Cpu).unwrap());
+        let mut extras = HashMap::new();
+        let hf = openclip_to_hf(m, &mut extras).unwrap();
+        assert!(hf.contains_key("text_model.encoder.layers.22.self_attn.q_proj.weight"));
+        assert!(!hf.keys().any(|k| k.contains("layers.23.")));
+        assert!(extras.contains_key("cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight"));
+        assert!(extras.contains_key("cond_stage_model.model.text_projection"));
+        // and back: the same 24 resblocks come out (22 from the model, 23 from extras)
+        let back = hf_to_openclip(&hf).unwrap();
+        assert_eq!(count_numbered(back.keys().cloned(), "transformer.resblocks."), 23);
+    }
+
+    #[test]
+    fn a_23_layer_text_encoder_is_padded_like_sd_scripts() {
+        let mut out: HashMap<String, Tensor> =
+            openclip_layers(23, 4).into_iter().map(|(k, t)| (format!("{SD2_TE_PREFIX}{k}"), t)).collect();
+        pad_openclip_h(&mut out).unwrap();
+        let l22 = &out["cond_stage_model.model.transformer.resblocks.22.attn.in_proj_weight"];
+        let l23 = &out["cond_stage_model.model.transformer.resblocks.23.attn.in_proj_weight"];
+        assert_eq!(l22.to_vec2::<f32>().unwrap(), l23.to_vec2::<f32>().unwrap());
+        assert_eq!(out["cond_stage_model.model.text_projection"].dims(), &[4, 4]);
+        assert!(out.contains_key("cond_stage_model.model.logit_scale"));
+        let mut three: HashMap<String, Tensor> =
+            openclip_layers(3, 4).into_iter().map(|(k, t)| (format!("{SD2_TE_PREFIX}{k}"), t)).collect();
+        let before = three.len();
+        pad_openclip_h(&mut three).unwrap();
+        assert_eq!(three.len(), before, "only OpenCLIP-H's 23 layers are padded");
+    }
 }

@@ -122,6 +122,16 @@ fn truncated_safetensors_is_a_one_line_error() {
 }
 
 #[test]
+fn corrupt_ckpt_is_a_one_line_error() {
+    let dir = scratch("cli-ckpt");
+    let p = dir.join("broken.ckpt");
+    std::fs::write(&p, b"PK\x03\x04 this is not a torch checkpoint").unwrap();
+    let s = script(&dir, "ckpt.rhai", &format!("load_model({:?});\n", p.to_string_lossy()));
+    let (code, _, stderr) = sdtune(&["run", &s]);
+    assert_one_line_error(code, &stderr, &["ckpt.rhai:1", "broken.ckpt", "not a readable PyTorch checkpoint"]);
+}
+
+#[test]
 fn safetensors_of_an_unknown_model_is_a_one_line_error() {
     let dir = scratch("cli-unknown");
     let p = dir.join("other.safetensors");

@@ -51,6 +51,20 @@ fn every_module_golden_matches_from_folder_and_single_file() {
 }
 
 #[test]
+fn ckpt_single_file_loads_like_the_safetensors_one() {
+    let g = goldens("tiny-sd2/golden.safetensors");
+    let ckpt = load(&fixture("tiny-sd2/tiny-sd2.ckpt"));
+    check_all_goldens(&ckpt, "tiny-sd2 (.ckpt)", &g);
+    let st = load(&fixture("tiny-sd2/tiny-sd2.safetensors")).components;
+    for (k, t) in &ckpt.components.unet {
+        assert_eq!(max_abs_diff(t, &st.unet[k]), 0.0, "{k}");
+    }
+    assert_eq!(ckpt.components.unet.len(), st.unet.len());
+    assert_eq!(ckpt.components.text_encoder.len(), st.text_encoder.len());
+    assert_eq!(ckpt.components.vae.len(), st.vae.len());
+}
+
+#[test]
 fn folder_and_single_file_load_identical_weights() {
     for m in MODELS {
         let a = load(&fixture(m)).components;
