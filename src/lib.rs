@@ -6,5 +6,7 @@ pub mod device;
 pub mod io;
 pub mod models;
 pub mod nn;
+pub mod rng;
+pub mod sample;
 pub mod schedule;
 pub mod script;

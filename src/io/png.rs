@@ -1,108 +1,108 @@
-//! A small PNG writer (RGB8, stored deflate blocks, optional tEXt chunks) and image-tensor conversion.
+//! PNG files: RGB8 images with text chunks (A1111's `parameters`), and image-tensor conversion.
 
-use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = 0xFFFF_FFFFu32;
-    for &b in data {
-        crc ^= b as u32;
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 { (crc >> 1) ^ 0xEDB8_8320 } else { crc >> 1 };
+/// An 8-bit RGB image with optional text metadata.
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub width: usize,
+    pub height: usize,
+    /// `width·height·3` bytes, row-major.
+    pub rgb: Vec<u8>,
+    /// `tEXt`/`iTXt` chunks, in order (A1111 puts its generation settings under `parameters`).
+    pub text: Vec<(String, String)>,
+}
+
+impl Image {
+    /// From a tensor `[1, 3, H, W]` or `[3, H, W]` in [-1, 1] (clamped, `((x+1)·127.5).round()`).
+    pub fn from_tensor(t: &Tensor) -> Result<Self> {
+        let t = match t.rank() {
+            4 if t.dim(0)? == 1 => t.squeeze(0)?,
+            3 => t.clone(),
+            _ => bail!("an image tensor must be [1, 3, H, W] or [3, H, W], got {:?}", t.dims()),
+        };
+        let (c, h, w) = t.dims3()?;
+        if c != 3 {
+            bail!("an image tensor must have 3 channels, got {c}");
         }
+        let v = ((t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
+            .round()?
+            .permute((1, 2, 0))?
+            .flatten_all()?
+            .to_vec1::<f32>()?;
+        Ok(Self { width: w, height: h, rgb: v.into_iter().map(|x| x as u8).collect(), text: Vec::new() })
     }
-    !crc
-}
 
-fn adler32(data: &[u8]) -> u32 {
-    let (mut a, mut b) = (1u32, 0u32);
-    for &x in data {
-        a = (a + x as u32) % 65521;
-        b = (b + a) % 65521;
+    /// `[1, 3, H, W]` f32 in [-1, 1].
+    pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
+        let v: Vec<f32> = self.rgb.iter().map(|&b| b as f32 / 127.5 - 1.0).collect();
+        Ok(Tensor::from_vec(v, (self.height, self.width, 3), &Device::Cpu)?.permute((2, 0, 1))?.unsqueeze(0)?.to_device(device)?)
     }
-    (b << 16) | a
-}
 
-fn chunk(out: &mut Vec<u8>, kind: &[u8; 4], data: &[u8]) {
-    out.extend_from_slice(&(data.len() as u32).to_be_bytes());
-    let start = out.len();
-    out.extend_from_slice(kind);
-    out.extend_from_slice(data);
-    let crc = crc32(&out[start..]);
-    out.extend_from_slice(&crc.to_be_bytes());
-}
+    /// The value of text chunk `key`.
+    pub fn text_value(&self, key: &str) -> Option<&str> {
+        self.text.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
 
-/// Encodes `rgb` (`width·height·3` bytes, row-major) as PNG with `text` key/value chunks.
-pub fn encode_rgb8(width: usize, height: usize, rgb: &[u8], text: &[(&str, &str)]) -> Result<Vec<u8>> {
-    if rgb.len() != width * height * 3 || width == 0 || height == 0 {
-        bail!("png: {} bytes do not make a {width}×{height} RGB image", rgb.len());
+    /// Encodes as PNG (text chunks as iTXt so that any UTF-8 survives).
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut out, self.width as u32, self.height as u32);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            for (k, v) in &self.text {
+                if v.is_ascii() {
+                    enc.add_text_chunk(k.clone(), v.clone())?;
+                } else {
+                    enc.add_itxt_chunk(k.clone(), v.clone())?;
+                }
+            }
+            let mut w = enc.write_header()?;
+            w.write_image_data(&self.rgb)?;
+        }
+        Ok(out)
     }
-    let mut raw = Vec::with_capacity((width * 3 + 1) * height);
-    for row in rgb.chunks(width * 3) {
-        raw.push(0); // filter: none
-        raw.extend_from_slice(row);
-    }
-    let mut z = vec![0x78, 0x01];
-    let blocks: Vec<&[u8]> = raw.chunks(65535).collect();
-    for (i, block) in blocks.iter().enumerate() {
-        z.push(u8::from(i + 1 == blocks.len()));
-        let len = block.len() as u16;
-        z.extend_from_slice(&len.to_le_bytes());
-        z.extend_from_slice(&(!len).to_le_bytes());
-        z.extend_from_slice(block);
-    }
-    z.extend_from_slice(&adler32(&raw).to_be_bytes());
-    let mut out = vec![0x89, b'P', b'N', b'G', 0x0D, 0x0A, 0x1A, 0x0A];
-    let mut ihdr = Vec::new();
-    ihdr.extend_from_slice(&(width as u32).to_be_bytes());
-    ihdr.extend_from_slice(&(height as u32).to_be_bytes());
-    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]);
-    chunk(&mut out, b"IHDR", &ihdr);
-    for (k, v) in text {
-        let mut t = k.as_bytes().to_vec();
-        t.push(0);
-        t.extend(v.chars().map(|c| if (c as u32) < 256 { c as u8 } else { b'?' }));
-        chunk(&mut out, b"tEXt", &t);
-    }
-    chunk(&mut out, b"IDAT", &z);
-    chunk(&mut out, b"IEND", &[]);
-    Ok(out)
-}
 
-/// An image tensor `[1, 3, H, W]` or `[3, H, W]` in [-1, 1] → (width, height, RGB8), clamped and rounded.
-pub fn tensor_to_rgb8(t: &Tensor) -> Result<(usize, usize, Vec<u8>)> {
-    let t = match t.rank() {
-        4 if t.dim(0)? == 1 => t.squeeze(0)?,
-        3 => t.clone(),
-        _ => bail!("an image tensor must be [1, 3, H, W] or [3, H, W], got {:?}", t.dims()),
-    };
-    let (c, h, w) = t.dims3()?;
-    if c != 3 {
-        bail!("an image tensor must have 3 channels, got {c}");
+    /// Writes a PNG atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let bytes = self.encode()?;
+        super::tensors::write_atomic(path, |f| Ok(std::io::Write::write_all(f, &bytes)?))
     }
-    let v = ((t.to_dtype(DType::F32)?.clamp(-1f32, 1f32)? + 1.0)? * 127.5)?
-        .round()?
-        .permute((1, 2, 0))?
-        .flatten_all()?
-        .to_vec1::<f32>()?;
-    Ok((w, h, v.into_iter().map(|x| x as u8).collect()))
+
+    /// Reads a PNG (any bit depth or colour type is converted to RGB8), keeping its text chunks.
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let mut dec = png::Decoder::new(std::io::BufReader::new(file));
+        dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
+        let mut reader = dec.read_info().map_err(|e| anyhow::anyhow!("{}: not a readable PNG: {e}", path.display()))?;
+        let mut buf = vec![0; reader.output_buffer_size().context("PNG too large")?];
+        let info = reader.next_frame(&mut buf).map_err(|e| anyhow::anyhow!("{}: corrupt PNG data: {e}", path.display()))?;
+        let (w, h) = (info.width as usize, info.height as usize);
+        let px = &buf[..info.buffer_size()];
+        let rgb: Vec<u8> = match info.color_type {
+            png::ColorType::Rgb => px.to_vec(),
+            png::ColorType::Rgba => px.chunks(4).flat_map(|p| [p[0], p[1], p[2]]).collect(),
+            png::ColorType::Grayscale => px.iter().flat_map(|&g| [g, g, g]).collect(),
+            png::ColorType::GrayscaleAlpha => px.chunks(2).flat_map(|p| [p[0], p[0], p[0]]).collect(),
+            png::ColorType::Indexed => bail!("{}: unexpanded palette PNG", path.display()),
+        };
+        let pinfo = reader.info();
+        let mut text: Vec<(String, String)> = pinfo.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+        for t in &pinfo.utf8_text {
+            if let Ok(v) = t.get_text() {
+                text.push((t.keyword.clone(), v));
+            }
+        }
+        Ok(Self { width: w, height: h, rgb, text })
+    }
 }
 
 /// Writes an image tensor as PNG, atomically.
 pub fn save_tensor_png(path: &Path, t: &Tensor, text: &[(&str, &str)]) -> Result<()> {
-    let (w, h, rgb) = tensor_to_rgb8(t)?;
-    let bytes = encode_rgb8(w, h, &rgb, text)?;
-    super::tensors::write_atomic(path, |f| Ok(std::io::Write::write_all(f, &bytes)?))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn crc_and_adler_match_known_values() {
-        assert_eq!(crc32(b"IEND"), 0xAE42_6082);
-        assert_eq!(adler32(b"Wikipedia"), 0x11E6_0398);
-    }
+    let mut img = Image::from_tensor(t)?;
+    img.text = text.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    img.save(path)
 }

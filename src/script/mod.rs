@@ -25,7 +25,7 @@ pub fn engine() -> Engine {
 /// `show(x)`: an image tensor is saved as a PNG in a temporary folder and its path printed; anything else is printed.
 fn show(x: Dynamic) -> anyhow::Result<()> {
     if let Some(t) = x.clone().try_cast::<candle_core::Tensor>() {
-        if crate::io::png::tensor_to_rgb8(&t).is_ok() {
+        if crate::io::png::Image::from_tensor(&t).is_ok() {
             static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
             let dir = std::env::temp_dir().join(format!("sdtune-show-{}", std::process::id()));
             std::fs::create_dir_all(&dir)?;

@@ -9,28 +9,7 @@ use rhai::{Array, Dynamic, Engine, Map};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// Deterministic N(0, 1) samples for a seed (SplitMix64 + Box–Muller), the same on every platform.
-pub fn randn_vec(n: usize, seed: u64) -> Vec<f32> {
-    let mut state = seed;
-    let mut next = || {
-        state = state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    };
-    let mut out = Vec::with_capacity(n + 1);
-    while out.len() < n {
-        let (u1, u2) = (next(), next());
-        let r = (-2.0 * u1.ln()).sqrt();
-        let th = 2.0 * std::f64::consts::PI * u2;
-        out.push((r * th.cos()) as f32);
-        out.push((r * th.sin()) as f32);
-    }
-    out.truncate(n);
-    out
-}
+pub use crate::rng::randn_vec;
 
 fn shape_of(a: &Array) -> Result<Vec<usize>> {
     a.iter()

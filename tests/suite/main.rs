@@ -5,5 +5,6 @@ mod common;
 mod gradients;
 mod parity;
 mod roundtrip;
+mod sampling;
 mod schedule;
 mod tokenizer;
