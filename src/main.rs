@@ -1,4 +1,4 @@
-//! The `sdtune` command line.
+//! The `sdtune` command line: a thin front end over the library.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
@@ -21,6 +21,96 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Render every prompt of a prompt file (sd-scripts' .txt/.toml/.json syntax) to PNGs.
+    Sample(SampleArgs),
+}
+
+#[derive(clap::Args)]
+struct SampleArgs {
+    /// A single-file checkpoint or a diffusers folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// The prompt file (.txt lines with --n --w --h --d --l --s --ss, or .toml / .json).
+    #[arg(long)]
+    prompts: PathBuf,
+    /// Output folder (created if missing; existing files are never overwritten).
+    #[arg(long)]
+    out: PathBuf,
+    /// Sampler for prompts without --ss (sd-scripts names: ddim, euler_a, dpmsolver++, ...).
+    #[arg(long, default_value = "ddim")]
+    sampler: String,
+    /// Steps for prompts without --s.
+    #[arg(long, default_value_t = 30)]
+    steps: usize,
+    /// CFG scale for prompts without --l.
+    #[arg(long, default_value_t = 7.5)]
+    cfg: f64,
+    /// Width for prompts without --w.
+    #[arg(long, default_value_t = 512)]
+    width: usize,
+    /// Height for prompts without --h.
+    #[arg(long, default_value_t = 512)]
+    height: usize,
+    /// Karras sigmas (sigma-based samplers).
+    #[arg(long)]
+    karras: bool,
+    /// Use the n-th hidden state from the end of the text encoder.
+    #[arg(long)]
+    clip_skip: Option<usize>,
+    /// The model predicts v (SD 2.x 768-v single files).
+    #[arg(long)]
+    v_pred: bool,
+    /// Compute dtype: f32, f16 (bf16 on GPUs).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+    /// cpu, cuda, cuda:N (default: cuda when available).
+    #[arg(long)]
+    device: Option<String>,
+}
+
+fn sample(a: SampleArgs) -> anyhow::Result<()> {
+    use sdtune::device::{default_device, parse_device, parse_dtype};
+    let opts = sdtune::models::LoadOptions {
+        dtype: parse_dtype(&a.dtype)?,
+        device: match &a.device {
+            Some(d) => parse_device(d)?,
+            None => default_device(),
+        },
+        v_pred: a.v_pred.then_some(true),
+        ..Default::default()
+    };
+    sdtune::sample::schedulers::parse_sampler(&a.sampler)?;
+    let model = sdtune::models::StableDiffusion::load(&a.model, &opts)?;
+    let defaults = sdtune::sample::SampleOptions {
+        sampler: a.sampler,
+        steps: a.steps,
+        cfg: a.cfg,
+        width: a.width,
+        height: a.height,
+        karras: a.karras,
+        clip_skip: a.clip_skip,
+        ..Default::default()
+    };
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} steps, {per_sec}, ETA {eta}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    let written =
+        sdtune::sample::batch::sample_prompt_file(&model, &a.prompts, &defaults, &a.out, &mut |i, n, s, steps| {
+            if s == 1 {
+                bar.set_length(steps as u64);
+                bar.set_position(0);
+                bar.set_message(format!("image {}/{n}", i + 1));
+            }
+            bar.set_position(s as u64);
+        })?;
+    bar.finish_and_clear();
+    for p in written {
+        println!("{}", p.display());
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -28,13 +118,15 @@ fn main() -> ExitCode {
         eprintln!("error: internal error (please report it): {info}");
     }));
     let cli = Cli::parse();
-    match cli.command {
-        Command::Run { script, args } => match sdtune::script::run_file(&script, &args) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(msg) => {
-                eprintln!("error: {msg}");
-                ExitCode::FAILURE
-            }
-        },
+    let result = match cli.command {
+        Command::Run { script, args } => sdtune::script::run_file(&script, &args),
+        Command::Sample(a) => sample(a).map_err(|e| format!("{e:#}")),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(msg) => {
+            eprintln!("error: {}", msg.replace('\n', " "));
+            ExitCode::FAILURE
+        }
     }
 }

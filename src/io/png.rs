@@ -38,7 +38,10 @@ impl Image {
     /// `[1, 3, H, W]` f32 in [-1, 1].
     pub fn to_tensor(&self, device: &Device) -> Result<Tensor> {
         let v: Vec<f32> = self.rgb.iter().map(|&b| b as f32 / 127.5 - 1.0).collect();
-        Ok(Tensor::from_vec(v, (self.height, self.width, 3), &Device::Cpu)?.permute((2, 0, 1))?.unsqueeze(0)?.to_device(device)?)
+        Ok(Tensor::from_vec(v, (self.height, self.width, 3), &Device::Cpu)?
+            .permute((2, 0, 1))?
+            .unsqueeze(0)?
+            .to_device(device)?)
     }
 
     /// The value of text chunk `key`.
@@ -79,7 +82,8 @@ impl Image {
         dec.set_transformations(png::Transformations::EXPAND | png::Transformations::STRIP_16);
         let mut reader = dec.read_info().map_err(|e| anyhow::anyhow!("{}: not a readable PNG: {e}", path.display()))?;
         let mut buf = vec![0; reader.output_buffer_size().context("PNG too large")?];
-        let info = reader.next_frame(&mut buf).map_err(|e| anyhow::anyhow!("{}: corrupt PNG data: {e}", path.display()))?;
+        let info =
+            reader.next_frame(&mut buf).map_err(|e| anyhow::anyhow!("{}: corrupt PNG data: {e}", path.display()))?;
         let (w, h) = (info.width as usize, info.height as usize);
         let px = &buf[..info.buffer_size()];
         let rgb: Vec<u8> = match info.color_type {
@@ -90,7 +94,8 @@ impl Image {
             png::ColorType::Indexed => bail!("{}: unexpanded palette PNG", path.display()),
         };
         let pinfo = reader.info();
-        let mut text: Vec<(String, String)> = pinfo.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
+        let mut text: Vec<(String, String)> =
+            pinfo.uncompressed_latin1_text.iter().map(|t| (t.keyword.clone(), t.text.clone())).collect();
         for t in &pinfo.utf8_text {
             if let Ok(v) = t.get_text() {
                 text.push((t.keyword.clone(), v));
@@ -98,11 +103,4 @@ impl Image {
         }
         Ok(Self { width: w, height: h, rgb, text })
     }
-}
-
-/// Writes an image tensor as PNG, atomically.
-pub fn save_tensor_png(path: &Path, t: &Tensor, text: &[(&str, &str)]) -> Result<()> {
-    let mut img = Image::from_tensor(t)?;
-    img.text = text.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    img.save(path)
 }

@@ -1,5 +1,6 @@
 //! Sampling: schedulers under kohya's names, prompt weighting and prompt files, and the txt2img pipeline.
 
+pub mod batch;
 pub mod pipeline;
 pub mod prompt;
 pub mod prompt_file;

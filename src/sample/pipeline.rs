@@ -77,19 +77,15 @@ impl SampleOptions {
         o
     }
 
-    /// Width and height floored to multiples of 8 (at least 64), warning when they change, as sd-scripts does.
-    pub fn checked_size(&self) -> (usize, usize) {
+    /// Width and height floored to multiples of 8, at least 64, as sd-scripts does.
+    pub fn size(&self) -> (usize, usize) {
         let fix = |v: usize| (v.max(64) / 8) * 8;
-        let (w, h) = (fix(self.width), fix(self.height));
-        if (w, h) != (self.width, self.height) {
-            eprintln!("warning: size {}x{} is not a multiple of 8 (min 64); using {w}x{h}", self.width, self.height);
-        }
-        (w, h)
+        (fix(self.width), fix(self.height))
     }
 
     /// A1111's `parameters` text.
     pub fn parameters(&self, model_name: &str) -> String {
-        let (w, h) = self.checked_size();
+        let (w, h) = self.size();
         format!(
             "{}\nNegative prompt: {}\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {w}x{h}, Model: {model_name}",
             self.prompt,
@@ -126,10 +122,17 @@ pub fn scheduler_config(model: &StableDiffusion, opts: &SampleOptions) -> Schedu
 }
 
 /// Runs the sampler and returns the final latents (before the VAE); `on_step(i, n, latents)` sees each step.
-pub fn sample_latents(model: &StableDiffusion, opts: &SampleOptions, on_step: &mut dyn FnMut(usize, usize, &Tensor)) -> Result<Tensor> {
+pub fn sample_latents(
+    model: &StableDiffusion,
+    opts: &SampleOptions,
+    on_step: &mut dyn FnMut(usize, usize, &Tensor),
+) -> Result<Tensor> {
     let kind = schedulers::parse_sampler(&opts.sampler)?;
     let mut sched = schedulers::build(kind, &scheduler_config(model, opts), opts.steps)?;
-    let (w, h) = opts.checked_size();
+    let (w, h) = opts.size();
+    if (w, h) != (opts.width, opts.height) {
+        eprintln!("warning: size {}x{} is not a multiple of 8 (min 64); using {w}x{h}", opts.width, opts.height);
+    }
     let mut rng = Rng::new(opts.seed);
     let channels = model.unet.cfg.in_channels;
     let latents = match &opts.latents {
@@ -144,7 +147,8 @@ pub fn sample_latents(model: &StableDiffusion, opts: &SampleOptions, on_step: &m
     };
     let mut latents = (latents * sched.init_noise_sigma())?;
     let batch = latents.dim(0)?;
-    let (cond, uncond, truncated) = encode_prompt_pair(model, &opts.prompt, &opts.negative, opts.max_chunks, opts.clip_skip)?;
+    let (cond, uncond, truncated) =
+        encode_prompt_pair(model, &opts.prompt, &opts.negative, opts.max_chunks, opts.clip_skip)?;
     if truncated {
         eprintln!("warning: prompt truncated to {} tokens", 75 * opts.max_chunks);
     }
@@ -171,7 +175,11 @@ pub fn sample_latents(model: &StableDiffusion, opts: &SampleOptions, on_step: &m
 }
 
 /// Samples and decodes one image, with A1111 `parameters` metadata.
-pub fn sample_image(model: &StableDiffusion, opts: &SampleOptions, on_step: &mut dyn FnMut(usize, usize, &Tensor)) -> Result<Image> {
+pub fn sample_image(
+    model: &StableDiffusion,
+    opts: &SampleOptions,
+    on_step: &mut dyn FnMut(usize, usize, &Tensor),
+) -> Result<Image> {
     let latents = sample_latents(model, opts, on_step)?;
     let decoded = model.vae_decode(&(latents.narrow(0, 0, 1)? / model.vae_scale)?)?;
     let mut img = Image::from_tensor(&decoded)?;

@@ -175,7 +175,13 @@ pub fn encode_prompt_pair(
     Ok((cond, uncond, p_trunc || n_trunc))
 }
 
-fn encode_weighted(model: &StableDiffusion, tokens: &[u32], weights: &[f64], chunks: usize, clip_skip: Option<usize>) -> Result<Tensor> {
+fn encode_weighted(
+    model: &StableDiffusion,
+    tokens: &[u32],
+    weights: &[f64],
+    chunks: usize,
+    clip_skip: Option<usize>,
+) -> Result<Tensor> {
     let pad = model.tokenizer.pad_id;
     let max_length = USABLE * chunks + 2;
     // [BOS] + tokens + [EOS] + pad…

@@ -39,7 +39,9 @@ pub fn parse_line(line: &str, at: &str) -> Result<PromptSpec> {
         let (key, value) = part.split_once(char::is_whitespace).map(|(k, v)| (k, v.trim())).unwrap_or((part, ""));
         let key_l = key.to_ascii_lowercase();
         let int = |what: &str| -> Result<u64> {
-            value.parse::<u64>().map_err(|_| anyhow::anyhow!("{at}: option --{key} expects {what} (an integer), got {value:?}"))
+            value
+                .parse::<u64>()
+                .map_err(|_| anyhow::anyhow!("{at}: option --{key} expects {what} (an integer), got {value:?}"))
         };
         match key_l.as_str() {
             "n" => spec.negative = Some(value.to_string()),
@@ -48,9 +50,10 @@ pub fn parse_line(line: &str, at: &str) -> Result<PromptSpec> {
             "d" => spec.seed = Some(int("a seed")?),
             "s" => spec.steps = Some((int("a step count")? as usize).clamp(1, 1000)),
             "l" => {
-                spec.cfg = Some(
-                    value.parse::<f64>().map_err(|_| anyhow::anyhow!("{at}: option --l expects a CFG scale (a number), got {value:?}"))?,
-                )
+                spec.cfg =
+                    Some(value.parse::<f64>().map_err(|_| {
+                        anyhow::anyhow!("{at}: option --l expects a CFG scale (a number), got {value:?}")
+                    })?)
             }
             "ss" if !value.is_empty() => spec.sampler = Some(value.to_string()),
             "cn" => bail!("{at}: option --cn (ControlNet image) is not supported yet"),
@@ -64,8 +67,17 @@ pub fn parse_line(line: &str, at: &str) -> Result<PromptSpec> {
 }
 
 /// The keys of `.toml`/`.json` prompt entries.
-const DICT_KEYS: &[&str] =
-    &["prompt", "negative_prompt", "width", "height", "seed", "sample_steps", "scale", "sample_sampler", "controlnet_image"];
+const DICT_KEYS: &[&str] = &[
+    "prompt",
+    "negative_prompt",
+    "width",
+    "height",
+    "seed",
+    "sample_steps",
+    "scale",
+    "sample_sampler",
+    "controlnet_image",
+];
 
 fn from_dict(map: &serde_json::Map<String, Value>, at: &str) -> Result<PromptSpec> {
     for k in map.keys() {
@@ -76,7 +88,9 @@ fn from_dict(map: &serde_json::Map<String, Value>, at: &str) -> Result<PromptSpe
     let uint = |k: &str| -> Result<Option<u64>> {
         match map.get(k) {
             None | Some(Value::Null) => Ok(None),
-            Some(v) => v.as_u64().map(Some).with_context(|| format!("{at}: `{k}` must be a non-negative integer, got {v}")),
+            Some(v) => {
+                v.as_u64().map(Some).with_context(|| format!("{at}: `{k}` must be a non-negative integer, got {v}"))
+            }
         }
     };
     let string = |k: &str| -> Result<Option<String>> {
@@ -112,14 +126,20 @@ pub fn read_prompt_file(path: &Path) -> Result<Vec<PromptSpec>> {
     let specs = match ext.as_deref() {
         Some("toml") => {
             let doc: toml::Table = toml::from_str(&text).map_err(|e| anyhow::anyhow!("{name}: invalid TOML: {e}"))?;
-            let prompt = doc.get("prompt").and_then(|v| v.as_table()).with_context(|| format!("{name}: expected a [prompt] table"))?;
+            let prompt = doc
+                .get("prompt")
+                .and_then(|v| v.as_table())
+                .with_context(|| format!("{name}: expected a [prompt] table"))?;
             let mut shared = serde_json::Map::new();
             for (k, v) in prompt {
                 if k != "subset" {
                     shared.insert(k.clone(), serde_json::to_value(v)?);
                 }
             }
-            let subsets = prompt.get("subset").and_then(|v| v.as_array()).with_context(|| format!("{name}: expected [[prompt.subset]] entries"))?;
+            let subsets = prompt
+                .get("subset")
+                .and_then(|v| v.as_array())
+                .with_context(|| format!("{name}: expected [[prompt.subset]] entries"))?;
             subsets
                 .iter()
                 .enumerate()
@@ -170,7 +190,11 @@ mod tests {
 
     #[test]
     fn line_options_parse() {
-        let s = parse_line("a cat, (masterpiece:1.2) --n blurry, bad --w 768 --h 512 --d 42 --l 5.5 --s 20 --ss euler_a", "f:1").unwrap();
+        let s = parse_line(
+            "a cat, (masterpiece:1.2) --n blurry, bad --w 768 --h 512 --d 42 --l 5.5 --s 20 --ss euler_a",
+            "f:1",
+        )
+        .unwrap();
         assert_eq!(s.prompt, "a cat, (masterpiece:1.2)");
         assert_eq!(s.negative.as_deref(), Some("blurry, bad"));
         assert_eq!((s.width, s.height, s.seed, s.steps), (Some(768), Some(512), Some(42), Some(20)));

@@ -3,6 +3,7 @@
 mod errors;
 mod model_api;
 mod opts;
+mod sample_api;
 mod tensor_api;
 
 pub use errors::{describe_eval, locate};
@@ -18,25 +19,34 @@ pub fn engine() -> Engine {
     engine.set_max_expr_depths(0, 0);
     tensor_api::register(&mut engine);
     model_api::register(&mut engine);
+    sample_api::register(&mut engine);
     engine.register_fn("show", |x: Dynamic| errors::rt(show(x)));
     engine
 }
 
 /// `show(x)`: an image tensor is saved as a PNG in a temporary folder and its path printed; anything else is printed.
 fn show(x: Dynamic) -> anyhow::Result<()> {
+    if let Some(img) = x.clone().try_cast::<crate::io::png::Image>() {
+        return show_image(&img);
+    }
     if let Some(t) = x.clone().try_cast::<candle_core::Tensor>() {
-        if crate::io::png::Image::from_tensor(&t).is_ok() {
-            static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-            let dir = std::env::temp_dir().join(format!("sdtune-show-{}", std::process::id()));
-            std::fs::create_dir_all(&dir)?;
-            let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            let path = dir.join(format!("show-{n:03}.png"));
-            crate::io::png::save_tensor_png(&path, &t, &[])?;
-            println!("{}", path.display());
-            return Ok(());
+        if let Ok(img) = crate::io::png::Image::from_tensor(&t) {
+            return show_image(&img);
         }
     }
     println!("{x}");
+    Ok(())
+}
+
+/// Saves an image to the session's temporary folder and prints the path (the terminal's display).
+fn show_image(img: &crate::io::png::Image) -> anyhow::Result<()> {
+    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!("sdtune-show-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    let path = dir.join(format!("show-{n:03}.png"));
+    img.save(&path)?;
+    println!("{}", path.display());
     Ok(())
 }
 

@@ -52,6 +52,29 @@ impl<'a> Opts<'a> {
         }
     }
 
+    /// A number (integers accepted).
+    pub fn float(&self, key: &str) -> Result<Option<f64>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => v
+                .as_float()
+                .or_else(|_| v.as_int().map(|i| i as f64))
+                .map(Some)
+                .map_err(|t| anyhow::anyhow!("{}: option `{key}` must be a number, got {t}", self.what)),
+        }
+    }
+
+    /// A Tensor.
+    pub fn tensor(&self, key: &str) -> Result<Option<candle_core::Tensor>> {
+        match self.get(key) {
+            None => Ok(None),
+            Some(v) => match v.clone().try_cast::<candle_core::Tensor>() {
+                Some(t) => Ok(Some(t)),
+                None => bail!("{}: option `{key}` must be a Tensor, got {}", self.what, v.type_name()),
+            },
+        }
+    }
+
     /// A non-negative integer.
     pub fn usize(&self, key: &str) -> Result<Option<usize>> {
         match self.int(key)? {

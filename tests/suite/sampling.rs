@@ -127,7 +127,8 @@ fn every_sampler_is_exact_for_an_oracle_denoiser() {
     let sum = |t: &Tensor| t.sum_all().unwrap().to_scalar::<f32>().unwrap() as f64;
     for (name, kind, _, _) in schedulers::SAMPLERS {
         // DDPM-type schedulers keep x in the "α·(x0 + σε)" frame and feed it unscaled.
-        let ddpm_frame = matches!(kind, Kind::Ddim | Kind::Pndm | Kind::Ddpm | Kind::DpmMultistep { .. } | Kind::DpmSinglestep);
+        let ddpm_frame =
+            matches!(kind, Kind::Ddim | Kind::Pndm | Kind::Ddpm | Kind::DpmMultistep { .. } | Kind::DpmSinglestep);
         let sigma0 = ((1.0 - ac[0] as f64) / ac[0] as f64).sqrt();
         let end_sigma = match kind {
             Kind::Ddim | Kind::Pndm | Kind::DpmMultistep { plus_plus: false } => sigma0,
@@ -240,8 +241,157 @@ fn same_seed_gives_the_same_image() {
     let a = sdtune::sample::sample_image(&model, &opts, &mut |_, _, _| {}).unwrap();
     let b = sdtune::sample::sample_image(&model, &opts, &mut |_, _, _| {}).unwrap();
     assert_eq!(a.rgb, b.rgb);
-    let c = sdtune::sample::sample_image(&model, &SampleOptions { seed: 1235, ..opts.clone() }, &mut |_, _, _| {}).unwrap();
+    let c =
+        sdtune::sample::sample_image(&model, &SampleOptions { seed: 1235, ..opts.clone() }, &mut |_, _, _| {}).unwrap();
     assert_ne!(a.rgb, c.rgb);
     let params = a.text_value("parameters").unwrap();
     assert!(params.starts_with("a (red:1.2) cat\nNegative prompt: \nSteps: 4, Sampler: Euler a, CFG scale: 7.5, Seed: 1234, Size: 64x64, Model: "), "{params}");
+}
+
+/// |a − b| ≤ atol + rtol·|b| elementwise.
+fn assert_allclose(name: &str, a: &candle_core::Tensor, b: &candle_core::Tensor, atol: f64, rtol: f64) {
+    let a = a.to_dtype(candle_core::DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    let b = b.to_dtype(candle_core::DType::F64).unwrap().flatten_all().unwrap().to_vec1::<f64>().unwrap();
+    assert_eq!(a.len(), b.len());
+    let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() - rtol * y.abs()).fold(f64::MIN, f64::max);
+    assert!(worst <= atol, "{name}: max(|a-b| - rtol|b|) = {worst:e} > atol {atol:e}");
+}
+
+#[test]
+fn script_sample_latents_reproduces_the_pipeline_goldens() {
+    let dir = scratch("script-pipeline");
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/scripts/pipeline_parity.rhai");
+    for m in MODELS {
+        for (tag, sampler) in [("ddim", "ddim"), ("dpmpp2m", "dpmsolver++")] {
+            let out = dir.join(format!("{m}-{tag}.safetensors"));
+            let golden = fixture(&format!("{m}/golden.safetensors"));
+            let model = fixture(m);
+            let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdtune"))
+                .args([
+                    "run",
+                    script.to_str().unwrap(),
+                    model.to_str().unwrap(),
+                    golden.to_str().unwrap(),
+                    tag,
+                    sampler,
+                    out.to_str().unwrap(),
+                ])
+                .output()
+                .unwrap();
+            assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+            let ours = sdtune::io::tensors::read_safetensors(&out, None, &candle_core::Device::Cpu).unwrap().tensors;
+            let g = goldens(&format!("{m}/golden.safetensors"));
+            assert_allclose(
+                &format!("{m} {tag}"),
+                &ours["latents"],
+                &g[&format!("pipe.{tag}.out.latents")],
+                1e-3,
+                1e-4,
+            );
+        }
+    }
+}
+
+#[test]
+fn long_prompts_use_75_token_chunks_and_weights_keep_the_mean() {
+    use sdtune::sample::prompt::encode_prompt_pair;
+    let model = load(&fixture("tiny-sd15"));
+    let long = "a very detailed painting of a castle on a hill, ".repeat(16);
+    let (c, u, truncated) = encode_prompt_pair(&model, &long, "", 3, None).unwrap();
+    assert!(!truncated);
+    let n = model.tokenizer.encode_full(&long).unwrap().len() - 2;
+    assert!(n > 150 && n <= 225, "{n} tokens");
+    assert_eq!(c.dims(), &[1, 231, 32], "three 77-token chunks");
+    assert_eq!(u.dims(), c.dims(), "the negative prompt is padded to the same chunks");
+    let (_, _, truncated) = encode_prompt_pair(&model, &long.repeat(2), "", 3, None).unwrap();
+    assert!(truncated);
+    // short prompt: one chunk equal to plain encoding
+    let (plain, _, _) = encode_prompt_pair(&model, "a cat", "", 3, None).unwrap();
+    let ids = model.tokenize("a cat").unwrap();
+    let direct = model.encode_ids(&ids, None, true, false).unwrap().context;
+    assert_eq!(max_abs_diff(&plain, &direct), 0.0);
+    // weighting: embedding·w, rescaled to the unweighted mean (sd-scripts' lpw formula)
+    let (weighted, _, _) = encode_prompt_pair(&model, "a (cat:1.5)", "", 3, None).unwrap();
+    let (t, w, _) = sdtune::sample::prompt::tokens_with_weights(&model, "a (cat:1.5)", 225).unwrap();
+    assert_eq!(w, vec![1.0, 1.5]);
+    assert_eq!(t, model.tokenizer.encode_full("a cat").unwrap()[1..3].to_vec());
+    let mut wv = vec![1f32; 77];
+    wv[2] = 1.5;
+    let wt = candle_core::Tensor::from_vec(wv, (1, 77, 1), &candle_core::Device::Cpu).unwrap();
+    let scaled = direct.broadcast_mul(&wt).unwrap();
+    let ratio =
+        direct.mean_all().unwrap().to_scalar::<f32>().unwrap() / scaled.mean_all().unwrap().to_scalar::<f32>().unwrap();
+    let want = (scaled * ratio as f64).unwrap();
+    assert!(max_abs_diff(&weighted, &want) < 1e-5);
+}
+
+#[test]
+fn prompt_files_in_toml_and_json_match_the_txt_form() {
+    use sdtune::sample::prompt_file::read_prompt_file;
+    let dir = scratch("prompt-files");
+    std::fs::write(dir.join("p.txt"), "# comment\n\na cat --n dog --w 640 --h 512 --d 3 --l 6 --s 12 --ss euler\n")
+        .unwrap();
+    std::fs::write(
+        dir.join("p.toml"),
+        "[prompt]\nwidth = 640\nheight = 512\nscale = 6.0\nsample_steps = 12\nsample_sampler = \"euler\"\n\n[[prompt.subset]]\nprompt = \"a cat\"\nnegative_prompt = \"dog\"\nseed = 3\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("p.json"),
+        r#"[{"prompt": "a cat", "negative_prompt": "dog", "width": 640, "height": 512, "seed": 3, "scale": 6, "sample_steps": 12, "sample_sampler": "euler"}, "a cat --n dog --w 640 --h 512 --d 3 --l 6 --s 12 --ss euler"]"#,
+    )
+    .unwrap();
+    let txt = read_prompt_file(&dir.join("p.txt")).unwrap();
+    let toml = read_prompt_file(&dir.join("p.toml")).unwrap();
+    let json = read_prompt_file(&dir.join("p.json")).unwrap();
+    assert_eq!(txt.len(), 1);
+    assert_eq!(toml, txt);
+    assert_eq!(json, vec![txt[0].clone(), txt[0].clone()]);
+    std::fs::write(dir.join("bad.toml"), "[prompt]\nwidth = 640\n[[prompt.subset]]\nprompt = \"x\"\nwidth = 512\n")
+        .unwrap();
+    let e = read_prompt_file(&dir.join("bad.toml")).unwrap_err().to_string();
+    assert!(e.contains("bad.toml") && e.contains("`width`"), "{e}");
+    std::fs::write(dir.join("bad.json"), r#"[{"prompt": "x", "steps": 3}]"#).unwrap();
+    let e = read_prompt_file(&dir.join("bad.json")).unwrap_err().to_string();
+    assert!(e.contains("bad.json: entry 1") && e.contains("unknown key `steps`") && e.contains("sample_steps"), "{e}");
+}
+
+#[test]
+fn sdtune_sample_cli_writes_pngs_and_reports_bad_input() {
+    let dir = scratch("cli-sample");
+    let model = fixture("tiny-sd15");
+    std::fs::write(dir.join("ok.txt"), "a cat --w 70 --h 64 --s 3 --d 5 --ss euler_a\n").unwrap();
+    let run = |prompts: &str, extra: &[&str]| {
+        let mut args = vec!["sample", "--model", model.to_str().unwrap(), "--prompts", prompts, "--out"];
+        let out = dir.join("out");
+        let out = out.to_str().unwrap().to_string();
+        args.push(&out);
+        args.extend_from_slice(extra);
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_sdtune")).args(&args).output().unwrap();
+        (
+            o.status.code().unwrap(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let ok = dir.join("ok.txt");
+    let (code, stdout, stderr) = run(ok.to_str().unwrap(), &[]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("warning: size 70x64 is not a multiple of 8"), "{stderr}");
+    let png = std::path::PathBuf::from(stdout.trim());
+    let img = sdtune::io::png::Image::load(&png).unwrap();
+    assert_eq!((img.width, img.height), (64, 64));
+    assert!(img.text_value("parameters").unwrap().contains("Sampler: Euler a, CFG scale: 7.5, Seed: 5, Size: 64x64"));
+    // a second run never overwrites the first image
+    let (code, stdout2, _) = run(ok.to_str().unwrap(), &[]);
+    assert_eq!(code, 0);
+    assert_ne!(stdout2.trim(), stdout.trim());
+    std::fs::write(dir.join("bad.txt"), "# header\na cat --s many\n").unwrap();
+    let bad = dir.join("bad.txt");
+    let (code, _, stderr) = run(bad.to_str().unwrap(), &[]);
+    assert_ne!(code, 0);
+    assert!(stderr.starts_with("error: ") && stderr.contains("bad.txt:2: option --s"), "{stderr}");
+    let (code, _, stderr) = run(ok.to_str().unwrap(), &["--sampler", "dpm++"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("unknown sampler \"dpm++\"") && stderr.contains("k_dpm_2_a"), "{stderr}");
 }

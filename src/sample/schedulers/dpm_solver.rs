@@ -1,6 +1,9 @@
 //! DPM-Solver multistep (DPM-Solver / DPM-Solver++ 2M, midpoint) and singlestep (order 2), as diffusers.
 
-use super::{alpha_sigma, interp, karras, np_linspace, np_round, sigma_to_t, train_sigmas, NoiseSource, Prediction, Scheduler, SchedulerConfig};
+use super::{
+    alpha_sigma, interp, karras, np_linspace, np_round, sigma_to_t, train_sigmas, NoiseSource, Prediction, Scheduler,
+    SchedulerConfig,
+};
 use anyhow::Result;
 use candle_core::Tensor;
 
@@ -55,7 +58,15 @@ fn first_order(plus_plus: bool, sample: &Tensor, m: &Tensor, sigma_s: f64, sigma
 }
 
 /// Second-order midpoint update: from `sample` at sigma `s_from`, with D0/D1 built by the caller.
-fn second_order(plus_plus: bool, sample: &Tensor, d0: &Tensor, d1: &Tensor, s_from: f64, sigma_t: f64, h: f64) -> Result<Tensor> {
+fn second_order(
+    plus_plus: bool,
+    sample: &Tensor,
+    d0: &Tensor,
+    d1: &Tensor,
+    s_from: f64,
+    sigma_t: f64,
+    h: f64,
+) -> Result<Tensor> {
     let (a_t, s_t) = alpha_sigma(sigma_t);
     let (a_f, s_f) = alpha_sigma(s_from);
     Ok(if plus_plus {

@@ -2,8 +2,8 @@
 //! All use "linspace" spacing and sigmas interpolated from the training schedule (or Karras sigmas).
 
 use super::{
-    interp, k_pred_x0, k_scale, karras, linspace_timesteps, sigma_to_t, train_sigmas, NoiseSource, Prediction, Scheduler,
-    SchedulerConfig,
+    interp, k_pred_x0, k_scale, karras, linspace_timesteps, sigma_to_t, train_sigmas, NoiseSource, Prediction,
+    Scheduler, SchedulerConfig,
 };
 use anyhow::Result;
 use candle_core::Tensor;
@@ -114,8 +114,10 @@ impl Lms {
             (0..order).filter(|&k| k != current).map(|k| (tau - s(k)) / (s(current) - s(k))).product()
         };
         let (a, b) = (self.sigmas[t] as f64, self.sigmas[t + 1] as f64);
-        const X: [f64; 4] = [-0.861_136_311_594_052_6, -0.339_981_043_584_856_3, 0.339_981_043_584_856_3, 0.861_136_311_594_052_6];
-        const W: [f64; 4] = [0.347_854_845_137_453_9, 0.652_145_154_862_546_1, 0.652_145_154_862_546_1, 0.347_854_845_137_453_9];
+        const X: [f64; 4] =
+            [-0.861_136_311_594_052_6, -0.339_981_043_584_856_3, 0.339_981_043_584_856_3, 0.861_136_311_594_052_6];
+        const W: [f64; 4] =
+            [0.347_854_845_137_453_9, 0.652_145_154_862_546_1, 0.652_145_154_862_546_1, 0.347_854_845_137_453_9];
         let (mid, half) = ((a + b) / 2.0, (b - a) / 2.0);
         X.iter().zip(W).map(|(x, w)| w * basis(mid + half * x)).sum::<f64>() * half
     }
@@ -230,11 +232,11 @@ impl KDpm2 {
         s.push(0.0);
         let n = s.len();
         let interpol: Vec<f32> = (0..n).map(|i| lerp_half(s[i].ln(), s[(i + n - 1) % n].ln()).exp()).collect();
-        let t_interpol: Vec<f64> = interpol.iter().map(|&x| sigma_to_t(x as f64, &b.log_sigmas) as f32 as f64).collect();
+        let t_interpol: Vec<f64> =
+            interpol.iter().map(|&x| sigma_to_t(x as f64, &b.log_sigmas) as f32 as f64).collect();
         let mut timesteps = vec![b.timesteps[0]];
-        for k in 1..b.timesteps.len() {
-            timesteps.push(t_interpol[k]);
-            timesteps.push(b.timesteps[k]);
+        for (ti, t) in t_interpol[1..].iter().zip(&b.timesteps[1..]) {
+            timesteps.extend([*ti, *t]);
         }
         let expand = |v: &[f32]| -> Vec<f32> {
             let mut out = vec![v[0]];
@@ -242,7 +244,13 @@ impl KDpm2 {
             out.push(v[v.len() - 1]);
             out
         };
-        Self { prediction: cfg.prediction, timesteps, sigmas: expand(&s), sigmas_interpol: expand(&interpol), saved: None }
+        Self {
+            prediction: cfg.prediction,
+            timesteps,
+            sigmas: expand(&s),
+            sigmas_interpol: expand(&interpol),
+            saved: None,
+        }
     }
 }
 
@@ -274,7 +282,8 @@ impl Scheduler for KDpm2 {
                 Ok((sample + (derivative * (interpol - sigma))?)?)
             }
             Some(x) => {
-                let (sigma, interpol, next) = (self.sigmas[i - 1] as f64, self.sigmas_interpol[i] as f64, self.sigmas[i] as f64);
+                let (sigma, interpol, next) =
+                    (self.sigmas[i - 1] as f64, self.sigmas_interpol[i] as f64, self.sigmas[i] as f64);
                 let x0 = k_pred_x0(self.prediction, sample, out, interpol)?;
                 let derivative = ((sample - x0)? / interpol)?;
                 Ok((x + (derivative * (next - sigma))?)?)
@@ -301,17 +310,18 @@ impl KDpm2Ancestral {
         s.push(0.0);
         let n = s.len();
         let next: Vec<f32> = (0..n).map(|i| if i + 1 < n { s[i + 1] } else { 0.0 }).collect();
-        let up: Vec<f32> = (0..n).map(|i| (next[i] * next[i] * (s[i] * s[i] - next[i] * next[i]) / (s[i] * s[i])).sqrt()).collect();
+        let up: Vec<f32> =
+            (0..n).map(|i| (next[i] * next[i] * (s[i] * s[i] - next[i] * next[i]) / (s[i] * s[i])).sqrt()).collect();
         let mut down: Vec<f32> = (0..n).map(|i| (next[i] * next[i] - up[i] * up[i]).sqrt()).collect();
         down[n - 1] = 0.0;
         let mut interpol: Vec<f32> = (0..n).map(|i| lerp_half(s[i].ln(), down[i].ln()).exp()).collect();
         interpol[n - 2] = 0.0;
         interpol[n - 1] = 0.0;
-        let t_interpol: Vec<f64> = interpol.iter().map(|&x| sigma_to_t(x as f64, &b.log_sigmas) as f32 as f64).collect();
+        let t_interpol: Vec<f64> =
+            interpol.iter().map(|&x| sigma_to_t(x as f64, &b.log_sigmas) as f32 as f64).collect();
         let mut timesteps = vec![b.timesteps[0]];
-        for k in 1..b.timesteps.len() {
-            timesteps.push(t_interpol[k - 1]);
-            timesteps.push(b.timesteps[k]);
+        for (ti, t) in t_interpol.iter().zip(&b.timesteps[1..]) {
+            timesteps.extend([*ti, *t]);
         }
         let expand = |v: &[f32]| -> Vec<f32> {
             let mut out = vec![v[0]];

@@ -125,7 +125,8 @@ pub trait Scheduler: Send {
         Ok(sample.clone())
     }
     /// Advances from evaluation `i`'s model output.
-    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut dyn NoiseSource) -> Result<Tensor>;
+    fn step(&mut self, model_output: &Tensor, i: usize, sample: &Tensor, noise: &mut dyn NoiseSource)
+        -> Result<Tensor>;
 }
 
 /// Builds a scheduler for `steps` inference steps.
@@ -246,7 +247,12 @@ pub(crate) fn k_scale(sample: &Tensor, sigma: f64) -> Result<Tensor> {
 }
 
 /// `(x0, eps)` from a DDPM-parameterised model output at `ᾱ_t` (DDIM, DDPM, PNDM).
-pub(crate) fn ddpm_pred(prediction: Prediction, sample: &Tensor, out: &Tensor, alpha_prod: f64) -> Result<(Tensor, Tensor)> {
+pub(crate) fn ddpm_pred(
+    prediction: Prediction,
+    sample: &Tensor,
+    out: &Tensor,
+    alpha_prod: f64,
+) -> Result<(Tensor, Tensor)> {
     let (a, b) = (alpha_prod.sqrt(), (1.0 - alpha_prod).sqrt());
     Ok(match prediction {
         Prediction::Epsilon => (((sample - (out * b)?)? / a)?, out.clone()),

@@ -25,7 +25,14 @@ impl Pndm {
             asc.insert(0, asc[0]);
         }
         asc.reverse();
-        Self { cfg: cfg.clone(), timesteps: asc, ratio: (t / steps) as i64, ets: Vec::new(), counter: 0, cur_sample: None }
+        Self {
+            cfg: cfg.clone(),
+            timesteps: asc,
+            ratio: (t / steps) as i64,
+            ets: Vec::new(),
+            counter: 0,
+            cur_sample: None,
+        }
     }
 
     fn prev_sample(&self, sample: &Tensor, t: i64, prev: i64, out: &Tensor) -> Result<Tensor> {
