@@ -179,3 +179,41 @@ fn unknown_option_lists_the_accepted_ones() {
     let (code, _, stderr) = sdtune(&["run", &s]);
     assert_one_line_error(code, &stderr, &["opts.rhai:1", "unknown option `clipskip`", "clip_skip"]);
 }
+
+#[test]
+fn sampling_contract_functions_work_from_scripts() {
+    let dir = scratch("cli-sample-api");
+    let png = dir.join("cat.png");
+    let s = script(
+        &dir,
+        "sample.rhai",
+        &format!(
+            r#"
+let m = load_model({model:?});
+let img = m.sample("a (cat:1.2) --n dog --w 64 --h 64 --d 9 --s 3 --ss heun");
+print(`${{img.width}}x${{img.height}}`);
+img.save({png:?});
+let back = load_image({png:?});
+print(back.parameters);
+print(back.to_tensor().shape);
+print(parse_prompt("a (b:1.5) [c]"));
+let l = m.sample_latents(#{{ prompt: "x", width: 64, height: 64, steps: 2, seed: 1, sampler: "dpm_2_a", karras: true }});
+print(l.shape);
+m.sample(#{{ prompt: "x", width: 64, height: 64, steps: 2, sampler: "nope" }});
+"#,
+            model = fixture("tiny-sd15").to_string_lossy(),
+            png = png.to_string_lossy()
+        ),
+    );
+    let (code, stdout, stderr) = sdtune(&["run", &s]);
+    assert_ne!(code, 0, "the last line must fail");
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert_eq!(lines[0], "64x64");
+    assert_eq!(lines[1], "a (cat:1.2)");
+    assert_eq!(lines[2], "Negative prompt: dog");
+    assert!(lines[3].starts_with("Steps: 3, Sampler: Heun, CFG scale: 7.5, Seed: 9, Size: 64x64"), "{}", lines[3]);
+    assert_eq!(lines[4], "[1, 3, 64, 64]");
+    assert_eq!(lines[5], r#"[["a ", 1.0], ["b", 1.5], [" ", 1.0], ["c", 0.9090909090909091]]"#);
+    assert_eq!(lines[6], "[1, 4, 8, 8]");
+    assert_one_line_error(code, &stderr, &["sample.rhai:12", "unknown sampler \"nope\"", "euler_a"]);
+}
