@@ -2,6 +2,7 @@
 //!
 //! Module map: see ARCHITECTURE.md.
 
+pub mod data;
 pub mod device;
 pub mod io;
 pub mod models;

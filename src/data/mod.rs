@@ -1,0 +1,3 @@
+pub mod buckets;
+pub mod captions;
+pub mod config;
