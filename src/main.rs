@@ -23,9 +23,98 @@ enum Command {
     },
     /// Render every prompt of a prompt file (sd-scripts' .txt/.toml/.json syntax) to PNGs.
     Sample(SampleArgs),
+    /// Datasets: `sdtune dataset inspect PATH` reports subsets, repeats, buckets, steps per epoch and problems.
+    Dataset {
+        #[command(subcommand)]
+        command: DatasetCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DatasetCommand {
+    /// Summarise a kohya folder (`N_concept` sub-folders) or a dataset .toml/.json, and list every problem.
+    Inspect(InspectArgs),
 }
 
 #[derive(clap::Args)]
+#[command(rename_all = "snake_case")]
+struct InspectArgs {
+    /// A training folder with `N_concept` sub-folders, or a dataset config (.toml / .json).
+    path: PathBuf,
+    /// `512` or `768,512` (width,height).
+    #[arg(long)]
+    resolution: Option<String>,
+    #[arg(long)]
+    batch_size: Option<usize>,
+    #[arg(long)]
+    enable_bucket: bool,
+    #[arg(long)]
+    min_bucket_reso: Option<usize>,
+    #[arg(long)]
+    max_bucket_reso: Option<usize>,
+    #[arg(long)]
+    bucket_reso_steps: Option<usize>,
+    #[arg(long)]
+    bucket_no_upscale: bool,
+    /// Caption file extension (sd-scripts' default `.caption`; kohya_ss users mostly use `.txt`).
+    #[arg(long)]
+    caption_extension: Option<String>,
+    /// Regularisation folder with `N_class` sub-folders.
+    #[arg(long)]
+    reg_data_dir: Option<PathBuf>,
+    /// Stop at the first problem instead of skipping the image.
+    #[arg(long)]
+    strict: bool,
+    /// Decode every image fully (finds truncated files whose headers are intact).
+    #[arg(long)]
+    verify: bool,
+}
+
+fn inspect(a: InspectArgs) -> anyhow::Result<()> {
+    use sdtune::data::config::{General, Resolution};
+    let resolution = match &a.resolution {
+        None => None,
+        Some(r) => Some(match r.split_once(',') {
+            Some((w, h)) => Resolution::Pair([w.trim().parse()?, h.trim().parse()?]),
+            None => Resolution::Square(
+                r.trim().parse().map_err(|_| anyhow::anyhow!("--resolution: expected 512 or 768,512, got {r:?}"))?,
+            ),
+        }),
+    };
+    let call = General {
+        resolution,
+        batch_size: a.batch_size,
+        enable_bucket: a.enable_bucket.then_some(true),
+        min_bucket_reso: a.min_bucket_reso,
+        max_bucket_reso: a.max_bucket_reso,
+        bucket_reso_steps: a.bucket_reso_steps,
+        bucket_no_upscale: a.bucket_no_upscale.then_some(true),
+        caption_extension: a.caption_extension,
+        ..Default::default()
+    };
+    let group =
+        sdtune::data::open(&a.path, &sdtune::data::OpenOptions { call, reg_dir: a.reg_data_dir, strict: a.strict })?;
+    print!("{}", group.report());
+    if a.verify {
+        let mut bad = 0;
+        for d in &group.datasets {
+            for im in &d.images {
+                if let Err(e) = sdtune::data::image::decode(&im.path) {
+                    println!("  {e:#}");
+                    bad += 1;
+                }
+            }
+        }
+        println!("verify: {bad} unreadable images");
+        if bad > 0 && a.strict {
+            anyhow::bail!("{bad} images cannot be decoded");
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+#[command(rename_all = "snake_case")]
 struct SampleArgs {
     /// A single-file checkpoint or a diffusers folder.
     #[arg(long)]
@@ -121,6 +210,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { script, args } => sdtune::script::run_file(&script, &args),
         Command::Sample(a) => sample(a).map_err(|e| format!("{e:#}")),
+        Command::Dataset { command: DatasetCommand::Inspect(a) } => inspect(a).map_err(|e| format!("{e:#}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

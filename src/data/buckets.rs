@@ -29,7 +29,12 @@ impl Default for BucketConfig {
 }
 
 /// The predefined bucket resolutions for `max_reso`, sorted by (w, h).
-pub fn make_bucket_resolutions(max_reso: (usize, usize), min_size: usize, max_size: usize, divisible: usize) -> Vec<(usize, usize)> {
+pub fn make_bucket_resolutions(
+    max_reso: (usize, usize),
+    min_size: usize,
+    max_size: usize,
+    divisible: usize,
+) -> Vec<(usize, usize)> {
     let max_area = max_reso.0 * max_reso.1;
     let side = ((max_area as f64).sqrt() as usize / divisible) * divisible;
     let mut resos = std::collections::BTreeSet::new();
@@ -174,8 +179,23 @@ mod tests {
         assert_eq!(
             r,
             vec![
-                (256, 832), (256, 896), (256, 960), (256, 1024), (320, 704), (320, 768), (384, 640), (448, 576), (512, 512),
-                (576, 448), (640, 384), (704, 320), (768, 320), (832, 256), (896, 256), (960, 256), (1024, 256)
+                (256, 832),
+                (256, 896),
+                (256, 960),
+                (256, 1024),
+                (320, 704),
+                (320, 768),
+                (384, 640),
+                (448, 576),
+                (512, 512),
+                (576, 448),
+                (640, 384),
+                (704, 320),
+                (768, 320),
+                (832, 256),
+                (896, 256),
+                (960, 256),
+                (1024, 256)
             ]
         );
         let r = make_bucket_resolutions((1024, 1024), 256, 2048, 64);
@@ -216,32 +236,34 @@ mod tests {
         assert_eq!(crop_ltrb((384, 640), (1000, 1500)), (0.0, 32.0, 384.0, 608.0));
     }
 
+    type Size = (usize, usize);
+
     /// 24 more vectors worked out by hand from the algorithm (each comment shows the arithmetic): nearest aspect
     /// ratio among the predefined buckets (first on ties), cover scale = bucket side / image side on the limiting
     /// axis, `int(x + 0.5)`; for `bucket_no_upscale`, the area-fit rounding of §4.
     #[test]
     fn hand_derived_vectors() {
         let up = mgr(512, 256, 1024, 64, false);
-        let cases_up: &[((usize, usize), (usize, usize), (usize, usize))] = &[
-            ((512, 512), (512, 512), (512, 512)),     // a predefined bucket itself
-            ((1024, 1024), (512, 512), (512, 512)),   // ar 1, scale 512/1024
-            ((256, 256), (512, 512), (512, 512)),     // ar 1, scale 2 (upscaled)
-            ((800, 600), (576, 448), (597, 448)),     // ar 1.333 → 576/448=1.286; 800·448/600=597.3
-            ((600, 800), (448, 576), (448, 597)),     // ar 0.75 → 448/576=0.778; 800·448/600=597.3
-            ((1000, 1000), (512, 512), (512, 512)),   // scale 0.512
-            ((2000, 500), (1024, 256), (1024, 256)),  // ar 4 exactly; scale 1024/2000
-            ((500, 2000), (256, 1024), (256, 1024)),  // ar 0.25 exactly
-            ((900, 400), (704, 320), (720, 320)),     // ar 2.25 → 2.2 (Δ.05) beats 2.4; 900·0.8
-            ((1200, 800), (640, 384), (640, 427)),    // ar 1.5 → 1.667 (Δ.167) beats 1.286 (Δ.214); 800·640/1200=426.7
-            ((100, 100), (512, 512), (512, 512)),     // scale 5.12
-            ((3000, 100), (1024, 256), (7680, 256)),  // ar 30 → widest bucket; scale 256/100
+        let cases_up: &[(Size, Size, Size)] = &[
+            ((512, 512), (512, 512), (512, 512)),    // a predefined bucket itself
+            ((1024, 1024), (512, 512), (512, 512)),  // ar 1, scale 512/1024
+            ((256, 256), (512, 512), (512, 512)),    // ar 1, scale 2 (upscaled)
+            ((800, 600), (576, 448), (597, 448)),    // ar 1.333 → 576/448=1.286; 800·448/600=597.3
+            ((600, 800), (448, 576), (448, 597)),    // ar 0.75 → 448/576=0.778; 800·448/600=597.3
+            ((1000, 1000), (512, 512), (512, 512)),  // scale 0.512
+            ((2000, 500), (1024, 256), (1024, 256)), // ar 4 exactly; scale 1024/2000
+            ((500, 2000), (256, 1024), (256, 1024)), // ar 0.25 exactly
+            ((900, 400), (704, 320), (720, 320)),    // ar 2.25 → 2.2 (Δ.05) beats 2.4; 900·0.8
+            ((1200, 800), (640, 384), (640, 427)),   // ar 1.5 → 1.667 (Δ.167) beats 1.286 (Δ.214); 800·640/1200=426.7
+            ((100, 100), (512, 512), (512, 512)),    // scale 5.12
+            ((3000, 100), (1024, 256), (7680, 256)), // ar 30 → widest bucket; scale 256/100
         ];
         for &(img, bucket, resized) in cases_up {
             let p = up.select(img.0, img.1);
             assert_eq!((p.bucket, p.resized), (bucket, resized), "upscale {img:?}");
         }
         let no = mgr(512, 256, 1024, 64, true);
-        let cases_no: &[((usize, usize), (usize, usize), (usize, usize))] = &[
+        let cases_no: &[(Size, Size, Size)] = &[
             ((512, 512), (512, 512), (512, 512)),   // area = max: kept
             ((600, 600), (512, 512), (512, 512)),   // √262144 = 512 both ways
             ((400, 300), (384, 256), (400, 300)),   // small: kept, bucket floors to 64s
@@ -255,7 +277,9 @@ mod tests {
             let p = no.select(img.0, img.1);
             assert_eq!((p.bucket, p.resized), (bucket, resized), "no_upscale {img:?}");
         }
-        let fixed = BucketManager::new(&BucketConfig { resolution: (512, 512), enable_bucket: false, ..Default::default() }).unwrap();
+        let fixed =
+            BucketManager::new(&BucketConfig { resolution: (512, 512), enable_bucket: false, ..Default::default() })
+                .unwrap();
         let p = fixed.select(1024, 768); // ar 1.333 > 1: scale 512/768 → 682.7
         assert_eq!((p.bucket, p.resized), ((512, 512), (683, 512)));
         let p = fixed.select(300, 600); // ar 0.5: scale 512/300
@@ -265,12 +289,29 @@ mod tests {
         assert_eq!(
             r,
             vec![
-                (256, 1024), (320, 1024), (384, 896), (384, 960), (384, 1024), (448, 832), (512, 704), (512, 768),
-                (576, 576), (576, 640), (640, 576), (704, 512), (768, 512), (832, 448), (896, 384), (960, 384),
-                (1024, 256), (1024, 320), (1024, 384)
+                (256, 1024),
+                (320, 1024),
+                (384, 896),
+                (384, 960),
+                (384, 1024),
+                (448, 832),
+                (512, 704),
+                (512, 768),
+                (576, 576),
+                (576, 640),
+                (640, 576),
+                (704, 512),
+                (768, 512),
+                (832, 448),
+                (896, 384),
+                (960, 384),
+                (1024, 256),
+                (1024, 320),
+                (1024, 384)
             ]
         );
-        let d = BucketManager::new(&BucketConfig { resolution: (768, 512), enable_bucket: true, ..Default::default() }).unwrap();
+        let d = BucketManager::new(&BucketConfig { resolution: (768, 512), enable_bucket: true, ..Default::default() })
+            .unwrap();
         let p = d.select(1536, 1024); // ar 1.5 = 768/512 exactly; scale 0.5
         assert_eq!((p.bucket, p.resized), ((768, 512), (768, 512)));
     }

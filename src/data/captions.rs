@@ -62,7 +62,11 @@ pub fn process_caption(caption: &str, o: &CaptionOptions, p: Progress, rng: &mut
     } else {
         caption = caption.split('\n').next().unwrap_or("").to_string();
     }
-    let warmup_step = if o.token_warmup_step < 1.0 { (o.token_warmup_step * p.max_train_steps as f64).floor() } else { o.token_warmup_step };
+    let warmup_step = if o.token_warmup_step < 1.0 {
+        (o.token_warmup_step * p.max_train_steps as f64).floor()
+    } else {
+        o.token_warmup_step
+    };
     if o.shuffle_caption || warmup_step > 0.0 || o.caption_tag_dropout_rate > 0.0 {
         let sep = o.caption_separator.as_str();
         let kts = o.keep_tokens_separator.as_str();
@@ -159,7 +163,8 @@ mod tests {
         assert!((150..250).contains(&dropped), "{dropped} of 400 dropped at rate 0.5");
         let mut o = opts();
         o.caption_dropout_every_n_epochs = 3;
-        let at = |epoch| process_caption("a cat", &o, Progress { epoch, step: 0, max_train_steps: 1 }, &mut Rng::new(0));
+        let at =
+            |epoch| process_caption("a cat", &o, Progress { epoch, step: 0, max_train_steps: 1 }, &mut Rng::new(0));
         assert_eq!((at(3), at(4), at(6)), (String::new(), "a cat".to_string(), String::new()));
         let mut o = opts();
         o.caption_tag_dropout_rate = 0.5;
@@ -190,7 +195,9 @@ mod tests {
         let mut o = opts();
         o.token_warmup_step = 10.0;
         o.token_warmup_min = 1;
-        let at = |step| process_caption("a, b, c, d, e", &o, Progress { epoch: 0, step, max_train_steps: 100 }, &mut Rng::new(0));
+        let at = |step| {
+            process_caption("a, b, c, d, e", &o, Progress { epoch: 0, step, max_train_steps: 100 }, &mut Rng::new(0))
+        };
         // floor(step·(5−1)/10) + 1 tags
         assert_eq!(at(0), "a");
         assert_eq!(at(5), "a, b, c");
@@ -198,7 +205,15 @@ mod tests {
         assert_eq!(at(10), "a, b, c, d, e");
         // a fraction of max_train_steps
         o.token_warmup_step = 0.1;
-        assert_eq!(process_caption("a, b, c, d, e", &o, Progress { epoch: 0, step: 5, max_train_steps: 100 }, &mut Rng::new(0)), "a, b, c");
+        assert_eq!(
+            process_caption(
+                "a, b, c, d, e",
+                &o,
+                Progress { epoch: 0, step: 5, max_train_steps: 100 },
+                &mut Rng::new(0)
+            ),
+            "a, b, c"
+        );
     }
 
     #[test]

@@ -218,7 +218,9 @@ fn resolve_subset(s: &SubsetTable, d: &DatasetTable, g: &General, call: &General
 
 fn resolve_dataset(d: &DatasetTable, g: &General, call: &General, base: &Path) -> Result<DatasetConfig> {
     let db = BucketConfig::default();
-    let resolution = pick!(resolution, d, g, call).map(Resolution::wh).context("`resolution` is required (e.g. 512 or [768, 512])")?;
+    let resolution = pick!(resolution, d, g, call)
+        .map(Resolution::wh)
+        .context("`resolution` is required (e.g. 512 or [768, 512])")?;
     let buckets = BucketConfig {
         resolution,
         enable_bucket: pick!(enable_bucket, d, g, call).unwrap_or(db.enable_bucket),
@@ -265,9 +267,13 @@ pub fn read_config_file(path: &Path, call: &General) -> Result<Vec<DatasetConfig
     let file: ConfigFile = if path.extension().is_some_and(|e| e.eq_ignore_ascii_case("json")) {
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{name}: line {}: {e}", e.line()))?
     } else {
-        toml::from_str(&text).map_err(|e| {
-            let line = e.span().map(|s| text[..s.start].lines().count().max(1)).unwrap_or(0);
-            anyhow::anyhow!("{name}: line {line}: {}", e.message())
+        toml::from_str(&text).map_err(|e| match e.span() {
+            Some(span) => {
+                let line = text[..span.start].matches('\n').count() + 1;
+                let src = text.lines().nth(line - 1).unwrap_or("").trim();
+                anyhow::anyhow!("{name}: line {line} (`{src}`): {}", e.message())
+            }
+            None => anyhow::anyhow!("{name}: {}", e.message()),
         })?
     };
     if file.datasets.is_empty() {
@@ -277,7 +283,9 @@ pub fn read_config_file(path: &Path, call: &General) -> Result<Vec<DatasetConfig
     file.datasets
         .iter()
         .enumerate()
-        .map(|(i, d)| resolve_dataset(d, &file.general, call, base).with_context(|| format!("{name}: dataset {}", i + 1)))
+        .map(|(i, d)| {
+            resolve_dataset(d, &file.general, call, base).with_context(|| format!("{name}: dataset {}", i + 1))
+        })
         .collect()
 }
 
@@ -299,7 +307,8 @@ pub fn folder_config(train_dir: &Path, reg_dir: Option<&Path>, call: &General) -
         let before = subsets.len();
         for sub in entries {
             let name = sub.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-            let parsed = name.split_once('_').and_then(|(n, rest)| n.parse::<usize>().ok().map(|n| (n, rest.to_string())));
+            let parsed =
+                name.split_once('_').and_then(|(n, rest)| n.parse::<usize>().ok().map(|n| (n, rest.to_string())));
             match parsed {
                 Some((repeats, concept)) => subsets.push(SubsetTable {
                     image_dir: Some(sub.to_string_lossy().into_owned()),
@@ -308,7 +317,10 @@ pub fn folder_config(train_dir: &Path, reg_dir: Option<&Path>, call: &General) -
                     is_reg: Some(is_reg),
                     ..Default::default()
                 }),
-                None => warnings.push(format!("{}: ignored: folder names must be `<repeats>_<concept>`, like `10_mychar woman`", sub.display())),
+                None => warnings.push(format!(
+                    "{}: ignored: folder names must be `<repeats>_<concept>`, like `10_mychar woman`",
+                    sub.display()
+                )),
             }
         }
         if subsets.len() == before && !is_reg {

@@ -1,5 +1,6 @@
 //! The Rhai scripting host: one engine with thin bindings over the Rust API, and `run` for script files.
 
+mod data_api;
 mod errors;
 mod model_api;
 mod opts;
@@ -20,6 +21,7 @@ pub fn engine() -> Engine {
     tensor_api::register(&mut engine);
     model_api::register(&mut engine);
     sample_api::register(&mut engine);
+    data_api::register(&mut engine);
     engine.register_fn("show", |x: Dynamic| errors::rt(show(x)));
     engine
 }

@@ -2,6 +2,7 @@
 
 mod cli;
 mod common;
+mod datasets;
 mod gradients;
 mod parity;
 mod roundtrip;
