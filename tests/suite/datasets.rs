@@ -375,3 +375,38 @@ fn dataset_inspect_cli_and_script_api() {
     assert_eq!(lines[4], "true");
     assert!(err.contains("d.rhai:9") && err.contains("resolutoin") && err.contains("resolution"), "{err}");
 }
+
+#[test]
+fn finetune_subsets_read_the_metadata_json() {
+    let dir = scratch("ds-finetune");
+    write_image(&dir.join("imgs/one.png"), 128, 128);
+    write_image(&dir.join("imgs/two.jpg"), 128, 96);
+    std::fs::write(
+        dir.join("meta.json"),
+        r#"{"one": {"caption": "a red car", "tags": "car, red"}, "two": {"tags": "street, night"}, "missing": {"caption": "x"}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("ft.toml"),
+        "[general]\nresolution = 128\nenable_bucket = true\nmin_bucket_reso = 64\nbucket_reso_steps = 32\n\n[[datasets]]\n  [[datasets.subsets]]\n  image_dir = \"imgs\"\n  metadata_file = \"meta.json\"\n  num_repeats = 2\n",
+    )
+    .unwrap();
+    let g = open(&dir.join("ft.toml"), &OpenOptions::default()).unwrap();
+    let d = &g.datasets[0];
+    let cap = |n: &str| d.images.iter().find(|i| i.path.ends_with(n)).unwrap().caption.clone();
+    assert_eq!(cap("one.png"), "a red car,car, red", "caption + caption_separator + tags");
+    assert_eq!(cap("two.jpg"), "street, night");
+    assert_eq!(g.len(), 4);
+    assert!(g.problems().iter().any(|p| p.to_string().contains("missing") && p.skipped));
+}
+
+#[test]
+fn custom_caption_separator_splits_tags() {
+    use sdtune::data::captions::{process_caption, Progress};
+    let o = sdtune::data::config::CaptionOptions { shuffle_caption: true, keep_tokens: 1, caption_separator: ";".into(), ..Default::default() };
+    let out = process_caption("first; b; c; d", &o, Progress::default(), &mut sdtune::rng::Rng::new(3));
+    assert!(out.starts_with("first, "), "{out}");
+    let mut parts: Vec<&str> = out.split(", ").collect();
+    parts.sort();
+    assert_eq!(parts, vec!["b", "c", "d", "first"], "re-joined with \", \" as sd-scripts does");
+}
