@@ -6,6 +6,7 @@ pub mod data;
 pub mod device;
 pub mod io;
 pub mod models;
+pub mod networks;
 pub mod nn;
 pub mod rng;
 pub mod sample;

@@ -6,6 +6,7 @@ use super::unet::{HeadSpec, UNet, UNetConfig, UNetHyper};
 use super::vae::{Posterior, Vae, VaeConfig};
 use super::Family;
 use crate::io::checkpoint::{self, Checkpoint, Components, DiffusersConfigs};
+use crate::nn::adapter::Registry;
 use crate::nn::Weights;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -62,6 +63,10 @@ pub struct StableDiffusion {
     pub vae: Vae,
     /// The weights in diffusers names, kept for saving.
     pub components: Components,
+    /// The text encoder's adaptable layers (for networks).
+    pub te_layers: Registry,
+    /// The UNet's adaptable layers (for networks).
+    pub unet_layers: Registry,
     pub scheduler_config: Value,
     pub metadata: HashMap<String, String>,
 }
@@ -103,7 +108,9 @@ impl StableDiffusion {
         let src = path.display().to_string();
 
         // Text encoder.
-        let te_w = Weights::new(ck.components.text_encoder.clone(), &format!("{src} (text encoder)"));
+        let te_layers = Registry::default();
+        let unet_layers = Registry::default();
+        let te_w = Weights::new(ck.components.text_encoder.clone(), &format!("{src} (text encoder)")).with_registry(te_layers.clone());
         let activation = match cfgs.text_encoder.as_ref().and_then(|v| v.get("hidden_act")).and_then(Value::as_str) {
             Some("gelu") => Activation::Gelu,
             Some("quick_gelu") => Activation::QuickGelu,
@@ -126,7 +133,7 @@ impl StableDiffusion {
         let text_encoder = ClipTextModel::new(&te_w, te_cfg)?;
 
         // UNet.
-        let unet_w = Weights::new(ck.components.unet.clone(), &format!("{src} (unet)"));
+        let unet_w = Weights::new(ck.components.unet.clone(), &format!("{src} (unet)")).with_registry(unet_layers.clone());
         let hyper = match &cfgs.unet {
             Some(v) => UNetHyper::from_diffusers(v).with_context(|| format!("{src}: unet config"))?,
             None => {
@@ -192,6 +199,8 @@ impl StableDiffusion {
             unet,
             vae,
             components: ck.components,
+            te_layers,
+            unet_layers,
             scheduler_config,
             metadata: ck.metadata,
         })

@@ -1,5 +1,6 @@
 //! Differentiable building blocks written on candle-core ops (no fused no-backward kernels).
 
+use super::adapter::{LayerInfo, LayerKind, Slot};
 use super::Weights;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
@@ -13,12 +14,12 @@ fn stat_dtype(d: DType) -> DType {
     }
 }
 
-/// A fully connected layer `y = x·Wᵀ + b`, carrying its module path.
+/// A fully connected layer `y = x·Wᵀ + b (+ adapters)`, carrying its module path.
 #[derive(Clone)]
 pub struct Linear {
     /// Module path in the component's diffusers/transformers naming.
     pub name: String,
-    pub weight: Tensor,
+    pub slot: Slot,
     pub bias: Option<Tensor>,
 }
 
@@ -31,30 +32,34 @@ impl Linear {
             [o, i, 1, 1] => weight.reshape((*o, *i))?,
             d => bail!("`{}` has shape {d:?}, expected a 2-D linear weight", w.key("weight")),
         };
-        Ok(Self { name: w.prefix().to_string(), weight, bias: w.get_opt("bias") })
+        let (o, i) = weight.dims2()?;
+        let slot = Slot::new(weight);
+        w.register(LayerInfo { name: w.prefix().to_string(), kind: LayerKind::Linear { in_features: i, out_features: o }, slot: slot.clone() });
+        Ok(Self { name: w.prefix().to_string(), slot, bias: w.get_opt("bias") })
+    }
+
+    /// The current weight.
+    pub fn weight(&self) -> Tensor {
+        self.slot.weight()
     }
 
     /// Applies the layer over the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight.t()?)?;
-        Ok(match &self.bias {
+        let y = x.broadcast_matmul(&self.weight().t()?)?;
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(b)?,
             None => y,
-        })
-    }
-
-    /// Output features.
-    pub fn out_dim(&self) -> usize {
-        self.weight.dims()[0]
+        };
+        self.slot.add_adapters(x, y)
     }
 }
 
-/// A 2-D convolution (NCHW), carrying its module path.
+/// A 2-D convolution (NCHW) `(+ adapters)`, carrying its module path.
 #[derive(Clone)]
 pub struct Conv2d {
     /// Module path in the component's diffusers naming.
     pub name: String,
-    pub weight: Tensor,
+    pub slot: Slot,
     pub bias: Option<Tensor>,
     pub stride: usize,
     pub padding: usize,
@@ -67,23 +72,20 @@ impl Conv2d {
         if weight.rank() != 4 {
             bail!("`{}` has shape {:?}, expected a 4-D conv kernel", w.key("weight"), weight.dims());
         }
-        Ok(Self { name: w.prefix().to_string(), weight, bias: w.get_opt("bias"), stride, padding })
+        let (o, i, kh, kw) = weight.dims4()?;
+        let slot = Slot::new(weight);
+        let kind = LayerKind::Conv { in_channels: i, out_channels: o, kernel: (kh, kw), stride, padding };
+        w.register(LayerInfo { name: w.prefix().to_string(), kind, slot: slot.clone() });
+        Ok(Self { name: w.prefix().to_string(), slot, bias: w.get_opt("bias"), stride, padding })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
-        Ok(match &self.bias {
+        let y = x.conv2d(&self.slot.weight(), self.padding, self.stride, 1, 1)?;
+        let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?)?,
             None => y,
-        })
-    }
-
-    pub fn out_channels(&self) -> usize {
-        self.weight.dims()[0]
-    }
-
-    pub fn in_channels(&self) -> usize {
-        self.weight.dims()[1]
+        };
+        self.slot.add_adapters(x, y)
     }
 }
 

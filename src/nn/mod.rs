@@ -1,5 +1,6 @@
 //! Neural-network building blocks shared by the models: weight views and differentiable layers.
 
+pub mod adapter;
 mod layers;
 mod weights;
 

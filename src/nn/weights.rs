@@ -1,5 +1,6 @@
 //! A read-only, prefix-scoped view over a map of named tensors, used to build models.
 
+use super::adapter::{LayerInfo, Registry};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -11,23 +12,37 @@ pub struct Weights {
     map: Arc<HashMap<String, Tensor>>,
     prefix: String,
     source: Arc<str>,
+    registry: Option<Registry>,
 }
 
 impl Weights {
     /// Wraps a tensor map; `source` names where the tensors came from (for error messages).
     pub fn new(map: HashMap<String, Tensor>, source: &str) -> Self {
-        Self { map: Arc::new(map), prefix: String::new(), source: source.into() }
+        Self { map: Arc::new(map), prefix: String::new(), source: source.into(), registry: None }
+    }
+
+    /// Records every Linear/Conv2d built from this view (and its children) in `registry`.
+    pub fn with_registry(mut self, registry: Registry) -> Self {
+        self.registry = Some(registry);
+        self
+    }
+
+    /// Records an adaptable layer (no-op without a registry).
+    pub fn register(&self, info: LayerInfo) {
+        if let Some(r) = &self.registry {
+            r.push(info);
+        }
     }
 
     /// Shares an existing map.
     pub fn from_arc(map: Arc<HashMap<String, Tensor>>, source: &str) -> Self {
-        Self { map, prefix: String::new(), source: source.into() }
+        Self { map, prefix: String::new(), source: source.into(), registry: None }
     }
 
     /// A view one level deeper (`prefix.name`).
     pub fn pp(&self, name: impl std::fmt::Display) -> Self {
         let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
-        Self { map: self.map.clone(), prefix, source: self.source.clone() }
+        Self { map: self.map.clone(), prefix, source: self.source.clone(), registry: self.registry.clone() }
     }
 
     /// The module path of this view (dotted, as in the checkpoint).

@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod datasets;
 mod gradients;
+mod networks;
 mod parity;
 mod roundtrip;
 mod sampling;

@@ -109,7 +109,7 @@ impl UNet {
             _ => bail!("unet: timesteps have shape {:?}, expected [{b}] or a scalar", timesteps.dims()),
         };
         let dtype = sample.dtype();
-        let temb = timestep_embedding(&t, self.time_1.weight.dims()[1])?.to_dtype(dtype)?;
+        let temb = timestep_embedding(&t, self.time_1.weight().dims()[1])?.to_dtype(dtype)?;
         let temb = self.time_2.forward(&self.time_1.forward(&temb)?.silu()?)?;
 
         let mut x = self.conv_in.forward(sample)?;

@@ -1,0 +1,239 @@
+//! kohya-format network files: reading (type detection, name matching, family checks) and writing (keys, alpha,
+//! `ss_*` metadata, `sshs_*` hashes, ModelSpec), atomically.
+
+use super::lora::{Dropouts, LoraModule};
+use super::{kohya_name, layers, new_state, Component, Network, NetworkConfig};
+use crate::models::{Family, StableDiffusion};
+use crate::nn::adapter::LayerKind;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Network types recognised by their keys: (key fragment, type name, supported).
+const NETWORK_TYPES: &[(&str, &str, bool)] = &[
+    (".lora_down.weight", "LoRA", true),
+    (".hada_w1_a", "LoHa", false),
+    (".lokr_w1", "LoKr", false),
+    (".oft_blocks", "OFT", false),
+    (".diff", "full diff", false),
+    (".dylora_down", "DyLoRA", false),
+];
+
+/// Key prefixes of SDXL networks (SGM UNet names, two text encoders).
+const SDXL_MARKERS: &[&str] = &["lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"];
+
+/// Reads a network file for `model` (modules matched by kohya name; shapes checked).
+pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
+    let name = path.display().to_string();
+    let f = crate::io::tensors::read_safetensors(path, None, &model.device)?;
+    let keys: Vec<&String> = f.tensors.keys().collect();
+    if keys.iter().any(|k| SDXL_MARKERS.iter().any(|m| k.starts_with(m))) {
+        bail!("{name}: this is an SDXL network (keys like `lora_te1_*` / `lora_unet_input_blocks_*`); Stable Diffusion XL is not supported yet");
+    }
+    let kind = NETWORK_TYPES.iter().find(|(frag, _, _)| keys.iter().any(|k| k.contains(frag)));
+    match kind {
+        None => bail!("{name}: not a network file: no LoRA/LyCORIS keys (expected `<module>.lora_down.weight` and `.lora_up.weight`)"),
+        Some((_, t, false)) => bail!("{name}: {t} networks are not supported yet (LoRA and LoRA-C3Lier are)"),
+        Some(_) => {}
+    }
+    model.family.ensure_supported("LoRA")?;
+    let by_name: HashMap<String, (Component, crate::nn::adapter::LayerInfo)> =
+        layers(model).into_iter().map(|(c, l)| (kohya_name(c, &l.name), (c, l))).collect();
+    let mut module_names: Vec<String> =
+        keys.iter().filter_map(|k| k.strip_suffix(".lora_down.weight")).map(String::from).collect();
+    module_names.sort();
+    let unknown: Vec<&String> = module_names.iter().filter(|n| !by_name.contains_key(*n)).collect();
+    if !unknown.is_empty() {
+        bail!(
+            "{name}: {} of {} modules do not exist in this {} model (e.g. `{}`): is the network for another model family?",
+            unknown.len(),
+            module_names.len(),
+            model.family.info().label,
+            unknown[0]
+        );
+    }
+    let state = new_state(Dropouts::default(), 0);
+    let mut modules = Vec::new();
+    let (mut dim, mut alpha0, mut conv) = (0, 0.0, None);
+    for m in &module_names {
+        let (c, layer) = by_name[m].clone();
+        let down = f.tensors[&format!("{m}.lora_down.weight")].to_dtype(DType::F32)?;
+        let up = f.tensors.get(&format!("{m}.lora_up.weight")).with_context(|| format!("{name}: `{m}.lora_up.weight` is missing"))?.to_dtype(DType::F32)?;
+        let r = down.dims()[0];
+        let ok = match &layer.kind {
+            LayerKind::Linear { in_features, out_features } => {
+                down.dims() == [r, *in_features] && up.dims() == [*out_features, r]
+                    || down.dims() == [r, *in_features, 1, 1] && up.dims() == [*out_features, r, 1, 1]
+            }
+            LayerKind::Conv { in_channels, out_channels, kernel, .. } => {
+                down.dims() == [r, *in_channels, kernel.0, kernel.1] && up.dims() == [*out_channels, r, 1, 1]
+            }
+        };
+        if !ok {
+            bail!(
+                "{name}: module `{m}` has down {:?} / up {:?}, which do not fit the model's layer {:?}: is the network for another model family?",
+                down.dims(),
+                up.dims(),
+                layer.kind
+            );
+        }
+        // a 4-D 1×1 LoRA on a Linear layer (SD2 single-file quirk) is used as 2-D
+        let (down, up) = if matches!(layer.kind, LayerKind::Linear { .. }) && down.rank() == 4 {
+            (down.squeeze(3)?.squeeze(2)?, up.squeeze(3)?.squeeze(2)?)
+        } else {
+            (down, up)
+        };
+        let alpha = match f.tensors.get(&format!("{m}.alpha")) {
+            Some(a) => a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?.first().copied().unwrap_or(r as f64),
+            None => r as f64,
+        };
+        match &layer.kind {
+            LayerKind::Conv { kernel, .. } if *kernel != (1, 1) => conv = Some((r, alpha)),
+            _ => {
+                dim = r;
+                alpha0 = alpha;
+            }
+        }
+        modules.push((c, Arc::new(LoraModule { name: m.clone(), layer, down: Var::from_tensor(&down)?, up: Var::from_tensor(&up)?, alpha, state: state.clone() })));
+    }
+    let config = NetworkConfig {
+        dim,
+        alpha: alpha0,
+        conv_dim: conv.map(|c| c.0),
+        conv_alpha: conv.map(|c| c.1),
+        train_text_encoder: modules.iter().any(|(c, _)| *c == Component::TextEncoder),
+        train_unet: modules.iter().any(|(c, _)| *c == Component::Unet),
+        ..Default::default()
+    };
+    Ok(Network { state, modules, family: model.family, config, metadata: f.metadata.into_iter().collect() })
+}
+
+/// `sshs_model_hash` and `sshs_legacy_hash` as sd-scripts computes them: over a serialisation carrying only the
+/// `ss_*` metadata, the sha256 of the tensor data after the header, and 8 hex of the sha256 of 64 KiB at 1 MiB.
+pub fn sshs_hashes(tensors: &HashMap<String, Tensor>, metadata: &BTreeMap<String, String>) -> Result<(String, String)> {
+    let ss: HashMap<String, String> = metadata.iter().filter(|(k, _)| k.starts_with("ss_")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let cpu: Vec<(String, Tensor)> = names.into_iter().map(|n| Ok((n.clone(), tensors[n].to_device(&Device::Cpu)?.contiguous()?))).collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(cpu.iter().map(|(n, t)| (n.as_str(), t)), if ss.is_empty() { None } else { Some(ss) })
+        .map_err(|e| anyhow::anyhow!("cannot serialise the network: {e:?}"))?;
+    let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
+    let model_hash = format!("{:x}", Sha256::digest(&bytes[8 + n..]));
+    let legacy_slice = if bytes.len() > 0x100000 { &bytes[0x100000..bytes.len().min(0x110000)] } else { &[][..] };
+    let legacy = format!("{:x}", Sha256::digest(legacy_slice))[..8].to_string();
+    Ok((model_hash, legacy))
+}
+
+/// sd-scripts' `ss_base_model_version` and ModelSpec architecture for a family.
+fn model_version(family: Family, v_pred: bool) -> (&'static str, &'static str) {
+    match (family, v_pred) {
+        (Family::Sd1, false) => ("sd_v1", "stable-diffusion-v1"),
+        (Family::Sd1, true) => ("sd_v1_v", "stable-diffusion-v1"),
+        (Family::Sd2, false) => ("sd_v2", "stable-diffusion-v2-512"),
+        (Family::Sd2, true) => ("sd_v2_v", "stable-diffusion-v2-768-v"),
+        (Family::Sdxl, _) => ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base"),
+    }
+}
+
+/// Metadata every network file gets: the network description (`ss_network_*`, `ss_v2`, `ss_base_model_version`)
+/// and ModelSpec keys; `extra` (training metadata) is merged over it.
+pub fn base_metadata(net: &Network, model: &StableDiffusion, title: &str, resolution: (usize, usize), extra: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    let (version, arch) = model_version(net.family, model.v_pred);
+    let mut m = BTreeMap::new();
+    let c = &net.config;
+    m.insert("ss_network_module".into(), "networks.lora".into());
+    m.insert("ss_network_dim".into(), c.dim.to_string());
+    m.insert("ss_network_alpha".into(), py_float(c.alpha));
+    m.insert("ss_network_dropout".into(), c.dropouts.neuron.map(py_float).unwrap_or_else(|| "None".into()));
+    // Python's json.dumps of the network_args dict, in insertion order
+    let mut args: Vec<(&str, String)> = Vec::new();
+    if let Some(d) = c.conv_dim {
+        args.push(("conv_dim", d.to_string()));
+        args.push(("conv_alpha", py_float(c.conv_alpha.unwrap_or(1.0))));
+    }
+    if let Some(p) = c.dropouts.rank {
+        args.push(("rank_dropout", py_float(p)));
+    }
+    if let Some(p) = c.dropouts.module {
+        args.push(("module_dropout", py_float(p)));
+    }
+    if !args.is_empty() {
+        let body: Vec<String> = args.iter().map(|(k, v)| format!("{}: {}", serde_json::Value::from(*k), serde_json::Value::from(v.as_str()))).collect();
+        m.insert("ss_network_args".into(), format!("{{{}}}", body.join(", ")));
+    }
+    m.insert("ss_v2".into(), if net.family == Family::Sd2 { "True" } else { "False" }.into());
+    m.insert("ss_base_model_version".into(), version.into());
+    m.insert("ss_sd_model_name".into(), model.source.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+    m.insert("modelspec.sai_model_spec".into(), "1.0.0".into());
+    m.insert("modelspec.architecture".into(), format!("{arch}/lora"));
+    m.insert("modelspec.implementation".into(), "diffusers".into());
+    m.insert("modelspec.title".into(), title.into());
+    m.insert("modelspec.resolution".into(), format!("{}x{}", resolution.0, resolution.1));
+    m.insert("modelspec.prediction_type".into(), if model.v_pred { "v" } else { "epsilon" }.into());
+    m.insert("modelspec.date".into(), iso_now());
+    m.insert("modelspec.encoder_layer".into(), model.clip_skip.to_string());
+    for (k, v) in extra {
+        m.insert(k.clone(), v.clone());
+    }
+    m
+}
+
+/// Python's `str(float)`: `2.0`, `0.0001`, `1e-05`.
+pub fn py_float(x: f64) -> String {
+    if x == x.trunc() && x.abs() < 1e16 {
+        format!("{x:.1}")
+    } else if x.abs() < 1e-4 && x != 0.0 {
+        let s = format!("{x:e}");
+        let (mant, exp) = s.split_once('e').expect("exponent");
+        let e: i32 = exp.parse().expect("integer exponent");
+        format!("{mant}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs())
+    } else {
+        format!("{x}")
+    }
+}
+
+fn iso_now() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
+    // civil date from days since 1970-01-01 (Howard Hinnant's algorithm)
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Writes the network in kohya's format (atomically), adding the `sshs_*` hashes; refuses to replace a file
+/// unless `overwrite`.
+pub fn save(net: &Network, path: &Path, metadata: &BTreeMap<String, String>, dtype: DType, overwrite: bool) -> Result<()> {
+    if path.exists() && !overwrite {
+        bail!("{}: already exists; pass overwrite to replace it", path.display());
+    }
+    let tensors = net.state_dict(dtype)?;
+    let mut meta = metadata.clone();
+    let (h, l) = sshs_hashes(&tensors, &meta)?;
+    meta.insert("sshs_model_hash".into(), h);
+    meta.insert("sshs_legacy_hash".into(), l);
+    crate::io::tensors::write_safetensors(path, &tensors, &meta.into_iter().collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::py_float;
+
+    #[test]
+    fn python_float_strings() {
+        assert_eq!(py_float(2.0), "2.0");
+        assert_eq!(py_float(0.0001), "0.0001");
+        assert_eq!(py_float(1e-5), "1e-05");
+        assert_eq!(py_float(0.5), "0.5");
+    }
+}

@@ -1,0 +1,202 @@
+//! Networks (LoRA-LierLa and LoRA-C3Lier, sd-scripts' `networks.lora`): creation with sd-scripts' module selection
+//! and names, kohya-format files (keys, `alpha`, `ss_*`/`sshs_*`/ModelSpec metadata), apply / remove / merge.
+
+pub mod file;
+pub mod lora;
+
+use crate::models::{Family, StableDiffusion};
+use crate::nn::adapter::{LayerInfo, LayerKind};
+use crate::rng::Rng;
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, Var};
+use lora::{Dropouts, LoraAdapter, LoraModule, NetworkState};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+/// Options of a new network (sd-scripts' `networks.lora` arguments).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NetworkConfig {
+    pub dim: usize,
+    pub alpha: f64,
+    /// C3Lier: rank of 3×3 convs in ResNet/Down/Upsample blocks (None = LierLa).
+    pub conv_dim: Option<usize>,
+    pub conv_alpha: Option<f64>,
+    pub dropouts: Dropouts,
+    pub train_unet: bool,
+    pub train_text_encoder: bool,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self { dim: 4, alpha: 1.0, conv_dim: None, conv_alpha: None, dropouts: Dropouts::default(), train_unet: true, train_text_encoder: true }
+    }
+}
+
+/// Which component a module lives in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Component {
+    TextEncoder,
+    Unet,
+}
+
+impl Component {
+    /// sd-scripts' key prefix (SD1/SD2).
+    pub fn prefix(self) -> &'static str {
+        match self {
+            Component::TextEncoder => "lora_te",
+            Component::Unet => "lora_unet",
+        }
+    }
+}
+
+/// sd-scripts' target modules as path fragments: (component, fragment, needs conv_dim to be wrapped).
+/// `Transformer2DModel` = `.attentions.`; `CLIPAttention`/`CLIPMLP` = `.self_attn.`/`.mlp.`;
+/// C3Lier adds `ResnetBlock2D`, `Downsample2D`, `Upsample2D`.
+const TARGETS: &[(Component, &str, bool)] = &[
+    (Component::Unet, ".attentions.", false),
+    (Component::Unet, ".resnets.", true),
+    (Component::Unet, ".downsamplers.", true),
+    (Component::Unet, ".upsamplers.", true),
+    (Component::TextEncoder, ".self_attn.", false),
+    (Component::TextEncoder, ".mlp.", false),
+];
+
+/// The kohya name of a layer.
+pub fn kohya_name(c: Component, layer: &str) -> String {
+    format!("{}_{}", c.prefix(), layer.replace('.', "_"))
+}
+
+/// The rank and alpha sd-scripts gives a layer, or None when it is not wrapped.
+fn rank_for(c: Component, layer: &LayerInfo, cfg: &NetworkConfig) -> Option<(usize, f64)> {
+    let target = TARGETS.iter().find(|(tc, frag, _)| *tc == c && layer.name.contains(frag))?;
+    let conv_enabled = cfg.conv_dim.is_some();
+    if target.2 && !conv_enabled {
+        return None;
+    }
+    match &layer.kind {
+        LayerKind::Linear { .. } | LayerKind::Conv { kernel: (1, 1), .. } => Some((cfg.dim, cfg.alpha)),
+        LayerKind::Conv { .. } => cfg.conv_dim.map(|d| (d, cfg.conv_alpha.unwrap_or(1.0))),
+    }
+}
+
+/// A LoRA network bound to a model's layers.
+pub struct Network {
+    pub state: Arc<NetworkState>,
+    pub modules: Vec<(Component, Arc<LoraModule>)>,
+    pub family: Family,
+    pub config: NetworkConfig,
+    /// Metadata read from a file (kept when re-saving).
+    pub metadata: BTreeMap<String, String>,
+}
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
+
+fn new_state(dropouts: Dropouts, seed: u64) -> Arc<NetworkState> {
+    Arc::new(NetworkState {
+        id: NEXT_ID.fetch_add(1, Ordering::SeqCst),
+        multiplier: RwLock::new(1.0),
+        training: AtomicBool::new(false),
+        dropouts,
+        rng: Mutex::new(Rng::new(seed ^ 0x5EED)),
+    })
+}
+
+fn layers(model: &StableDiffusion) -> Vec<(Component, LayerInfo)> {
+    let te = model.te_layers.layers().into_iter().map(|l| (Component::TextEncoder, l));
+    let un = model.unet_layers.layers().into_iter().map(|l| (Component::Unet, l));
+    te.chain(un).collect()
+}
+
+impl Network {
+    /// A new network for `model`: down Kaiming-uniform (a = √5, i.e. U(±1/√fan_in)), up zero, in f32.
+    pub fn create(model: &StableDiffusion, cfg: &NetworkConfig, seed: u64) -> Result<Self> {
+        model.family.ensure_supported("LoRA")?;
+        if cfg.dim == 0 {
+            bail!("network dim must be at least 1");
+        }
+        let state = new_state(cfg.dropouts, seed);
+        let mut rng = Rng::new(seed);
+        let dev = model.device.clone();
+        let mut modules = Vec::new();
+        for (c, layer) in layers(model) {
+            if (c == Component::Unet && !cfg.train_unet) || (c == Component::TextEncoder && !cfg.train_text_encoder) {
+                continue;
+            }
+            let Some((r, alpha)) = rank_for(c, &layer, cfg) else { continue };
+            let (down_shape, up_shape, fan_in) = match &layer.kind {
+                LayerKind::Linear { in_features, out_features } => (vec![r, *in_features], vec![*out_features, r], *in_features),
+                LayerKind::Conv { in_channels, out_channels, kernel, .. } => {
+                    (vec![r, *in_channels, kernel.0, kernel.1], vec![*out_channels, r, 1, 1], in_channels * kernel.0 * kernel.1)
+                }
+            };
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            let n: usize = down_shape.iter().product();
+            let vals: Vec<f32> = (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
+            let down = Var::from_tensor(&Tensor::from_vec(vals, down_shape.as_slice(), &dev)?)?;
+            let up = Var::from_tensor(&Tensor::zeros(up_shape.as_slice(), DType::F32, &dev)?)?;
+            let alpha = if alpha == 0.0 { r as f64 } else { alpha };
+            modules.push((c, Arc::new(LoraModule { name: kohya_name(c, &layer.name), layer, down, up, alpha, state: state.clone() })));
+        }
+        if modules.is_empty() {
+            bail!("no layers to train: enable train_unet or train_text_encoder");
+        }
+        Ok(Self { state, modules, family: model.family, config: cfg.clone(), metadata: BTreeMap::new() })
+    }
+
+    /// Attaches every module to its layer: later forwards add `multiplier · scale · up(down(x))`.
+    pub fn apply(&self, multiplier: f64) {
+        self.set_multiplier(multiplier);
+        for (_, m) in &self.modules {
+            m.layer.slot.detach(self.state.id);
+            m.layer.slot.attach(Arc::new(LoraAdapter(m.clone())));
+        }
+    }
+
+    /// Detaches the network from the model.
+    pub fn remove(&self) {
+        for (_, m) in &self.modules {
+            m.layer.slot.detach(self.state.id);
+        }
+    }
+
+    pub fn set_multiplier(&self, m: f64) {
+        *self.state.multiplier.write().expect("multiplier lock") = m;
+    }
+
+    /// Training mode turns the dropouts on.
+    pub fn set_training(&self, on: bool) {
+        self.state.training.store(on, Ordering::Relaxed);
+    }
+
+    /// Adds `multiplier · ΔW` into each layer's weight (sd-scripts' `merge_to`).
+    pub fn merge(&self, multiplier: f64) -> Result<()> {
+        for (_, m) in &self.modules {
+            let w = m.layer.slot.weight();
+            let delta = (m.delta_weight()? * multiplier)?.to_dtype(w.dtype())?;
+            m.layer.slot.set_weight((w + delta.reshape(m.layer.slot.weight().dims())?)?);
+        }
+        Ok(())
+    }
+
+    /// The trainable parameters: (component, down, up) per module.
+    pub fn vars(&self) -> Vec<(Component, Var, Var)> {
+        self.modules.iter().map(|(c, m)| (*c, m.down.clone(), m.up.clone())).collect()
+    }
+
+    /// The network's tensors under kohya's keys, in `dtype` (alpha too, as sd-scripts does).
+    pub fn state_dict(&self, dtype: DType) -> Result<std::collections::HashMap<String, Tensor>> {
+        let mut out = std::collections::HashMap::new();
+        for (_, m) in &self.modules {
+            out.insert(format!("{}.lora_down.weight", m.name), m.down.as_tensor().to_dtype(dtype)?.to_device(&candle_core::Device::Cpu)?);
+            out.insert(format!("{}.lora_up.weight", m.name), m.up.as_tensor().to_dtype(dtype)?.to_device(&candle_core::Device::Cpu)?);
+            out.insert(format!("{}.alpha", m.name), Tensor::new(m.alpha as f32, &candle_core::Device::Cpu)?.to_dtype(dtype)?);
+        }
+        Ok(out)
+    }
+
+    /// Whether any module wraps a 3×3 conv (C3Lier).
+    pub fn is_c3lier(&self) -> bool {
+        self.modules.iter().any(|(_, m)| matches!(m.layer.kind, LayerKind::Conv { kernel, .. } if kernel != (1, 1)))
+    }
+}
