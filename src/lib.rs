@@ -12,3 +12,4 @@ pub mod rng;
 pub mod sample;
 pub mod schedule;
 pub mod script;
+pub mod train;
