@@ -25,16 +25,29 @@ impl Loader {
         workers: usize,
         prefetch: usize,
     ) -> Self {
-        let workers = workers.clamp(1, batches.len().max(1));
+        Self::start_at(ds, batches, 0, progress, seed, workers, prefetch)
+    }
+
+    /// Like `start`, skipping the first `first` batches (resuming mid-epoch) with the same per-batch seeds.
+    pub fn start_at(
+        ds: Arc<Dataset>,
+        batches: Vec<Vec<usize>>,
+        first: usize,
+        progress: Progress,
+        seed: u64,
+        workers: usize,
+        prefetch: usize,
+    ) -> Self {
+        let total = batches.len().saturating_sub(first);
+        let workers = workers.clamp(1, total.max(1));
         let batches = Arc::new(batches);
-        let total = batches.len();
         let mut receivers = Vec::with_capacity(workers);
         for w in 0..workers {
             let (tx, rx) = sync_channel(prefetch.max(1));
             receivers.push(rx);
             let (ds, batches) = (ds.clone(), batches.clone());
             std::thread::spawn(move || {
-                for k in (w..batches.len()).step_by(workers) {
+                for k in (first + w..batches.len()).step_by(workers) {
                     let mut rng =
                         Rng::new(seed ^ (k as u64).wrapping_mul(0xA24B_AED4_963E_E407) ^ (progress.epoch as u64) << 48);
                     let batch: Result<Vec<Sample>> =

@@ -9,6 +9,7 @@ pub mod dataset;
 pub mod image;
 pub mod loader;
 pub mod npz;
+pub mod synthetic;
 
 use anyhow::{bail, Result};
 use config::{folder_config, read_config_file, General};
@@ -33,6 +34,8 @@ pub struct DatasetGroup {
     pub datasets: Vec<Dataset>,
     /// Notes from reading the folder (ignored sub-folders).
     pub notes: Vec<String>,
+    /// The options it was opened with (recorded in training recipes).
+    pub options: serde_json::Value,
 }
 
 /// Opens a kohya folder (`N_concept` sub-folders) or a dataset config (`.toml` / `.json`).
@@ -54,7 +57,7 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<DatasetGroup> {
         (vec![c], notes)
     };
     let datasets = configs.into_iter().map(|c| Dataset::build(c, opts.strict)).collect::<Result<Vec<_>>>()?;
-    let group = DatasetGroup { source: path.to_path_buf(), datasets, notes };
+    let group = DatasetGroup { source: path.to_path_buf(), datasets, notes, options: serde_json::Value::Null };
     if group.is_empty() {
         let problems: Vec<String> = group.problems().iter().map(|p| p.to_string()).collect();
         bail!(

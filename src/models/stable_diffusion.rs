@@ -110,7 +110,8 @@ impl StableDiffusion {
         // Text encoder.
         let te_layers = Registry::default();
         let unet_layers = Registry::default();
-        let te_w = Weights::new(ck.components.text_encoder.clone(), &format!("{src} (text encoder)")).with_registry(te_layers.clone());
+        let te_w = Weights::new(ck.components.text_encoder.clone(), &format!("{src} (text encoder)"))
+            .with_registry(te_layers.clone());
         let activation = match cfgs.text_encoder.as_ref().and_then(|v| v.get("hidden_act")).and_then(Value::as_str) {
             Some("gelu") => Activation::Gelu,
             Some("quick_gelu") => Activation::QuickGelu,
@@ -133,7 +134,8 @@ impl StableDiffusion {
         let text_encoder = ClipTextModel::new(&te_w, te_cfg)?;
 
         // UNet.
-        let unet_w = Weights::new(ck.components.unet.clone(), &format!("{src} (unet)")).with_registry(unet_layers.clone());
+        let unet_w =
+            Weights::new(ck.components.unet.clone(), &format!("{src} (unet)")).with_registry(unet_layers.clone());
         let hyper = match &cfgs.unet {
             Some(v) => UNetHyper::from_diffusers(v).with_context(|| format!("{src}: unet config"))?,
             None => {

@@ -23,7 +23,8 @@ const NETWORK_TYPES: &[(&str, &str, bool)] = &[
 ];
 
 /// Key prefixes of SDXL networks (SGM UNet names, two text encoders).
-const SDXL_MARKERS: &[&str] = &["lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"];
+const SDXL_MARKERS: &[&str] =
+    &["lora_te1_", "lora_te2_", "lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"];
 
 /// Reads a network file for `model` (modules matched by kohya name; shapes checked).
 pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
@@ -61,7 +62,11 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
     for m in &module_names {
         let (c, layer) = by_name[m].clone();
         let down = f.tensors[&format!("{m}.lora_down.weight")].to_dtype(DType::F32)?;
-        let up = f.tensors.get(&format!("{m}.lora_up.weight")).with_context(|| format!("{name}: `{m}.lora_up.weight` is missing"))?.to_dtype(DType::F32)?;
+        let up = f
+            .tensors
+            .get(&format!("{m}.lora_up.weight"))
+            .with_context(|| format!("{name}: `{m}.lora_up.weight` is missing"))?
+            .to_dtype(DType::F32)?;
         let r = down.dims()[0];
         let ok = match &layer.kind {
             LayerKind::Linear { in_features, out_features } => {
@@ -97,7 +102,17 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
                 alpha0 = alpha;
             }
         }
-        modules.push((c, Arc::new(LoraModule { name: m.clone(), layer, down: Var::from_tensor(&down)?, up: Var::from_tensor(&up)?, alpha, state: state.clone() })));
+        modules.push((
+            c,
+            Arc::new(LoraModule {
+                name: m.clone(),
+                layer,
+                down: Var::from_tensor(&down)?,
+                up: Var::from_tensor(&up)?,
+                alpha,
+                state: state.clone(),
+            }),
+        ));
     }
     let config = NetworkConfig {
         dim,
@@ -108,18 +123,30 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
         train_unet: modules.iter().any(|(c, _)| *c == Component::Unet),
         ..Default::default()
     };
-    Ok(Network { state, modules, family: model.family, config, metadata: f.metadata.into_iter().collect() })
+    Ok(Network {
+        state,
+        modules,
+        family: model.family,
+        base: super::BaseModel::of(model),
+        config,
+        metadata: f.metadata.into_iter().collect(),
+    })
 }
 
 /// `sshs_model_hash` and `sshs_legacy_hash` as sd-scripts computes them: over a serialisation carrying only the
 /// `ss_*` metadata, the sha256 of the tensor data after the header, and 8 hex of the sha256 of 64 KiB at 1 MiB.
 pub fn sshs_hashes(tensors: &HashMap<String, Tensor>, metadata: &BTreeMap<String, String>) -> Result<(String, String)> {
-    let ss: HashMap<String, String> = metadata.iter().filter(|(k, _)| k.starts_with("ss_")).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let ss: HashMap<String, String> =
+        metadata.iter().filter(|(k, _)| k.starts_with("ss_")).map(|(k, v)| (k.clone(), v.clone())).collect();
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
-    let cpu: Vec<(String, Tensor)> = names.into_iter().map(|n| Ok((n.clone(), tensors[n].to_device(&Device::Cpu)?.contiguous()?))).collect::<Result<_>>()?;
-    let bytes = safetensors::serialize(cpu.iter().map(|(n, t)| (n.as_str(), t)), if ss.is_empty() { None } else { Some(ss) })
-        .map_err(|e| anyhow::anyhow!("cannot serialise the network: {e:?}"))?;
+    let cpu: Vec<(String, Tensor)> = names
+        .into_iter()
+        .map(|n| Ok((n.clone(), tensors[n].to_device(&Device::Cpu)?.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let bytes =
+        safetensors::serialize(cpu.iter().map(|(n, t)| (n.as_str(), t)), if ss.is_empty() { None } else { Some(ss) })
+            .map_err(|e| anyhow::anyhow!("cannot serialise the network: {e:?}"))?;
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
     let model_hash = format!("{:x}", Sha256::digest(&bytes[8 + n..]));
     let legacy_slice = if bytes.len() > 0x100000 { &bytes[0x100000..bytes.len().min(0x110000)] } else { &[][..] };
@@ -140,8 +167,13 @@ fn model_version(family: Family, v_pred: bool) -> (&'static str, &'static str) {
 
 /// Metadata every network file gets: the network description (`ss_network_*`, `ss_v2`, `ss_base_model_version`)
 /// and ModelSpec keys; `extra` (training metadata) is merged over it.
-pub fn base_metadata(net: &Network, model: &StableDiffusion, title: &str, resolution: (usize, usize), extra: &BTreeMap<String, String>) -> BTreeMap<String, String> {
-    let (version, arch) = model_version(net.family, model.v_pred);
+pub fn base_metadata(
+    net: &Network,
+    title: &str,
+    resolution: (usize, usize),
+    extra: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let (version, arch) = model_version(net.family, net.base.v_pred);
     let mut m = BTreeMap::new();
     let c = &net.config;
     m.insert("ss_network_module".into(), "networks.lora".into());
@@ -161,20 +193,23 @@ pub fn base_metadata(net: &Network, model: &StableDiffusion, title: &str, resolu
         args.push(("module_dropout", py_float(p)));
     }
     if !args.is_empty() {
-        let body: Vec<String> = args.iter().map(|(k, v)| format!("{}: {}", serde_json::Value::from(*k), serde_json::Value::from(v.as_str()))).collect();
+        let body: Vec<String> = args
+            .iter()
+            .map(|(k, v)| format!("{}: {}", serde_json::Value::from(*k), serde_json::Value::from(v.as_str())))
+            .collect();
         m.insert("ss_network_args".into(), format!("{{{}}}", body.join(", ")));
     }
     m.insert("ss_v2".into(), if net.family == Family::Sd2 { "True" } else { "False" }.into());
     m.insert("ss_base_model_version".into(), version.into());
-    m.insert("ss_sd_model_name".into(), model.source.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default());
+    m.insert("ss_sd_model_name".into(), net.base.name.clone());
     m.insert("modelspec.sai_model_spec".into(), "1.0.0".into());
     m.insert("modelspec.architecture".into(), format!("{arch}/lora"));
     m.insert("modelspec.implementation".into(), "diffusers".into());
     m.insert("modelspec.title".into(), title.into());
     m.insert("modelspec.resolution".into(), format!("{}x{}", resolution.0, resolution.1));
-    m.insert("modelspec.prediction_type".into(), if model.v_pred { "v" } else { "epsilon" }.into());
+    m.insert("modelspec.prediction_type".into(), if net.base.v_pred { "v" } else { "epsilon" }.into());
     m.insert("modelspec.date".into(), iso_now());
-    m.insert("modelspec.encoder_layer".into(), model.clip_skip.to_string());
+    m.insert("modelspec.encoder_layer".into(), net.base.clip_skip.to_string());
     for (k, v) in extra {
         m.insert(k.clone(), v.clone());
     }
@@ -196,7 +231,8 @@ pub fn py_float(x: f64) -> String {
 }
 
 fn iso_now() -> String {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
+    let secs =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
     let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
     // civil date from days since 1970-01-01 (Howard Hinnant's algorithm)
     let z = days + 719_468;
@@ -213,7 +249,13 @@ fn iso_now() -> String {
 
 /// Writes the network in kohya's format (atomically), adding the `sshs_*` hashes; refuses to replace a file
 /// unless `overwrite`.
-pub fn save(net: &Network, path: &Path, metadata: &BTreeMap<String, String>, dtype: DType, overwrite: bool) -> Result<()> {
+pub fn save(
+    net: &Network,
+    path: &Path,
+    metadata: &BTreeMap<String, String>,
+    dtype: DType,
+    overwrite: bool,
+) -> Result<()> {
     if path.exists() && !overwrite {
         bail!("{}: already exists; pass overwrite to replace it", path.display());
     }

@@ -56,7 +56,9 @@ impl LoraModule {
             LayerKind::Conv { kernel: (1, 1), .. } => {
                 u.squeeze(3)?.squeeze(2)?.matmul(&d.squeeze(3)?.squeeze(2)?)?.unsqueeze(2)?.unsqueeze(3)?
             }
-            LayerKind::Conv { .. } => d.permute((1, 0, 2, 3))?.contiguous()?.conv2d(u, 0, 1, 1, 1)?.permute((1, 0, 2, 3))?.contiguous()?,
+            LayerKind::Conv { .. } => {
+                d.permute((1, 0, 2, 3))?.contiguous()?.conv2d(u, 0, 1, 1, 1)?.permute((1, 0, 2, 3))?.contiguous()?
+            }
         };
         Ok((delta * self.scale())?)
     }

@@ -29,7 +29,15 @@ pub struct NetworkConfig {
 
 impl Default for NetworkConfig {
     fn default() -> Self {
-        Self { dim: 4, alpha: 1.0, conv_dim: None, conv_alpha: None, dropouts: Dropouts::default(), train_unet: true, train_text_encoder: true }
+        Self {
+            dim: 4,
+            alpha: 1.0,
+            conv_dim: None,
+            conv_alpha: None,
+            dropouts: Dropouts::default(),
+            train_unet: true,
+            train_text_encoder: true,
+        }
     }
 }
 
@@ -80,11 +88,31 @@ fn rank_for(c: Component, layer: &LayerInfo, cfg: &NetworkConfig) -> Option<(usi
     }
 }
 
+/// What a network file records about its base model.
+#[derive(Clone, Debug)]
+pub struct BaseModel {
+    pub v_pred: bool,
+    pub clip_skip: usize,
+    /// The model file's stem (`ss_sd_model_name`).
+    pub name: String,
+}
+
+impl BaseModel {
+    pub fn of(model: &StableDiffusion) -> Self {
+        Self {
+            v_pred: model.v_pred,
+            clip_skip: model.clip_skip,
+            name: model.source.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+        }
+    }
+}
+
 /// A LoRA network bound to a model's layers.
 pub struct Network {
     pub state: Arc<NetworkState>,
     pub modules: Vec<(Component, Arc<LoraModule>)>,
     pub family: Family,
+    pub base: BaseModel,
     pub config: NetworkConfig,
     /// Metadata read from a file (kept when re-saving).
     pub metadata: BTreeMap<String, String>,
@@ -125,10 +153,14 @@ impl Network {
             }
             let Some((r, alpha)) = rank_for(c, &layer, cfg) else { continue };
             let (down_shape, up_shape, fan_in) = match &layer.kind {
-                LayerKind::Linear { in_features, out_features } => (vec![r, *in_features], vec![*out_features, r], *in_features),
-                LayerKind::Conv { in_channels, out_channels, kernel, .. } => {
-                    (vec![r, *in_channels, kernel.0, kernel.1], vec![*out_channels, r, 1, 1], in_channels * kernel.0 * kernel.1)
+                LayerKind::Linear { in_features, out_features } => {
+                    (vec![r, *in_features], vec![*out_features, r], *in_features)
                 }
+                LayerKind::Conv { in_channels, out_channels, kernel, .. } => (
+                    vec![r, *in_channels, kernel.0, kernel.1],
+                    vec![*out_channels, r, 1, 1],
+                    in_channels * kernel.0 * kernel.1,
+                ),
             };
             let bound = 1.0 / (fan_in as f64).sqrt();
             let n: usize = down_shape.iter().product();
@@ -136,12 +168,22 @@ impl Network {
             let down = Var::from_tensor(&Tensor::from_vec(vals, down_shape.as_slice(), &dev)?)?;
             let up = Var::from_tensor(&Tensor::zeros(up_shape.as_slice(), DType::F32, &dev)?)?;
             let alpha = if alpha == 0.0 { r as f64 } else { alpha };
-            modules.push((c, Arc::new(LoraModule { name: kohya_name(c, &layer.name), layer, down, up, alpha, state: state.clone() })));
+            modules.push((
+                c,
+                Arc::new(LoraModule { name: kohya_name(c, &layer.name), layer, down, up, alpha, state: state.clone() }),
+            ));
         }
         if modules.is_empty() {
             bail!("no layers to train: enable train_unet or train_text_encoder");
         }
-        Ok(Self { state, modules, family: model.family, config: cfg.clone(), metadata: BTreeMap::new() })
+        Ok(Self {
+            state,
+            modules,
+            family: model.family,
+            base: BaseModel::of(model),
+            config: cfg.clone(),
+            metadata: BTreeMap::new(),
+        })
     }
 
     /// Attaches every module to its layer: later forwards add `multiplier · scale · up(down(x))`.
@@ -188,9 +230,18 @@ impl Network {
     pub fn state_dict(&self, dtype: DType) -> Result<std::collections::HashMap<String, Tensor>> {
         let mut out = std::collections::HashMap::new();
         for (_, m) in &self.modules {
-            out.insert(format!("{}.lora_down.weight", m.name), m.down.as_tensor().to_dtype(dtype)?.to_device(&candle_core::Device::Cpu)?);
-            out.insert(format!("{}.lora_up.weight", m.name), m.up.as_tensor().to_dtype(dtype)?.to_device(&candle_core::Device::Cpu)?);
-            out.insert(format!("{}.alpha", m.name), Tensor::new(m.alpha as f32, &candle_core::Device::Cpu)?.to_dtype(dtype)?);
+            out.insert(
+                format!("{}.lora_down.weight", m.name),
+                m.down.as_tensor().to_dtype(dtype)?.to_device(&candle_core::Device::Cpu)?,
+            );
+            out.insert(
+                format!("{}.lora_up.weight", m.name),
+                m.up.as_tensor().to_dtype(dtype)?.to_device(&candle_core::Device::Cpu)?,
+            );
+            out.insert(
+                format!("{}.alpha", m.name),
+                Tensor::new(m.alpha as f32, &candle_core::Device::Cpu)?.to_dtype(dtype)?,
+            );
         }
         Ok(out)
     }

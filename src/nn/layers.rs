@@ -34,7 +34,11 @@ impl Linear {
         };
         let (o, i) = weight.dims2()?;
         let slot = Slot::new(weight);
-        w.register(LayerInfo { name: w.prefix().to_string(), kind: LayerKind::Linear { in_features: i, out_features: o }, slot: slot.clone() });
+        w.register(LayerInfo {
+            name: w.prefix().to_string(),
+            kind: LayerKind::Linear { in_features: i, out_features: o },
+            slot: slot.clone(),
+        });
         Ok(Self { name: w.prefix().to_string(), slot, bias: w.get_opt("bias") })
     }
 

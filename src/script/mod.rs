@@ -6,6 +6,7 @@ mod model_api;
 mod opts;
 mod sample_api;
 mod tensor_api;
+mod train_api;
 
 pub use errors::{describe_eval, locate};
 pub use model_api::Model;
@@ -22,6 +23,7 @@ pub fn engine() -> Engine {
     model_api::register(&mut engine);
     sample_api::register(&mut engine);
     data_api::register(&mut engine);
+    train_api::register(&mut engine);
     engine.register_fn("show", |x: Dynamic| errors::rt(show(x)));
     engine
 }

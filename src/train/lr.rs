@@ -6,26 +6,65 @@ use anyhow::{bail, Result};
 #[derive(Clone, Debug, PartialEq)]
 pub enum LrSchedule {
     Constant,
-    ConstantWithWarmup { warmup: usize },
-    Linear { warmup: usize, total: usize },
-    Cosine { warmup: usize, total: usize },
-    CosineWithRestarts { warmup: usize, total: usize, cycles: usize },
-    Polynomial { warmup: usize, total: usize, power: f64, lr_init: f64, lr_end: f64 },
+    ConstantWithWarmup {
+        warmup: usize,
+    },
+    Linear {
+        warmup: usize,
+        total: usize,
+    },
+    Cosine {
+        warmup: usize,
+        total: usize,
+    },
+    CosineWithRestarts {
+        warmup: usize,
+        total: usize,
+        cycles: usize,
+    },
+    Polynomial {
+        warmup: usize,
+        total: usize,
+        power: f64,
+        lr_init: f64,
+        lr_end: f64,
+    },
     /// `(multiplier, until step)` rules, then the final multiplier.
-    PiecewiseConstant { rules: Vec<(f64, usize)>, last: f64 },
+    PiecewiseConstant {
+        rules: Vec<(f64, usize)>,
+        last: f64,
+    },
 }
 
 /// sd-scripts' scheduler names.
-pub const NAMES: &[&str] = &["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial", "piecewise_constant"];
+pub const NAMES: &[&str] = &[
+    "constant",
+    "constant_with_warmup",
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "piecewise_constant",
+];
 
 impl LrSchedule {
     /// From `lr_scheduler` and its options (`lr_warmup_steps`, `max_train_steps`, `lr_scheduler_num_cycles`,
     /// `lr_scheduler_power`, the base LR for polynomial, `step_rules` for piecewise_constant).
-    pub fn parse(name: &str, warmup: usize, total: usize, cycles: usize, power: f64, lr: f64, step_rules: Option<&str>) -> Result<Self> {
+    pub fn parse(
+        name: &str,
+        warmup: usize,
+        total: usize,
+        cycles: usize,
+        power: f64,
+        lr: f64,
+        step_rules: Option<&str>,
+    ) -> Result<Self> {
         Ok(match name {
             "constant" => {
                 if warmup > 0 {
-                    bail!("lr_scheduler constant takes no warmup (lr_warmup_steps = {warmup}); use constant_with_warmup");
+                    bail!(
+                        "lr_scheduler constant takes no warmup (lr_warmup_steps = {warmup}); use constant_with_warmup"
+                    );
                 }
                 LrSchedule::Constant
             }
@@ -37,11 +76,15 @@ impl LrSchedule {
             "piecewise_constant" => {
                 let rules = step_rules.unwrap_or("");
                 let parts: Vec<&str> = rules.split(',').map(str::trim).filter(|s| !s.is_empty()).collect();
-                let Some((last, body)) = parts.split_last() else { bail!("piecewise_constant needs step_rules like \"1:10,0.1:20,0.01\"") };
+                let Some((last, body)) = parts.split_last() else {
+                    bail!("piecewise_constant needs step_rules like \"1:10,0.1:20,0.01\"")
+                };
                 let rules = body
                     .iter()
                     .map(|r| {
-                        let (m, s) = r.split_once(':').ok_or_else(|| anyhow::anyhow!("step rule {r:?} must be multiplier:step"))?;
+                        let (m, s) = r
+                            .split_once(':')
+                            .ok_or_else(|| anyhow::anyhow!("step rule {r:?} must be multiplier:step"))?;
                         Ok((m.parse()?, s.parse()?))
                     })
                     .collect::<Result<Vec<(f64, usize)>>>()?;
@@ -57,9 +100,9 @@ impl LrSchedule {
         match *self {
             LrSchedule::Constant => 1.0,
             LrSchedule::ConstantWithWarmup { warmup } => warm(warmup).unwrap_or(1.0),
-            LrSchedule::Linear { warmup, total } => {
-                warm(warmup).unwrap_or_else(|| (total.saturating_sub(k) as f64 / total.saturating_sub(warmup).max(1) as f64).max(0.0))
-            }
+            LrSchedule::Linear { warmup, total } => warm(warmup).unwrap_or_else(|| {
+                (total.saturating_sub(k) as f64 / total.saturating_sub(warmup).max(1) as f64).max(0.0)
+            }),
             LrSchedule::Cosine { warmup, total } => warm(warmup).unwrap_or_else(|| {
                 let p = (k - warmup) as f64 / total.saturating_sub(warmup).max(1) as f64;
                 (0.5 * (1.0 + (std::f64::consts::PI * 2.0 * 0.5 * p).cos())).max(0.0)
@@ -80,7 +123,9 @@ impl LrSchedule {
                     ((lr_init - lr_end) * remaining.powf(power) + lr_end) / lr_init
                 }
             }),
-            LrSchedule::PiecewiseConstant { ref rules, last } => rules.iter().find(|(_, until)| k < *until).map(|(m, _)| *m).unwrap_or(last),
+            LrSchedule::PiecewiseConstant { ref rules, last } => {
+                rules.iter().find(|(_, until)| k < *until).map(|(m, _)| *m).unwrap_or(last)
+            }
         }
     }
 }
@@ -98,10 +143,22 @@ mod tests {
                 assert!((x - y).abs() < 1e-12, "step {k}: {x} vs {y}");
             }
         };
-        close(f(&LrSchedule::ConstantWithWarmup { warmup: 2 }), vec![0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0]);
-        close(f(&LrSchedule::Linear { warmup: 2, total: 10 }), vec![0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0, 0.0]);
+        close(
+            f(&LrSchedule::ConstantWithWarmup { warmup: 2 }),
+            vec![0.0, 0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0],
+        );
+        close(
+            f(&LrSchedule::Linear { warmup: 2, total: 10 }),
+            vec![0.0, 0.5, 1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0, 0.0],
+        );
         let cos: Vec<f64> = (0..12)
-            .map(|k: usize| if k < 2 { k as f64 / 2.0 } else { (0.5 * (1.0 + (std::f64::consts::PI * (k - 2) as f64 / 8.0).cos())).max(0.0) })
+            .map(|k: usize| {
+                if k < 2 {
+                    k as f64 / 2.0
+                } else {
+                    (0.5 * (1.0 + (std::f64::consts::PI * (k - 2) as f64 / 8.0).cos())).max(0.0)
+                }
+            })
             .collect();
         close(f(&LrSchedule::Cosine { warmup: 2, total: 10 }), cos);
         let r = LrSchedule::CosineWithRestarts { warmup: 0, total: 10, cycles: 2 };
@@ -113,7 +170,13 @@ mod tests {
         assert!((p.factor(11) - 1e-4).abs() < 1e-12);
         let pc = LrSchedule::parse("piecewise_constant", 0, 10, 1, 1.0, 1e-3, Some("1:3,0.1:6,0.01")).unwrap();
         assert_eq!((pc.factor(0), pc.factor(3), pc.factor(5), pc.factor(6)), (1.0, 0.1, 0.1, 0.01));
-        assert!(LrSchedule::parse("constant", 5, 10, 1, 1.0, 1e-3, None).unwrap_err().to_string().contains("constant_with_warmup"));
-        assert!(LrSchedule::parse("cosine_annealing", 0, 10, 1, 1.0, 1e-3, None).unwrap_err().to_string().contains("cosine_with_restarts"));
+        assert!(LrSchedule::parse("constant", 5, 10, 1, 1.0, 1e-3, None)
+            .unwrap_err()
+            .to_string()
+            .contains("constant_with_warmup"));
+        assert!(LrSchedule::parse("cosine_annealing", 0, 10, 1, 1.0, 1e-3, None)
+            .unwrap_err()
+            .to_string()
+            .contains("cosine_with_restarts"));
     }
 }

@@ -1,6 +1,12 @@
-//! Training: the LoRA training loop and its parts (noise tricks, losses, optimizers, LR schedules).
+//! Training: the LoRA training loop and its parts (noise tricks, losses, optimizers, LR schedules, states).
 
+pub mod build;
+pub mod config;
 pub mod loss;
 pub mod lr;
 pub mod noise;
 pub mod optim;
+pub mod state;
+pub mod trainer;
+
+pub use trainer::{Batch, Trainer};

@@ -8,7 +8,14 @@ use candle_core::{DType, Tensor, D};
 
 /// `ε += o·N(0,1)[B,C,1,1]` with `o = offset` (or `U(0,1)·offset` with `random_strength`); adaptive:
 /// `o_bc = max(0, o + adaptive_scale·|mean_hw(z_bc)|)`.
-pub fn apply_noise_offset(noise: &Tensor, latents: &Tensor, offset: f64, adaptive_scale: Option<f64>, random_strength: bool, rng: &mut Rng) -> Result<Tensor> {
+pub fn apply_noise_offset(
+    noise: &Tensor,
+    latents: &Tensor,
+    offset: f64,
+    adaptive_scale: Option<f64>,
+    random_strength: bool,
+    rng: &mut Rng,
+) -> Result<Tensor> {
     let (b, c, _, _) = latents.dims4()?;
     let o = if random_strength { rng.uniform() * offset } else { offset };
     let strength = match adaptive_scale {
@@ -55,7 +62,8 @@ pub fn apply_multires_noise(noise: &Tensor, iterations: usize, discount: f64, rn
     let mut n = noise.to_dtype(DType::F32)?;
     for i in 0..iterations {
         let r = 2.0 + 2.0 * rng.uniform();
-        let (wi, hi) = (((w as f64 / r.powi(i as i32)) as usize).max(1), ((h as f64 / r.powi(i as i32)) as usize).max(1));
+        let (wi, hi) =
+            (((w as f64 / r.powi(i as i32)) as usize).max(1), ((h as f64 / r.powi(i as i32)) as usize).max(1));
         let level = rng.randn(&[b, c, hi, wi], noise.device())?;
         n = (n + (bilinear(&level, h, w)? * discount.powi(i as i32))?)?;
         if wi == 1 || hi == 1 {
@@ -69,7 +77,14 @@ pub fn apply_multires_noise(noise: &Tensor, iterations: usize, discount: f64, rn
 }
 
 /// The noisy latents: `√ᾱ·z + √(1−ᾱ)·(ε + γ·ε')` with input perturbation γ (`ip_noise_gamma`), else plain.
-pub fn noisy_latents(schedule: &NoiseSchedule, latents: &Tensor, noise: &Tensor, timesteps: &Tensor, ip_gamma: Option<f64>, rng: &mut Rng) -> Result<Tensor> {
+pub fn noisy_latents(
+    schedule: &NoiseSchedule,
+    latents: &Tensor,
+    noise: &Tensor,
+    timesteps: &Tensor,
+    ip_gamma: Option<f64>,
+    rng: &mut Rng,
+) -> Result<Tensor> {
     match ip_gamma {
         Some(g) if g > 0.0 => {
             let extra = rng.randn(noise.dims(), noise.device())?.to_dtype(noise.dtype())?;
@@ -84,7 +99,8 @@ pub fn zero_terminal_snr(s: &NoiseSchedule) -> NoiseSchedule {
     let a: Vec<f64> = s.alphas_cumprod.iter().map(|&x| (x as f64).sqrt()).collect();
     let (a0, at) = (a[0], a[a.len() - 1]);
     let ac: Vec<f64> = a.iter().map(|&x| ((x - at) * a0 / (a0 - at)).powi(2)).collect();
-    let betas: Vec<f32> = (0..ac.len()).map(|i| (1.0 - if i == 0 { ac[0] } else { ac[i] / ac[i - 1] }) as f32).collect();
+    let betas: Vec<f32> =
+        (0..ac.len()).map(|i| (1.0 - if i == 0 { ac[0] } else { ac[i] / ac[i - 1] }) as f32).collect();
     NoiseSchedule { betas, alphas_cumprod: ac.into_iter().map(|x| x as f32).collect() }
 }
 
@@ -130,7 +146,8 @@ mod tests {
         let got = noisy_latents(&s, &z, &e, &t, Some(0.1), &mut Rng::new(7)).unwrap();
         let e2 = Rng::new(7).randn(&[1, 4, 2, 2], &Device::Cpu).unwrap();
         let ac = s.alphas_cumprod[500] as f64;
-        let want = ((&z * ac.sqrt()).unwrap() + ((&e + (e2 * 0.1).unwrap()).unwrap() * (1.0 - ac).sqrt()).unwrap()).unwrap();
+        let want =
+            ((&z * ac.sqrt()).unwrap() + ((&e + (e2 * 0.1).unwrap()).unwrap() * (1.0 - ac).sqrt()).unwrap()).unwrap();
         let d = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-6);
     }

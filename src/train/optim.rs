@@ -37,7 +37,11 @@ fn pair(args: &OptimizerArgs, key: &str, default: (f64, f64)) -> Result<(f64, f6
     match args.get(key) {
         None => Ok(default),
         Some(v) => {
-            let parts: Vec<f64> = v.trim_matches(|c| c == '(' || c == ')').split(',').map(|x| x.trim().parse()).collect::<Result<_, _>>()
+            let parts: Vec<f64> = v
+                .trim_matches(|c| c == '(' || c == ')')
+                .split(',')
+                .map(|x| x.trim().parse())
+                .collect::<Result<_, _>>()
                 .map_err(|_| anyhow::anyhow!("optimizer_args: {key}={v} must be two numbers like 0.9,0.999"))?;
             if parts.len() != 2 {
                 bail!("optimizer_args: {key}={v} must be two numbers");
@@ -57,7 +61,16 @@ pub enum Kind {
 
 /// The optimizer names sd-scripts accepts that sdtune implements, and the ones it does not yet.
 pub const IMPLEMENTED: &[&str] = &["AdamW", "Lion", "SGDNesterov"];
-const NOT_YET: &[&str] = &["AdamW8bit", "PagedAdamW8bit", "Lion8bit", "Prodigy", "DAdaptAdam", "DAdaptation", "AdaFactor", "SGDNesterov8bit"];
+const NOT_YET: &[&str] = &[
+    "AdamW8bit",
+    "PagedAdamW8bit",
+    "Lion8bit",
+    "Prodigy",
+    "DAdaptAdam",
+    "DAdaptation",
+    "AdaFactor",
+    "SGDNesterov8bit",
+];
 
 impl Kind {
     /// From sd-scripts' `optimizer_type` (case-insensitive) and `optimizer_args`.
@@ -77,18 +90,34 @@ impl Kind {
             bail!("optimizer {name}: unknown optimizer_args key `{k}`; accepted: {}", allowed.join(", "));
         }
         Ok(match name.to_ascii_lowercase().as_str() {
-            "adamw" => Kind::AdamW { betas: pair(args, "betas", (0.9, 0.999))?, eps: float(args, "eps", 1e-8)?, weight_decay: float(args, "weight_decay", 0.01)? },
-            "lion" => Kind::Lion { betas: pair(args, "betas", (0.9, 0.99))?, weight_decay: float(args, "weight_decay", 0.0)? },
-            _ => Kind::SgdNesterov { momentum: float(args, "momentum", 0.9)?, weight_decay: float(args, "weight_decay", 0.0)? },
+            "adamw" => Kind::AdamW {
+                betas: pair(args, "betas", (0.9, 0.999))?,
+                eps: float(args, "eps", 1e-8)?,
+                weight_decay: float(args, "weight_decay", 0.01)?,
+            },
+            "lion" => {
+                Kind::Lion { betas: pair(args, "betas", (0.9, 0.99))?, weight_decay: float(args, "weight_decay", 0.0)? }
+            }
+            _ => Kind::SgdNesterov {
+                momentum: float(args, "momentum", 0.9)?,
+                weight_decay: float(args, "weight_decay", 0.0)?,
+            },
         })
     }
 
     /// sd-scripts' `ss_optimizer` string.
     pub fn describe(&self) -> String {
         match self {
-            Kind::AdamW { betas, eps, weight_decay } => format!("torch.optim.adamw.AdamW(weight_decay={weight_decay},betas=({}, {}),eps={eps})", betas.0, betas.1),
-            Kind::Lion { betas, weight_decay } => format!("lion_pytorch.lion_pytorch.Lion(weight_decay={weight_decay},betas=({}, {}))", betas.0, betas.1),
-            Kind::SgdNesterov { momentum, weight_decay } => format!("torch.optim.sgd.SGD(nesterov=True,momentum={momentum},weight_decay={weight_decay})"),
+            Kind::AdamW { betas, eps, weight_decay } => format!(
+                "torch.optim.adamw.AdamW(weight_decay={weight_decay},betas=({}, {}),eps={eps})",
+                betas.0, betas.1
+            ),
+            Kind::Lion { betas, weight_decay } => {
+                format!("lion_pytorch.lion_pytorch.Lion(weight_decay={weight_decay},betas=({}, {}))", betas.0, betas.1)
+            }
+            Kind::SgdNesterov { momentum, weight_decay } => {
+                format!("torch.optim.sgd.SGD(nesterov=True,momentum={momentum},weight_decay={weight_decay})")
+            }
         }
     }
 }
@@ -130,7 +159,9 @@ impl Optimizer {
         for (gi, group) in self.groups.iter().enumerate() {
             let lr = group.lr * lr_multiplier;
             for (pi, p) in group.params.iter().enumerate() {
-                let g = grads.get(p.as_tensor()).with_context(|| format!("parameter {pi} of group {} received no gradient", group.name))?;
+                let g = grads
+                    .get(p.as_tensor())
+                    .with_context(|| format!("parameter {pi} of group {} received no gradient", group.name))?;
                 let w = p.as_tensor();
                 let st = &mut self.state[gi][pi];
                 let new = match self.kind {
@@ -238,6 +269,9 @@ mod tests {
         let a = parse_args(&["weight_decay=0.1".into(), "betas=0.9,0.99".into()]).unwrap();
         assert_eq!(Kind::parse("adamw", &a).unwrap(), Kind::AdamW { betas: (0.9, 0.99), eps: 1e-8, weight_decay: 0.1 });
         assert!(Kind::parse("Prodigy", &a).unwrap_err().to_string().contains("not supported yet"));
-        assert!(Kind::parse("AdamW", &parse_args(&["decay=1".into()]).unwrap()).unwrap_err().to_string().contains("`decay`"));
+        assert!(Kind::parse("AdamW", &parse_args(&["decay=1".into()]).unwrap())
+            .unwrap_err()
+            .to_string()
+            .contains("`decay`"));
     }
 }

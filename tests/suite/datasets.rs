@@ -403,7 +403,12 @@ fn finetune_subsets_read_the_metadata_json() {
 #[test]
 fn custom_caption_separator_splits_tags() {
     use sdtune::data::captions::{process_caption, Progress};
-    let o = sdtune::data::config::CaptionOptions { shuffle_caption: true, keep_tokens: 1, caption_separator: ";".into(), ..Default::default() };
+    let o = sdtune::data::config::CaptionOptions {
+        shuffle_caption: true,
+        keep_tokens: 1,
+        caption_separator: ";".into(),
+        ..Default::default()
+    };
     let out = process_caption("first; b; c; d", &o, Progress::default(), &mut sdtune::rng::Rng::new(3));
     assert!(out.starts_with("first, "), "{out}");
     let mut parts: Vec<&str> = out.split(", ").collect();

@@ -4,17 +4,38 @@ use crate::common::*;
 use sdtune::networks::{file, Network, NetworkConfig};
 use std::collections::BTreeMap;
 
-const FILES: &[(&str, &str)] =
-    &[("lora", "lora-sd15/lora_sd15_dim4_alpha2.safetensors"), ("c3lier", "lora-sd15/lora_sd15_c3lier_dim4_alpha2_conv2_alpha1.safetensors")];
+const FILES: &[(&str, &str)] = &[
+    ("lora", "lora-sd15/lora_sd15_dim4_alpha2.safetensors"),
+    ("c3lier", "lora-sd15/lora_sd15_c3lier_dim4_alpha2_conv2_alpha1.safetensors"),
+];
 
-fn outputs_match(model: &sdtune::models::StableDiffusion, g: &std::collections::HashMap<String, candle_core::Tensor>, prefix: &str) {
+fn outputs_match(
+    model: &sdtune::models::StableDiffusion,
+    g: &std::collections::HashMap<String, candle_core::Tensor>,
+    prefix: &str,
+) {
     let noise = model.unet(&g["in.unet.sample"], &g["in.unet.timesteps"], &g["in.unet.encoder_hidden_states"]).unwrap();
     assert_close(&format!("{prefix}.unet.out.noise_pred"), &noise, &g[&format!("{prefix}.unet.out.noise_pred")], 1e-4);
     let last = model.encode_ids(&g["in.te.input_ids"], Some(1), true, true).unwrap();
-    assert_close(&format!("{prefix}.te.out.last_hidden_state"), &last.context, &g[&format!("{prefix}.te.out.last_hidden_state")], 1e-4);
-    assert_close(&format!("{prefix}.te.out.pooler_output"), last.pooled.as_ref().unwrap(), &g[&format!("{prefix}.te.out.pooler_output")], 1e-4);
+    assert_close(
+        &format!("{prefix}.te.out.last_hidden_state"),
+        &last.context,
+        &g[&format!("{prefix}.te.out.last_hidden_state")],
+        1e-4,
+    );
+    assert_close(
+        &format!("{prefix}.te.out.pooler_output"),
+        last.pooled.as_ref().unwrap(),
+        &g[&format!("{prefix}.te.out.pooler_output")],
+        1e-4,
+    );
     let pen = model.encode_ids(&g["in.te.input_ids"], Some(2), true, false).unwrap();
-    assert_close(&format!("{prefix}.te.out.penultimate_final_ln"), &pen.context, &g[&format!("{prefix}.te.out.penultimate_final_ln")], 1e-4);
+    assert_close(
+        &format!("{prefix}.te.out.penultimate_final_ln"),
+        &pen.context,
+        &g[&format!("{prefix}.te.out.penultimate_final_ln")],
+        1e-4,
+    );
 }
 
 #[test]
@@ -30,7 +51,8 @@ fn applied_lora_files_reproduce_sd_scripts_goldens() {
         net.remove();
         // removed: back to the base model's goldens
         let base = goldens("tiny-sd15/golden.safetensors");
-        let noise = model.unet(&g["in.unet.sample"], &g["in.unet.timesteps"], &g["in.unet.encoder_hidden_states"]).unwrap();
+        let noise =
+            model.unet(&g["in.unet.sample"], &g["in.unet.timesteps"], &g["in.unet.encoder_hidden_states"]).unwrap();
         assert_close("removed", &noise, &base["unet.out.noise_pred"], 1e-4);
     }
 }
@@ -42,7 +64,8 @@ fn merged_lora_files_reproduce_goldens_and_merge_diffs() {
         let model = load(&fixture("tiny-sd15"));
         let net = file::load(&fixture(path), &model).unwrap();
         let layer = |name: &str| model.unet_layers.layers().into_iter().find(|l| l.name == name).unwrap();
-        let merge_keys: Vec<String> = g.keys().filter(|k| k.starts_with(&format!("{tag}.merge.")) && k.ends_with(".orig")).cloned().collect();
+        let merge_keys: Vec<String> =
+            g.keys().filter(|k| k.starts_with(&format!("{tag}.merge.")) && k.ends_with(".orig")).cloned().collect();
         assert!(merge_keys.len() >= 3);
         let before: BTreeMap<String, candle_core::Tensor> = merge_keys
             .iter()
@@ -97,16 +120,31 @@ fn created_networks_have_sd_scripts_keys_shapes_and_metadata() {
         // up is zero at init: the network changes nothing until trained
         net.apply(1.0);
         let g = goldens("tiny-sd15/golden.safetensors");
-        let noise = model.unet(&g["unet.in.sample"], &g["unet.in.timesteps"], &g["unet.in.encoder_hidden_states"]).unwrap();
+        let noise =
+            model.unet(&g["unet.in.sample"], &g["unet.in.timesteps"], &g["unet.in.encoder_hidden_states"]).unwrap();
         assert_close("fresh network", &noise, &g["unet.out.noise_pred"], 1e-6);
         net.remove();
         // saved file: the reference's metadata spellings, and it loads back equal
         let dir = scratch("net-save");
         let out = dir.join("mine.safetensors");
-        let meta = file::base_metadata(&net, &model, "mine", (64, 64), &BTreeMap::new());
+        let meta = file::base_metadata(&net, "mine", (64, 64), &BTreeMap::new());
         file::save(&net, &out, &meta, candle_core::DType::F32, false).unwrap();
         let written = sdtune::io::tensors::read_metadata(&out).unwrap();
-        for k in ["ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_network_dropout", "ss_v2", "ss_base_model_version", "sshs_model_hash", "sshs_legacy_hash", "modelspec.architecture", "modelspec.implementation", "modelspec.prediction_type", "modelspec.resolution", "modelspec.title"] {
+        for k in [
+            "ss_network_module",
+            "ss_network_dim",
+            "ss_network_alpha",
+            "ss_network_dropout",
+            "ss_v2",
+            "ss_base_model_version",
+            "sshs_model_hash",
+            "sshs_legacy_hash",
+            "modelspec.architecture",
+            "modelspec.implementation",
+            "modelspec.prediction_type",
+            "modelspec.resolution",
+            "modelspec.title",
+        ] {
             assert!(written.contains_key(k), "{k} missing");
             if k != "modelspec.title" && k != "sshs_model_hash" && !k.contains("date") {
                 if let Some(v) = reference.metadata.get(k) {
@@ -119,7 +157,10 @@ fn created_networks_have_sd_scripts_keys_shapes_and_metadata() {
         }
         let back = file::load(&out, &model).unwrap();
         assert_eq!(back.modules.len(), net.modules.len());
-        assert!(file::save(&net, &out, &meta, candle_core::DType::F32, false).unwrap_err().to_string().contains("already exists"));
+        assert!(file::save(&net, &out, &meta, candle_core::DType::F32, false)
+            .unwrap_err()
+            .to_string()
+            .contains("already exists"));
     }
 }
 

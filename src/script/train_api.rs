@@ -1,0 +1,322 @@
+//! Script bindings for networks and training: `lora`, `load_network`, apply/remove/merge, `optimizer`,
+//! `lr_scheduler`, `train`, `trainer`, `resume`, `synthetic_dataset`.
+
+use super::data_api::{to_json, DatasetRef};
+use super::errors::{rt, RhaiResult};
+use super::model_api::Model;
+use crate::networks::{file, Network};
+use crate::train::build::NetworkOptions;
+use crate::train::config::TrainConfig;
+use crate::train::{Batch, Trainer};
+use anyhow::{bail, Context, Result};
+use candle_core::Tensor;
+use rhai::{Array, Dynamic, Engine, Map};
+use serde_json::Value;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// A network as scripts hold it.
+pub type NetworkRef = Arc<Network>;
+/// A trainer as scripts hold it.
+pub type TrainerRef = Arc<Mutex<Trainer>>;
+
+/// The outcome of `train(...)` / `trainer.run()` / `resume(...)`.
+#[derive(Clone)]
+pub struct Run {
+    pub losses: Vec<f64>,
+    pub step: usize,
+    pub epoch: usize,
+    pub stopped: bool,
+    pub output: String,
+    pub trainer: TrainerRef,
+}
+
+fn lora(model: &Model, opts: &Map) -> Result<NetworkRef> {
+    let o: NetworkOptions =
+        serde_json::from_value(to_json(&Dynamic::from_map(opts.clone()))?).map_err(|e| anyhow::anyhow!("lora: {e}"))?;
+    Ok(Arc::new(Network::create(model, &o.config(), o.seed.unwrap_or(0))?))
+}
+
+fn progress_line(tr: &Trainer, loss: f64, started: &std::time::Instant) {
+    let every = tr.cfg.log_every_n_steps;
+    if every == 0 || (tr.step % every != 0 && tr.step != tr.total_steps) {
+        return;
+    }
+    let avg = tr.losses.iter().rev().take(100).sum::<f64>() / tr.losses.len().clamp(1, 100) as f64;
+    let rate = tr.step as f64 / started.elapsed().as_secs_f64().max(1e-9);
+    let eta = (tr.total_steps - tr.step) as f64 / rate.max(1e-9);
+    eprintln!(
+        "step {}/{} epoch {} loss {loss:.4} avg {avg:.4} {rate:.2} it/s ETA {eta:.0}s",
+        tr.step,
+        tr.total_steps,
+        tr.epoch + 1
+    );
+}
+
+/// Splits `train` options into objects (model, network, dataset), optimizer / scheduler maps and loop options.
+fn make_trainer(opts: &Map) -> Result<Trainer> {
+    let mut flat = Map::new();
+    let mut model: Option<Model> = None;
+    let mut network: Option<NetworkRef> = None;
+    let mut data: Option<DatasetRef> = None;
+    for (k, v) in opts {
+        match k.as_str() {
+            "model" => {
+                model = Some(v.clone().try_cast::<Model>().context("train: `model` must be a Model (load_model(...))")?)
+            }
+            "network" => {
+                network = Some(
+                    v.clone()
+                        .try_cast::<NetworkRef>()
+                        .context("train: `network` must be a Network (lora(...) or load_network(...))")?,
+                )
+            }
+            "dataset" => {
+                data = Some(
+                    v.clone().try_cast::<DatasetRef>().context("train: `dataset` must be a Dataset (dataset(...))")?,
+                )
+            }
+            "optimizer" | "lr_scheduler" => {
+                let m = v.read_lock::<Map>().with_context(|| format!("train: `{k}` must be the result of {k}(...)"))?;
+                for (mk, mv) in m.iter() {
+                    flat.insert(mk.clone(), mv.clone());
+                }
+            }
+            _ => {
+                flat.insert(k.clone(), v.clone());
+            }
+        }
+    }
+    let model = model.context("train: `model` is required")?;
+    let network = match network {
+        Some(n) => n,
+        None => Arc::new(Network::create(&model, &NetworkOptions::default().config(), 0)?),
+    };
+    let train_json = to_json(&Dynamic::from_map(flat))?;
+    let cfg = TrainConfig::from_json(train_json.clone())?;
+    let recipe = serde_json::json!({
+        "model": crate::train::trainer::absolute(&model.source),
+        "model_options": { "dtype": crate::device::dtype_name(model.dtype), "v_pred": model.v_pred, "clip_skip": model.clip_skip },
+        "dataset": data.as_ref().map(|d| crate::train::trainer::absolute(&d.source)),
+        "dataset_options": data.as_ref().map(|d| d.options.clone()).unwrap_or(Value::Null),
+        "network": network_json(&network),
+        "train": train_json,
+    });
+    Trainer::new(model, network, data, cfg, recipe)
+}
+
+fn network_json(n: &Network) -> Value {
+    let c = &n.config;
+    serde_json::json!({
+        "dim": c.dim, "alpha": c.alpha, "conv_dim": c.conv_dim, "conv_alpha": c.conv_alpha,
+        "dropout": c.dropouts.neuron, "rank_dropout": c.dropouts.rank, "module_dropout": c.dropouts.module,
+        "train_unet": c.train_unet, "train_text_encoder": c.train_text_encoder,
+    })
+}
+
+fn run_trainer(tr: TrainerRef) -> Result<Run> {
+    let started = std::time::Instant::now();
+    let mut t = tr.lock().map_err(|_| anyhow::anyhow!("the trainer is in use"))?;
+    t.run(&mut |t, loss| progress_line(t, loss, &started))?;
+    if t.stopped {
+        eprintln!("stopped at step {}: state saved to {}", t.step, t.state_dir().display());
+    }
+    let run = Run {
+        losses: t.losses.clone(),
+        step: t.step,
+        epoch: t.epoch,
+        stopped: t.stopped,
+        output: if t.stopped { t.state_dir() } else { t.final_path() }.display().to_string(),
+        trainer: tr.clone(),
+    };
+    Ok(run)
+}
+
+fn step_with(tr: &TrainerRef, m: &Map) -> Result<f64> {
+    let get = |k: &str| -> Result<Tensor> {
+        m.get(k)
+            .and_then(|v| v.clone().try_cast::<Tensor>())
+            .with_context(|| format!("step_with: `{k}` (a Tensor) is required"))
+    };
+    if let Some(k) = m.keys().find(|k| !["input_ids", "latents", "noise", "timesteps", "weights"].contains(&k.as_str()))
+    {
+        bail!("step_with: unknown key `{k}`; accepted: input_ids, latents, noise, timesteps, weights");
+    }
+    let latents = get("latents")?;
+    let b = latents.dim(0)?;
+    let weights = match m.get("weights") {
+        Some(w) => w.clone().try_cast::<Tensor>().context("weights must be a Tensor")?,
+        None => Tensor::ones(b, candle_core::DType::F32, &candle_core::Device::Cpu)?,
+    };
+    let batch = Batch {
+        latents,
+        input_ids: get("input_ids")?,
+        weights,
+        noise: Some(get("noise")?),
+        timesteps: Some(get("timesteps")?),
+    };
+    let mut t = tr.lock().map_err(|_| anyhow::anyhow!("the trainer is in use"))?;
+    t.train_batch(&batch)
+}
+
+fn floats(v: &[f64]) -> Array {
+    v.iter().map(|&x| Dynamic::from_float(x)).collect()
+}
+
+fn kv_map(name_key: &str, name: &str, opts: &Map) -> Map {
+    let mut m = opts.clone();
+    m.insert(name_key.into(), Dynamic::from(name.to_string()));
+    m
+}
+
+/// Registers networks and training.
+pub fn register(engine: &mut Engine) {
+    engine.register_type_with_name::<NetworkRef>("Network");
+    engine.register_type_with_name::<TrainerRef>("Trainer");
+    engine.register_type_with_name::<Run>("Run");
+    engine.register_fn("lora", |m: Model, o: Map| rt(lora(&m, &o)));
+    engine.register_fn("lora", |m: Model| rt(lora(&m, &Map::new())));
+    engine.register_fn("load_network", |p: &str, m: Model| rt(file::load(Path::new(p), &m).map(Arc::new)));
+    engine.register_fn("apply_network", |_m: &mut Model, n: NetworkRef, mult: f64| n.apply(mult));
+    engine.register_fn("remove_network", |_m: &mut Model, n: NetworkRef| n.remove());
+    engine.register_fn("merge_network", |_m: &mut Model, n: NetworkRef, mult: f64| rt(n.merge(mult)));
+    engine.register_get("modules", |n: &mut NetworkRef| n.modules.len() as i64);
+    engine.register_fn("save", |n: &mut NetworkRef, p: &str| -> RhaiResult<()> {
+        rt((|| {
+            let meta = file::base_metadata(n, &stem(p), (512, 512), &Default::default());
+            file::save(n, Path::new(p), &meta, candle_core::DType::F32, false)
+        })())
+    });
+    engine.register_fn("save", |n: &mut NetworkRef, p: &str, extra: Map| -> RhaiResult<()> {
+        rt((|| {
+            let extra: std::collections::BTreeMap<String, String> =
+                extra.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+            let meta = file::base_metadata(n, &stem(p), (512, 512), &extra);
+            file::save(n, Path::new(p), &meta, candle_core::DType::F32, false)
+        })())
+    });
+    engine.register_fn("optimizer", |name: &str, o: Map| -> RhaiResult<Map> {
+        rt((|| {
+            let mut m = Map::new();
+            m.insert("optimizer_type".into(), Dynamic::from(name.to_string()));
+            let mut args = Array::new();
+            for (k, v) in &o {
+                if k.as_str() == "learning_rate" || k.as_str() == "unet_lr" || k.as_str() == "text_encoder_lr" {
+                    m.insert(k.clone(), v.clone());
+                } else {
+                    args.push(Dynamic::from(format!("{k}={v}")));
+                }
+            }
+            m.insert("optimizer_args".into(), Dynamic::from_array(args));
+            crate::train::optim::Kind::parse(
+                name,
+                &crate::train::optim::parse_args(
+                    &m["optimizer_args"]
+                        .clone()
+                        .into_array()
+                        .unwrap_or_default()
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>(),
+                )?,
+            )?;
+            Ok(m)
+        })())
+    });
+    engine.register_fn("optimizer", |name: &str| kv_map("optimizer_type", name, &Map::new()));
+    engine.register_fn("lr_scheduler", |name: &str, o: Map| -> RhaiResult<Map> {
+        rt((|| {
+            if !crate::train::lr::NAMES.contains(&name) {
+                bail!("unknown lr_scheduler {name:?}; available: {}", crate::train::lr::NAMES.join(", "));
+            }
+            let mut m = Map::new();
+            m.insert("lr_scheduler".into(), Dynamic::from(name.to_string()));
+            for (k, v) in &o {
+                let key = match k.as_str() {
+                    "warmup_steps" | "lr_warmup_steps" => "lr_warmup_steps",
+                    "num_cycles" | "lr_scheduler_num_cycles" => "lr_scheduler_num_cycles",
+                    "power" | "lr_scheduler_power" => "lr_scheduler_power",
+                    "step_rules" => "step_rules",
+                    other => bail!(
+                        "lr_scheduler: unknown option `{other}`; accepted: warmup_steps, num_cycles, power, step_rules"
+                    ),
+                };
+                m.insert(key.into(), v.clone());
+            }
+            Ok(m)
+        })())
+    });
+    engine.register_fn("lr_scheduler", |name: &str| kv_map("lr_scheduler", name, &Map::new()));
+    engine.register_fn("train", |o: Map| rt(make_trainer(&o).and_then(|t| run_trainer(Arc::new(Mutex::new(t))))));
+    engine.register_fn("trainer", |o: Map| rt(make_trainer(&o).map(|t| Arc::new(Mutex::new(t)))));
+    engine.register_fn("resume", |p: &str| {
+        rt(crate::train::build::resume(Path::new(p)).and_then(|t| run_trainer(Arc::new(Mutex::new(t)))))
+    });
+    engine.register_fn("step", |t: &mut TrainerRef| -> RhaiResult<f64> {
+        rt((|| {
+            let mut tr = t.lock().map_err(|_| anyhow::anyhow!("the trainer is in use"))?;
+            let plan = tr.epoch_plan(tr.epoch);
+            if plan.is_empty() {
+                bail!("trainer.step(): the trainer has no dataset (use step_with)");
+            }
+            if tr.batch_in_epoch >= plan.len() {
+                tr.epoch += 1;
+                tr.batch_in_epoch = 0;
+            }
+            let plan = tr.epoch_plan(tr.epoch);
+            let (di, idx) = plan[tr.batch_in_epoch].clone();
+            let b = tr.make_batch(di, &idx)?;
+            tr.batch_in_epoch += 1;
+            tr.train_batch(&b)
+        })())
+    });
+    engine.register_fn("step_with", |t: &mut TrainerRef, m: Map| rt(step_with(t, &m)));
+    engine.register_fn("run", |t: &mut TrainerRef| rt(run_trainer(t.clone())));
+    engine.register_get("network", |t: &mut TrainerRef| {
+        t.lock().map(|t| t.network.clone()).map_err(|_| "trainer in use".into()) as RhaiResult<NetworkRef>
+    });
+    engine.register_fn("save", |t: &mut TrainerRef, p: &str| -> RhaiResult<()> {
+        rt((|| {
+            let tr = t.lock().map_err(|_| anyhow::anyhow!("the trainer is in use"))?;
+            let meta = file::base_metadata(&tr.network, &stem(p), (512, 512), &tr.metadata());
+            file::save(&tr.network, Path::new(p), &meta, tr.cfg.save_dtype()?, false)
+        })())
+    });
+    engine.register_get("losses", |r: &mut Run| floats(&r.losses));
+    engine.register_get("step", |r: &mut Run| r.step as i64);
+    engine.register_get("epoch", |r: &mut Run| r.epoch as i64);
+    engine.register_get("stopped", |r: &mut Run| r.stopped);
+    engine.register_get("output", |r: &mut Run| r.output.clone());
+    engine.register_fn("stop", |r: &mut Run| {
+        if let Ok(t) = r.trainer.lock() {
+            t.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    });
+    engine.register_fn("save_now", |r: &mut Run| -> RhaiResult<String> {
+        rt(r.trainer
+            .lock()
+            .map_err(|_| anyhow::anyhow!("the trainer is in use"))
+            .and_then(|t| Ok(t.save_state_now()?.display().to_string())))
+    });
+    engine.register_get("losses", |t: &mut TrainerRef| t.lock().map(|t| floats(&t.losses)).unwrap_or_default());
+    engine.register_get("step", |t: &mut TrainerRef| t.lock().map(|t| t.step as i64).unwrap_or(0));
+    engine.register_fn("synthetic_dataset", |dir: &str, o: Map| -> RhaiResult<String> {
+        rt((|| {
+            let g = |k: &str, d: i64| o.get(k).and_then(|v| v.as_int().ok()).unwrap_or(d);
+            let concept = o.get("concept").map(|v| v.to_string()).unwrap_or_else(|| "sdtoy".into());
+            let p = crate::data::synthetic::write_shapes(
+                Path::new(dir),
+                &concept,
+                g("repeats", 1) as usize,
+                g("count", 8) as usize,
+                g("size", 64) as u32,
+                g("seed", 0) as u64,
+            )?;
+            Ok(p.display().to_string())
+        })())
+    });
+}
+
+fn stem(p: &str) -> String {
+    Path::new(p).file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default()
+}

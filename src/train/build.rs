@@ -1,0 +1,242 @@
+//! Building a trainer from a recipe: the model, dataset and network descriptions plus the loop options, as JSON
+//! (what `train(opts)`, `sdtune train` and saved states share).
+
+use super::config::TrainConfig;
+use super::trainer::Trainer;
+use crate::data::{config::General, OpenOptions};
+use crate::models::{LoadOptions, StableDiffusion};
+use crate::networks::{lora::Dropouts, Network, NetworkConfig};
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::Value;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Network options under sd-scripts' names (`network_dim`, `network_alpha`, `network_args`) or the script
+/// contract's (`dim`, `alpha`, `conv_dim`, ...).
+#[derive(Deserialize, Default, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct NetworkOptions {
+    #[serde(alias = "network_dim")]
+    pub dim: Option<usize>,
+    #[serde(alias = "network_alpha")]
+    pub alpha: Option<f64>,
+    pub conv_dim: Option<usize>,
+    pub conv_alpha: Option<f64>,
+    #[serde(alias = "network_dropout")]
+    pub dropout: Option<f64>,
+    pub rank_dropout: Option<f64>,
+    pub module_dropout: Option<f64>,
+    pub train_unet: Option<bool>,
+    pub train_text_encoder: Option<bool>,
+    pub seed: Option<u64>,
+}
+
+impl NetworkOptions {
+    pub fn config(&self) -> NetworkConfig {
+        NetworkConfig {
+            dim: self.dim.unwrap_or(4),
+            alpha: self.alpha.unwrap_or(1.0),
+            conv_dim: self.conv_dim,
+            conv_alpha: self.conv_alpha,
+            dropouts: Dropouts { neuron: self.dropout, rank: self.rank_dropout, module: self.module_dropout },
+            train_unet: self.train_unet.unwrap_or(true),
+            train_text_encoder: self.train_text_encoder.unwrap_or(true),
+        }
+    }
+}
+
+/// What a recipe names.
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: PathBuf,
+    #[serde(default)]
+    pub model_options: Value,
+    pub dataset: Option<PathBuf>,
+    #[serde(default)]
+    pub dataset_options: Value,
+    #[serde(default)]
+    pub network: Value,
+    pub network_weights: Option<PathBuf>,
+    #[serde(default)]
+    pub train: Value,
+}
+
+fn obj(v: &Value) -> serde_json::Map<String, Value> {
+    v.as_object().cloned().unwrap_or_default()
+}
+
+/// Loads the model a recipe names.
+pub fn load_model(r: &Recipe) -> Result<StableDiffusion> {
+    let o = obj(&r.model_options);
+    let mut lo = LoadOptions { device: crate::device::default_device(), ..Default::default() };
+    if let Some(d) = o.get("dtype").and_then(Value::as_str) {
+        lo.dtype = crate::device::parse_dtype(d)?;
+    }
+    lo.v_pred = o.get("v_pred").and_then(Value::as_bool);
+    if let Some(c) = o.get("clip_skip").and_then(Value::as_u64) {
+        lo.clip_skip = c as usize;
+    }
+    StableDiffusion::load(&r.model, &lo)
+}
+
+/// Opens the dataset a recipe names.
+pub fn open_dataset(r: &Recipe) -> Result<Option<crate::data::DatasetGroup>> {
+    let Some(path) = &r.dataset else { return Ok(None) };
+    let mut o = obj(&r.dataset_options);
+    let reg = o.remove("reg_data_dir").and_then(|v| v.as_str().map(PathBuf::from));
+    let strict = o.remove("strict").and_then(|v| v.as_bool()).unwrap_or(false);
+    let call: General =
+        serde_json::from_value(Value::Object(o)).map_err(|e| anyhow::anyhow!("dataset options: {e}"))?;
+    let mut g = crate::data::open(path, &OpenOptions { call, reg_dir: reg, strict })?;
+    g.options = r.dataset_options.clone();
+    Ok(Some(g))
+}
+
+/// Builds everything from a recipe (a fresh network, or `network_weights` to continue training a file).
+pub fn build(recipe: &Value) -> Result<Trainer> {
+    let r: Recipe = serde_json::from_value(recipe.clone()).map_err(|e| anyhow::anyhow!("recipe: {e}"))?;
+    let cfg =
+        TrainConfig::from_json(if r.train.is_null() { Value::Object(Default::default()) } else { r.train.clone() })?;
+    let model = Arc::new(load_model(&r)?);
+    let data = open_dataset(&r)?.map(Arc::new);
+    if data.is_none() {
+        bail!("recipe: a `dataset` is required to train");
+    }
+    let nopts: NetworkOptions =
+        serde_json::from_value(if r.network.is_null() { Value::Object(Default::default()) } else { r.network.clone() })
+            .map_err(|e| anyhow::anyhow!("network options: {e}"))?;
+    let network = match &r.network_weights {
+        Some(p) => crate::networks::file::load(p, &model).with_context(|| "network_weights")?,
+        None => Network::create(&model, &nopts.config(), nopts.seed.unwrap_or(cfg.seed))?,
+    };
+    Trainer::new(model, Arc::new(network), data, cfg, recipe.clone())
+}
+
+/// Continues a saved state.
+pub fn resume(dir: &std::path::Path) -> Result<Trainer> {
+    let info = super::state::read_info(dir)?;
+    let recipe = info.get("recipe").cloned().context("state.json has no recipe")?;
+    let mut tr = build(&recipe).with_context(|| format!("{}: rebuilding the run", dir.display()))?;
+    super::state::load_into(&mut tr, dir)?;
+    Ok(tr)
+}
+
+/// Where each flat sd-scripts option goes in a recipe (everything else is a loop option).
+const DATASET_KEYS: &[&str] = &[
+    "resolution",
+    "enable_bucket",
+    "min_bucket_reso",
+    "max_bucket_reso",
+    "bucket_reso_steps",
+    "bucket_no_upscale",
+    "caption_extension",
+    "shuffle_caption",
+    "keep_tokens",
+    "keep_tokens_separator",
+    "secondary_separator",
+    "caption_separator",
+    "enable_wildcard",
+    "caption_prefix",
+    "caption_suffix",
+    "color_aug",
+    "flip_aug",
+    "random_crop",
+    "token_warmup_min",
+    "token_warmup_step",
+    "caption_dropout_rate",
+    "caption_dropout_every_n_epochs",
+    "caption_tag_dropout_rate",
+    "reg_data_dir",
+    "num_repeats",
+];
+const NETWORK_KEYS: &[&str] = &["network_dim", "network_alpha", "network_dropout"];
+const MODEL_KEYS: &[(&str, &str)] = &[("v_parameterization", "v_pred"), ("clip_skip", "clip_skip")];
+/// Keys that only make sense in sd-scripts' own launcher and are accepted without effect, each with why.
+const IGNORED: &[(&str, &str)] = &[
+    ("v2", "the family is detected from the weights"),
+    ("network_module", "networks.lora is the only module"),
+    ("max_data_loader_n_workers", "loading threads are chosen automatically"),
+    ("persistent_data_loader_workers", "loading threads are chosen automatically"),
+    ("xformers", "attention is built in"),
+    ("sdpa", "attention is built in"),
+    ("mem_eff_attn", "attention is built in"),
+    ("save_model_as", "networks are saved as safetensors"),
+];
+
+/// Turns flat sd-scripts options (`--config_file` TOML and command-line flags) into a recipe; returns it and
+/// notes on options that have no effect here.
+pub fn recipe_from_flat(flat: serde_json::Map<String, Value>) -> Result<(Value, Vec<String>)> {
+    let mut model = None;
+    let mut dataset = None;
+    let mut model_options = serde_json::Map::new();
+    let mut dataset_options = serde_json::Map::new();
+    let mut network = serde_json::Map::new();
+    let mut network_weights = None;
+    let mut train = serde_json::Map::new();
+    let mut notes = Vec::new();
+    for (k, v) in flat {
+        match k.as_str() {
+            "pretrained_model_name_or_path" => model = v.as_str().map(PathBuf::from),
+            "train_data_dir" | "dataset_config" => dataset = v.as_str().map(PathBuf::from),
+            "train_batch_size" => {
+                dataset_options.insert("batch_size".into(), v);
+            }
+            "network_weights" => network_weights = v.as_str().map(PathBuf::from),
+            "network_args" => {
+                let args: Vec<String> = match &v {
+                    Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
+                    Value::String(s) => s.split_whitespace().map(String::from).collect(),
+                    _ => bail!("network_args must be a list of key=value strings"),
+                };
+                for a in args {
+                    let (ak, av) =
+                        a.split_once('=').with_context(|| format!("network_args: {a:?} is not key=value"))?;
+                    let num: Value = av
+                        .parse::<u64>()
+                        .map(Value::from)
+                        .or_else(|_| av.parse::<f64>().map(Value::from))
+                        .unwrap_or(Value::from(av));
+                    network.insert(ak.to_string(), num);
+                }
+            }
+            k if DATASET_KEYS.contains(&k) => {
+                dataset_options.insert(k.into(), v);
+            }
+            k if NETWORK_KEYS.contains(&k) => {
+                network.insert(k.into(), v);
+            }
+            k if MODEL_KEYS.iter().any(|(f, _)| *f == k) => {
+                let to = MODEL_KEYS.iter().find(|(f, _)| *f == k).expect("matched").1;
+                model_options.insert(to.into(), v.clone());
+                if k == "v_parameterization" {
+                    train.insert(k.into(), v);
+                }
+            }
+            k if IGNORED.iter().any(|(n, _)| *n == k) => {
+                let why = IGNORED.iter().find(|(n, _)| *n == k).expect("matched").1;
+                notes.push(format!("{k}: no effect ({why})"));
+            }
+            _ => {
+                train.insert(k, v);
+            }
+        }
+    }
+    if let Some(Value::String(m)) = network.get("network_module") {
+        if m != "networks.lora" {
+            bail!("network_module {m} is not supported yet (networks.lora is)");
+        }
+    }
+    let model = model.context("pretrained_model_name_or_path is required")?;
+    let recipe = serde_json::json!({
+        "model": model,
+        "model_options": Value::Object(model_options),
+        "dataset": dataset,
+        "dataset_options": Value::Object(dataset_options),
+        "network": Value::Object(network),
+        "network_weights": network_weights,
+        "train": Value::Object(train),
+    });
+    Ok((recipe, notes))
+}

@@ -1,0 +1,214 @@
+//! Training options under sd-scripts' names, typed and checked: unknown keys are errors that list the accepted ones,
+//! and sd-scripts options sdtune does not implement yet are refused by name rather than ignored.
+
+use anyhow::{bail, Result};
+use serde::Deserialize;
+use std::path::PathBuf;
+
+fn one() -> usize {
+    1
+}
+fn lr_default() -> f64 {
+    1e-4
+}
+fn grad_norm_default() -> f64 {
+    1.0
+}
+fn max_t() -> usize {
+    1000
+}
+fn huber_c_default() -> f64 {
+    0.1
+}
+fn discount_default() -> f64 {
+    0.3
+}
+fn adamw() -> String {
+    "AdamW".into()
+}
+fn constant() -> String {
+    "constant".into()
+}
+fn out_name() -> String {
+    "last".into()
+}
+fn f32s() -> String {
+    "float".into()
+}
+fn l2() -> String {
+    "l2".into()
+}
+fn constant_huber() -> String {
+    "constant".into()
+}
+fn ddim() -> String {
+    "ddim".into()
+}
+fn power_default() -> f64 {
+    1.0
+}
+
+/// The loop's options (sd-scripts' `train_network.py` names and defaults).
+#[derive(Deserialize, Clone, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub max_train_steps: Option<usize>,
+    pub max_train_epochs: Option<usize>,
+    #[serde(default = "one")]
+    pub gradient_accumulation_steps: usize,
+    #[serde(default = "lr_default")]
+    pub learning_rate: f64,
+    pub unet_lr: Option<f64>,
+    pub text_encoder_lr: Option<f64>,
+    #[serde(default = "adamw")]
+    pub optimizer_type: String,
+    #[serde(default)]
+    pub optimizer_args: Vec<String>,
+    #[serde(default = "constant")]
+    pub lr_scheduler: String,
+    #[serde(default)]
+    pub lr_warmup_steps: usize,
+    #[serde(default = "one")]
+    pub lr_scheduler_num_cycles: usize,
+    #[serde(default = "power_default")]
+    pub lr_scheduler_power: f64,
+    pub step_rules: Option<String>,
+    #[serde(default = "grad_norm_default")]
+    pub max_grad_norm: f64,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub min_timestep: usize,
+    #[serde(default = "max_t")]
+    pub max_timestep: usize,
+    pub noise_offset: Option<f64>,
+    pub adaptive_noise_scale: Option<f64>,
+    #[serde(default)]
+    pub noise_offset_random_strength: bool,
+    pub multires_noise_iterations: Option<usize>,
+    #[serde(default = "discount_default")]
+    pub multires_noise_discount: f64,
+    pub ip_noise_gamma: Option<f64>,
+    #[serde(default)]
+    pub ip_noise_gamma_random_strength: bool,
+    #[serde(default)]
+    pub zero_terminal_snr: bool,
+    pub v_parameterization: Option<bool>,
+    #[serde(default = "l2")]
+    pub loss_type: String,
+    #[serde(default = "constant_huber")]
+    pub huber_schedule: String,
+    #[serde(default = "huber_c_default")]
+    pub huber_c: f64,
+    #[serde(default = "one_f")]
+    pub prior_loss_weight: f64,
+    pub min_snr_gamma: Option<f64>,
+    #[serde(default)]
+    pub scale_v_pred_loss_like_noise_pred: bool,
+    pub v_pred_like_loss: Option<f64>,
+    #[serde(default)]
+    pub debiased_estimation_loss: bool,
+    #[serde(default)]
+    pub network_train_unet_only: bool,
+    #[serde(default)]
+    pub network_train_text_encoder_only: bool,
+    pub stop_text_encoder_training: Option<usize>,
+    #[serde(default)]
+    pub cache_latents: bool,
+    #[serde(default)]
+    pub cache_latents_to_disk: bool,
+    #[serde(default = "one")]
+    pub vae_batch_size: usize,
+    pub output_dir: Option<PathBuf>,
+    #[serde(default = "out_name")]
+    pub output_name: String,
+    pub save_every_n_epochs: Option<usize>,
+    pub save_every_n_steps: Option<usize>,
+    pub save_last_n_epochs: Option<usize>,
+    pub save_last_n_steps: Option<usize>,
+    #[serde(default = "f32s")]
+    pub save_precision: String,
+    #[serde(default)]
+    pub save_state: bool,
+    #[serde(default)]
+    pub overwrite: bool,
+    pub sample_prompts: Option<PathBuf>,
+    pub sample_every_n_steps: Option<usize>,
+    pub sample_every_n_epochs: Option<usize>,
+    #[serde(default)]
+    pub sample_at_first: bool,
+    #[serde(default = "ddim")]
+    pub sample_sampler: String,
+    pub logging_dir: Option<PathBuf>,
+    pub mixed_precision: Option<String>,
+    pub training_comment: Option<String>,
+    /// Print a progress line every N steps (0: never).
+    #[serde(default = "ten")]
+    pub log_every_n_steps: usize,
+}
+
+fn one_f() -> f64 {
+    1.0
+}
+fn ten() -> usize {
+    10
+}
+
+/// sd-scripts options recognised but not implemented yet: an error names them instead of ignoring them.
+pub const NOT_YET: &[&str] = &[
+    "gradient_checkpointing",
+    "full_bf16",
+    "full_fp16",
+    "fp8_base",
+    "max_token_length",
+    "weighted_captions",
+    "scale_weight_norms",
+    "masked_loss",
+    "alpha_mask",
+    "network_weights",
+    "dim_from_weights",
+    "block_dims",
+    "block_alphas",
+    "down_lr_weight",
+    "up_lr_weight",
+    "mid_lr_weight",
+    "loraplus_lr_ratio",
+];
+
+impl TrainConfig {
+    /// From a JSON object of sd-scripts option names.
+    pub fn from_json(v: serde_json::Value) -> Result<Self> {
+        if let Some(obj) = v.as_object() {
+            if let Some(k) = obj.keys().find(|k| NOT_YET.contains(&k.as_str())) {
+                bail!("training option `{k}` is not supported yet");
+            }
+        }
+        let c: TrainConfig = serde_json::from_value(v).map_err(|e| anyhow::anyhow!("train: {e}"))?;
+        if let Some(mp) = c.mixed_precision.as_deref() {
+            if !["no", "fp16", "bf16"].contains(&mp) {
+                bail!("mixed_precision must be no, fp16 or bf16, got {mp:?}");
+            }
+        }
+        if c.min_timestep >= c.max_timestep || c.max_timestep > 1000 {
+            bail!(
+                "timesteps must satisfy 0 ≤ min_timestep < max_timestep ≤ 1000 (got {}..{})",
+                c.min_timestep,
+                c.max_timestep
+            );
+        }
+        if c.network_train_unet_only && c.network_train_text_encoder_only {
+            bail!("network_train_unet_only and network_train_text_encoder_only exclude each other");
+        }
+        Ok(c)
+    }
+
+    /// The save dtype (`save_precision`: float, fp16, bf16).
+    pub fn save_dtype(&self) -> Result<candle_core::DType> {
+        Ok(match self.save_precision.as_str() {
+            "float" | "fp32" | "f32" => candle_core::DType::F32,
+            "fp16" | "f16" => candle_core::DType::F16,
+            "bf16" => candle_core::DType::BF16,
+            other => bail!("save_precision must be float, fp16 or bf16, got {other:?}"),
+        })
+    }
+}

@@ -1,0 +1,97 @@
+//! Saved training states: everything to continue a run exactly (network and optimizer tensors, counters, the
+//! recipe), written as a folder that replaces the previous one only when complete.
+
+use super::trainer::Trainer;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Writes the state folder (built beside it, then swapped in).
+pub fn save(tr: &Trainer, dir: &Path) -> Result<()> {
+    let tmp = crate::io::tensors::temp_sibling(dir);
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+    let net = tr.network.state_dict(DType::F32)?;
+    crate::io::tensors::write_safetensors(&tmp.join("network.safetensors"), &net, &HashMap::new())?;
+    let mut opt = HashMap::new();
+    let o = tr.optimizer();
+    for (gi, (g, states)) in o.groups.iter().zip(&o.state).enumerate() {
+        for (pi, st) in states.iter().enumerate() {
+            for (si, t) in st.iter().enumerate() {
+                opt.insert(format!("g{gi}.{}.p{pi}.s{si}", g.name), t.to_device(&Device::Cpu)?);
+            }
+        }
+    }
+    crate::io::tensors::write_safetensors(&tmp.join("optimizer.safetensors"), &opt, &HashMap::new())?;
+    let info = serde_json::json!({
+        "format": "sdtune-train-state-1",
+        "step": tr.step,
+        "epoch": tr.epoch,
+        "batch_in_epoch": tr.batch_in_epoch,
+        "optimizer_steps": o.step_count,
+        "losses": tr.losses,
+        "recipe": tr.recipe,
+    });
+    std::fs::write(tmp.join("state.json"), serde_json::to_string_pretty(&info)?)?;
+    let old = dir.with_extension("old");
+    let _ = std::fs::remove_dir_all(&old);
+    if dir.exists() {
+        std::fs::rename(dir, &old)
+            .with_context(|| format!("{}: cannot move the previous state aside", dir.display()))?;
+    }
+    std::fs::rename(&tmp, dir).with_context(|| format!("{}: cannot move the new state into place", dir.display()))?;
+    let _ = std::fs::remove_dir_all(&old);
+    Ok(())
+}
+
+/// Reads `state.json` of a state folder.
+pub fn read_info(dir: &Path) -> Result<serde_json::Value> {
+    let p = dir.join("state.json");
+    let text = std::fs::read_to_string(&p)
+        .with_context(|| format!("{}: not a training state folder (no state.json)", dir.display()))?;
+    let v: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: invalid JSON", p.display()))?;
+    if v.get("format").and_then(|f| f.as_str()) != Some("sdtune-train-state-1") {
+        bail!("{}: unknown state format", p.display());
+    }
+    Ok(v)
+}
+
+/// Loads the tensors and counters of a state folder into a trainer built from the same recipe.
+pub fn load_into(tr: &mut Trainer, dir: &Path) -> Result<()> {
+    let info = read_info(dir)?;
+    let dev = tr.model.device.clone();
+    let net = crate::io::tensors::read_safetensors(&dir.join("network.safetensors"), Some(DType::F32), &dev)?.tensors;
+    for (_, m) in &tr.network.modules {
+        let get = |k: String| -> Result<Tensor> {
+            net.get(&k).cloned().with_context(|| format!("{}: `{k}` missing from the saved network", dir.display()))
+        };
+        m.down.set(&get(format!("{}.lora_down.weight", m.name))?)?;
+        m.up.set(&get(format!("{}.lora_up.weight", m.name))?)?;
+    }
+    let opt = crate::io::tensors::read_safetensors(&dir.join("optimizer.safetensors"), None, &dev)?.tensors;
+    let o = tr.optimizer_mut();
+    for gi in 0..o.groups.len() {
+        let gname = o.groups[gi].name.clone();
+        for pi in 0..o.state[gi].len() {
+            for si in 0..o.state[gi][pi].len() {
+                let k = format!("g{gi}.{gname}.p{pi}.s{si}");
+                o.state[gi][pi][si] = opt
+                    .get(&k)
+                    .cloned()
+                    .with_context(|| format!("{}: optimizer state `{k}` missing", dir.display()))?;
+            }
+        }
+    }
+    let num = |k: &str| info.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
+    o.step_count = num("optimizer_steps");
+    tr.step = num("step");
+    tr.epoch = num("epoch");
+    tr.batch_in_epoch = num("batch_in_epoch");
+    tr.losses = info
+        .get("losses")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+        .unwrap_or_default();
+    Ok(())
+}

@@ -1,0 +1,632 @@
+//! The LoRA training loop (sd-scripts' `train_network.py`): data → noise → timesteps → UNet → target → loss
+//! weights → backward → clip → optimizer → LR schedule, with saving, resumable state and metrics.
+
+use super::config::TrainConfig;
+use super::loss::{self, element_loss, mean_per_sample, HuberSchedule, LossType};
+use super::lr::LrSchedule;
+use super::noise::{apply_multires_noise, apply_noise_offset, noisy_latents, zero_terminal_snr};
+use super::optim::{self, Optimizer, ParamGroup};
+use crate::data::cache::{cache_latents, CachedLatents};
+use crate::data::captions::{process_caption, Progress};
+use crate::data::DatasetGroup;
+use crate::models::StableDiffusion;
+use crate::networks::{file, Component, Network};
+use crate::rng::Rng;
+use crate::schedule::NoiseSchedule;
+use anyhow::{bail, Context, Result};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Tensor};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+/// One batch as the step consumes it.
+pub struct Batch {
+    /// Latents already multiplied by the VAE scale, `[B, C, h, w]`.
+    pub latents: Tensor,
+    /// Token ids `[B, 77]`.
+    pub input_ids: Tensor,
+    /// Per-sample loss weights (prior_loss_weight for regularisation images) `[B]`.
+    pub weights: Tensor,
+    /// Fixed noise / timesteps (step_with); drawn when absent.
+    pub noise: Option<Tensor>,
+    pub timesteps: Option<Tensor>,
+}
+
+/// A running (or resumable) training.
+pub struct Trainer {
+    pub model: Arc<StableDiffusion>,
+    pub network: Arc<Network>,
+    pub data: Option<Arc<DatasetGroup>>,
+    pub cfg: TrainConfig,
+    optimizer: Optimizer,
+    lr: LrSchedule,
+    schedule: NoiseSchedule,
+    /// SNR of the original schedule (sd-scripts computes it before zero_terminal_snr).
+    snr: Vec<f64>,
+    v_pred: bool,
+    pub step: usize,
+    pub epoch: usize,
+    pub batch_in_epoch: usize,
+    pub losses: Vec<f64>,
+    pub total_steps: usize,
+    pub epochs: usize,
+    caches: Vec<Option<Vec<Option<CachedLatents>>>>,
+    /// Set to stop gracefully (Ctrl-C): the loop saves a state and returns.
+    pub stop: Arc<AtomicBool>,
+    /// Everything needed to rebuild this run (model path, dataset path, options), kept in saved states.
+    pub recipe: serde_json::Value,
+    accum: Option<GradStore>,
+    accum_count: usize,
+    te_stopped: bool,
+    /// Whether the last `run` ended on a stop request.
+    pub stopped: bool,
+}
+
+/// Set by Ctrl-C handlers: every running loop stops gracefully (saving a state) at the next step.
+pub static INTERRUPT: AtomicBool = AtomicBool::new(false);
+
+fn seed_for(seed: u64, step: usize, salt: u64) -> Rng {
+    Rng::new(seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt)
+}
+
+impl Trainer {
+    /// Sets up optimizer groups (text encoder / UNet LRs), the LR schedule, step counts and the latent cache.
+    pub fn new(
+        model: Arc<StableDiffusion>,
+        network: Arc<Network>,
+        data: Option<Arc<DatasetGroup>>,
+        cfg: TrainConfig,
+        recipe: serde_json::Value,
+    ) -> Result<Self> {
+        let v_pred = cfg.v_parameterization.unwrap_or(model.v_pred);
+        let mut groups = Vec::new();
+        let mut te = Vec::new();
+        let mut un = Vec::new();
+        for (c, d, u) in network.vars() {
+            match c {
+                Component::TextEncoder if !cfg.network_train_unet_only => te.extend([d, u]),
+                Component::Unet if !cfg.network_train_text_encoder_only => un.extend([d, u]),
+                _ => {}
+            }
+        }
+        if !te.is_empty() {
+            groups.push(ParamGroup {
+                name: "textencoder".into(),
+                params: te,
+                lr: cfg.text_encoder_lr.unwrap_or(cfg.learning_rate),
+            });
+        }
+        if !un.is_empty() {
+            groups.push(ParamGroup { name: "unet".into(), params: un, lr: cfg.unet_lr.unwrap_or(cfg.learning_rate) });
+        }
+        if groups.is_empty() {
+            bail!("nothing to train: the network has no modules in the components selected for training");
+        }
+        let kind = optim::Kind::parse(&cfg.optimizer_type, &optim::parse_args(&cfg.optimizer_args)?)?;
+        let optimizer = Optimizer::new(kind, groups)?;
+        let batches_per_epoch = data.as_ref().map(|d| d.batches_per_epoch()).unwrap_or(0);
+        let updates_per_epoch = batches_per_epoch.div_ceil(cfg.gradient_accumulation_steps.max(1));
+        let (total_steps, epochs) = match (cfg.max_train_epochs, cfg.max_train_steps) {
+            (Some(e), _) if updates_per_epoch > 0 => (e * updates_per_epoch, e),
+            (_, Some(s)) => (s, if updates_per_epoch > 0 { s.div_ceil(updates_per_epoch) } else { 1 }),
+            _ => (1600, if updates_per_epoch > 0 { 1600usize.div_ceil(updates_per_epoch) } else { 1 }),
+        };
+        let lr = LrSchedule::parse(
+            &cfg.lr_scheduler,
+            cfg.lr_warmup_steps,
+            total_steps,
+            cfg.lr_scheduler_num_cycles,
+            cfg.lr_scheduler_power,
+            cfg.learning_rate,
+            cfg.step_rules.as_deref(),
+        )?;
+        let base = crate::sample::pipeline::scheduler_config(&model, &Default::default()).schedule;
+        let snr: Vec<f64> = base.alphas_cumprod.iter().map(|&a| a as f64 / (1.0 - a as f64)).collect();
+        let schedule = if cfg.zero_terminal_snr { zero_terminal_snr(&base) } else { base };
+        let mut caches = Vec::new();
+        if let Some(d) = &data {
+            for ds in &d.datasets {
+                caches.push(if cfg.cache_latents || cfg.cache_latents_to_disk {
+                    Some(cache_latents(ds, &model, cfg.vae_batch_size, cfg.cache_latents_to_disk, cfg.seed)?.0)
+                } else {
+                    None
+                });
+            }
+        }
+        network.apply(1.0);
+        Ok(Self {
+            model,
+            network,
+            data,
+            cfg,
+            optimizer,
+            lr,
+            schedule,
+            snr,
+            v_pred,
+            step: 0,
+            epoch: 0,
+            batch_in_epoch: 0,
+            losses: Vec::new(),
+            total_steps,
+            epochs,
+            caches,
+            stop: Arc::new(AtomicBool::new(false)),
+            recipe,
+            accum: None,
+            accum_count: 0,
+            te_stopped: false,
+            stopped: false,
+        })
+    }
+
+    /// The loss of one batch (the training step's forward half), sd-scripts' order of operations.
+    pub fn compute_loss(&self, b: &Batch, rng: &mut Rng) -> Result<Tensor> {
+        let c = &self.cfg;
+        let latents = b.latents.to_dtype(DType::F32)?.to_device(&self.model.device)?;
+        let bsz = latents.dim(0)?;
+        let noise = match &b.noise {
+            Some(n) => n.to_dtype(DType::F32)?.to_device(&self.model.device)?,
+            None => {
+                let mut n = rng.randn(latents.dims(), latents.device())?;
+                if let Some(o) = c.noise_offset {
+                    n = apply_noise_offset(
+                        &n,
+                        &latents,
+                        o,
+                        c.adaptive_noise_scale,
+                        c.noise_offset_random_strength,
+                        rng,
+                    )?;
+                } else if let Some(iters) = c.multires_noise_iterations {
+                    n = apply_multires_noise(&n, iters, c.multires_noise_discount, rng)?;
+                }
+                n
+            }
+        };
+        let loss_type = LossType::parse(&c.loss_type)?;
+        let timesteps = match &b.timesteps {
+            Some(t) => t.to_dtype(DType::I64)?,
+            None => {
+                let span = c.max_timestep - c.min_timestep;
+                let draw = |rng: &mut Rng| (c.min_timestep + rng.below(span)) as i64;
+                // sd-scripts 0.8.7 draws one timestep for the whole batch with huber/smooth_l1
+                let ts: Vec<i64> = if loss_type == LossType::L2 {
+                    (0..bsz).map(|_| draw(rng)).collect()
+                } else {
+                    vec![draw(rng); bsz]
+                };
+                Tensor::new(ts.as_slice(), &candle_core::Device::Cpu)?
+            }
+        };
+        let ts: Vec<i64> = timesteps.to_vec1()?;
+        let ip = c.ip_noise_gamma.map(|g| if c.ip_noise_gamma_random_strength { rng.uniform() * g } else { g });
+        let noisy = noisy_latents(&self.schedule, &latents, &noise, &timesteps, ip, rng)?;
+        let context = self.model.encode_ids(&b.input_ids, None, true, false)?.context;
+        let pred =
+            self.model.unet(&noisy, &timesteps.to_device(&self.model.device)?, &context)?.to_dtype(DType::F32)?;
+        let target = if self.v_pred { self.schedule.velocity(&latents, &noise, &timesteps)? } else { noise };
+        let huber = if loss_type == LossType::L2 {
+            None
+        } else {
+            let hs = HuberSchedule::parse(&c.huber_schedule)?;
+            let cs: Vec<f32> = ts
+                .iter()
+                .map(|&t| {
+                    loss::huber_c(
+                        hs,
+                        c.huber_c,
+                        t as usize,
+                        self.schedule.alphas_cumprod[t as usize] as f64,
+                        self.schedule.len(),
+                    ) as f32
+                })
+                .collect();
+            Some(Tensor::new(cs.as_slice(), pred.device())?)
+        };
+        let per_sample = mean_per_sample(&element_loss(loss_type, &pred, &target, huber.as_ref())?)?;
+        let per_sample = per_sample.mul(&b.weights.to_dtype(DType::F32)?.to_device(pred.device())?)?;
+        let factors: Vec<f32> = ts
+            .iter()
+            .map(|&t| {
+                let s = self.snr[t as usize];
+                let mut f = 1.0;
+                if let Some(g) = c.min_snr_gamma {
+                    f *= loss::min_snr_weight(s, g, self.v_pred);
+                }
+                if c.scale_v_pred_loss_like_noise_pred {
+                    f *= loss::scale_v_pred_like_noise_pred(s);
+                }
+                if let Some(l) = c.v_pred_like_loss {
+                    f *= loss::v_pred_like_factor(s, l);
+                }
+                if c.debiased_estimation_loss {
+                    f *= loss::debiased_weight(s);
+                }
+                f as f32
+            })
+            .collect();
+        let per_sample = per_sample.mul(&Tensor::new(factors.as_slice(), pred.device())?)?;
+        Ok(per_sample.mean_all()?)
+    }
+
+    /// Accumulates gradients of `b`; every `gradient_accumulation_steps` batches makes an optimizer step.
+    /// Returns the batch loss. A non-finite loss stops with an error naming the step (no file is written).
+    pub fn train_batch(&mut self, b: &Batch) -> Result<f64> {
+        let mut rng =
+            seed_for(self.cfg.seed, self.step * self.cfg.gradient_accumulation_steps.max(1) + self.accum_count, 1);
+        *self.network.state.rng.lock().expect("rng lock") = seed_for(self.cfg.seed, self.step, 2);
+        self.network.set_training(true);
+        let result = self.compute_loss(b, &mut rng);
+        self.network.set_training(false);
+        let loss = result?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            bail!(
+                "the loss is {value} at step {}: training stopped; saved files were left as they were",
+                self.step + 1
+            );
+        }
+        let accum = self.cfg.gradient_accumulation_steps.max(1);
+        let grads = (loss / accum as f64)?.backward()?;
+        match &mut self.accum {
+            None => self.accum = Some(grads),
+            Some(acc) => {
+                for p in self.optimizer.groups.iter().flat_map(|g| &g.params) {
+                    if let Some(g) = grads.get(p.as_tensor()) {
+                        let sum = match acc.get(p.as_tensor()) {
+                            Some(a) => (a + g)?,
+                            None => g.clone(),
+                        };
+                        acc.insert(p.as_tensor(), sum);
+                    }
+                }
+            }
+        }
+        self.accum_count += 1;
+        if self.accum_count == accum {
+            let mut grads = self.accum.take().expect("gradients accumulated");
+            self.accum_count = 0;
+            if self.cfg.max_grad_norm > 0.0 {
+                self.optimizer.clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
+            }
+            self.stop_text_encoder_if_due();
+            self.optimizer.step(&grads, self.lr.factor(self.step))?;
+            self.step += 1;
+            self.losses.push(value);
+        }
+        Ok(value)
+    }
+
+    /// `stop_text_encoder_training`: after N steps the text-encoder group keeps its weights.
+    fn stop_text_encoder_if_due(&mut self) {
+        if let Some(n) = self.cfg.stop_text_encoder_training {
+            if self.step >= n && !self.te_stopped {
+                if let Some(i) = self.optimizer.groups.iter().position(|g| g.name == "textencoder") {
+                    self.optimizer.groups.remove(i);
+                    self.optimizer.state.remove(i);
+                }
+                self.te_stopped = true;
+            }
+        }
+    }
+
+    /// The current LR of each group.
+    pub fn current_lrs(&self) -> Vec<(String, f64)> {
+        let f = self.lr.factor(self.step);
+        self.optimizer.groups.iter().map(|g| (g.name.clone(), g.lr * f)).collect()
+    }
+
+    /// Builds the batch for dataset `di`, images `idx`: cached latents or VAE-encoded images, captions → ids.
+    pub fn make_batch(&self, di: usize, idx: &[usize]) -> Result<Batch> {
+        let data = self.data.as_ref().context("no dataset")?;
+        let ds = &data.datasets[di];
+        let mut rng = seed_for(self.cfg.seed, self.step * 7919 + self.batch_in_epoch, 3);
+        let progress = Progress { epoch: self.epoch + 1, step: self.step, max_train_steps: self.total_steps };
+        let mut lats = Vec::new();
+        let mut captions = Vec::new();
+        let mut weights = Vec::new();
+        match &self.caches[di] {
+            Some(cache) => {
+                for &i in idx {
+                    let im = &ds.images[i];
+                    let c = cache[i]
+                        .as_ref()
+                        .with_context(|| format!("{}: no cached latents (unreadable image)", im.path.display()))?;
+                    let sub = &ds.cfg.subsets[im.subset];
+                    let flip = sub.flip_aug && rng.uniform() < 0.5;
+                    lats.push(if flip {
+                        c.latents_flipped.clone().unwrap_or(c.latents.clone())
+                    } else {
+                        c.latents.clone()
+                    });
+                    captions.push(process_caption(&im.caption, &sub.caption, progress, &mut rng));
+                    weights.push(if im.is_reg { self.cfg.prior_loss_weight } else { 1.0 } as f32);
+                }
+            }
+            None => {
+                let mut imgs = Vec::new();
+                for &i in idx {
+                    let s = ds.sample(i, progress, &mut rng)?;
+                    imgs.push(s.image.data.iter().map(|&b| b as f32 / 127.5 - 1.0).collect::<Vec<f32>>());
+                    captions.push(s.caption);
+                    weights.push(if s.is_reg { self.cfg.prior_loss_weight } else { 1.0 } as f32);
+                }
+                let (w, h) = ds.images[idx[0]].placement.bucket;
+                let px = Tensor::from_vec(imgs.concat(), (idx.len(), h, w, 3), &candle_core::Device::Cpu)?
+                    .permute((0, 3, 1, 2))?;
+                let post = self.model.vae_encode(&px)?;
+                let std = (post.logvar.to_dtype(DType::F32)? * 0.5)?.exp()?;
+                let z = (post.mean.to_dtype(DType::F32)? + std.mul(&rng.randn(std.dims(), std.device())?)?)?;
+                for k in 0..idx.len() {
+                    lats.push(z.get(k)?);
+                }
+            }
+        }
+        let latents = (Tensor::stack(&lats, 0)? * self.model.vae_scale)?;
+        let ids: Vec<Tensor> = captions.iter().map(|c| self.model.tokenize(c)).collect::<Result<_>>()?;
+        Ok(Batch {
+            latents,
+            input_ids: Tensor::cat(&ids, 0)?,
+            weights: Tensor::new(weights.as_slice(), &candle_core::Device::Cpu)?,
+            noise: None,
+            timesteps: None,
+        })
+    }
+
+    /// The epoch's batches over all datasets as (dataset, images), shuffled together (seeded).
+    pub fn epoch_plan(&self, epoch: usize) -> Vec<(usize, Vec<usize>)> {
+        let Some(data) = &self.data else { return Vec::new() };
+        let mut plan: Vec<(usize, Vec<usize>)> = data
+            .datasets
+            .iter()
+            .enumerate()
+            .flat_map(|(di, d)| d.epoch_batches(epoch, self.cfg.seed).into_iter().map(move |b| (di, b)))
+            .collect();
+        Rng::new(self.cfg.seed ^ 0xE90C ^ epoch as u64).shuffle(&mut plan);
+        plan
+    }
+
+    /// Runs to the end (or until `stop`), saving as configured; `on_step(trainer, loss)` sees every optimizer step.
+    pub fn run(&mut self, on_step: &mut dyn FnMut(&Trainer, f64)) -> Result<()> {
+        self.stopped = false;
+        self.prepare_output()?;
+        if self.cfg.sample_at_first && self.step == 0 {
+            self.sample_images()?;
+        }
+        while self.epoch < self.epochs && self.step < self.total_steps {
+            let plan = self.epoch_plan(self.epoch);
+            if plan.is_empty() {
+                bail!("the dataset has no batches");
+            }
+            while self.batch_in_epoch < plan.len() && self.step < self.total_steps {
+                if self.stop.load(Ordering::SeqCst) || INTERRUPT.load(Ordering::SeqCst) {
+                    INTERRUPT.store(false, Ordering::SeqCst);
+                    self.stopped = true;
+                    self.save_state_now()?;
+                    return Ok(());
+                }
+                let (di, idx) = &plan[self.batch_in_epoch];
+                let batch = self.make_batch(*di, idx)?;
+                let before = self.step;
+                let loss = self.train_batch(&batch)?;
+                self.batch_in_epoch += 1;
+                if self.step > before {
+                    self.log_metrics(loss)?;
+                    on_step(self, loss);
+                    if self.cfg.save_every_n_steps.is_some_and(|n| n > 0 && self.step % n == 0) {
+                        self.save_network(&format!("{}-step{:08}", self.cfg.output_name, self.step))?;
+                        self.prune(true)?;
+                    }
+                    if self.cfg.sample_every_n_steps.is_some_and(|n| n > 0 && self.step % n == 0)
+                        && self.cfg.sample_every_n_epochs.is_none()
+                    {
+                        self.sample_images()?;
+                    }
+                }
+            }
+            self.epoch += 1;
+            self.batch_in_epoch = 0;
+            if self.cfg.save_every_n_epochs.is_some_and(|n| n > 0 && self.epoch % n == 0) && self.epoch < self.epochs {
+                self.save_network(&format!("{}-{:06}", self.cfg.output_name, self.epoch))?;
+                self.prune(false)?;
+            }
+            if self.cfg.sample_every_n_epochs.is_some_and(|n| n > 0 && self.epoch % n == 0) {
+                self.sample_images()?;
+            }
+        }
+        self.save_network(&self.cfg.output_name.clone())?;
+        if self.cfg.save_state {
+            self.save_state_now()?;
+        }
+        Ok(())
+    }
+
+    fn output_dir(&self) -> PathBuf {
+        self.cfg.output_dir.clone().unwrap_or_else(|| PathBuf::from("output"))
+    }
+
+    /// Creates the output folder and proves it writable before any training; refuses an existing final file.
+    pub fn prepare_output(&self) -> Result<()> {
+        let dir = self.output_dir();
+        std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
+        let probe = dir.join(format!(".sdtune-write-test-{}", std::process::id()));
+        std::fs::write(&probe, b"ok")
+            .with_context(|| format!("{}: the output folder is not writable", dir.display()))?;
+        let _ = std::fs::remove_file(&probe);
+        let last = dir.join(format!("{}.safetensors", self.cfg.output_name));
+        if last.exists() && !self.cfg.overwrite && self.step == 0 {
+            bail!("{}: already exists; choose another output_name or set overwrite: true", last.display());
+        }
+        Ok(())
+    }
+
+    /// The training metadata (`ss_*`), as sd-scripts writes it.
+    pub fn metadata(&self) -> BTreeMap<String, String> {
+        let c = &self.cfg;
+        let mut m = BTreeMap::new();
+        let py = file::py_float;
+        let opt = |v: Option<f64>| v.map(py).unwrap_or_else(|| "None".into());
+        m.insert("ss_output_name".into(), c.output_name.clone());
+        m.insert("ss_learning_rate".into(), py(c.learning_rate));
+        m.insert("ss_text_encoder_lr".into(), opt(c.text_encoder_lr));
+        m.insert("ss_unet_lr".into(), opt(c.unet_lr));
+        if let Some(d) = &self.data {
+            let reg: usize = d.datasets.iter().flat_map(|x| &x.images).filter(|i| i.is_reg).count();
+            let all: usize = d.datasets.iter().map(|x| x.images.len()).sum();
+            m.insert(
+                "ss_num_train_images".into(),
+                d.datasets
+                    .iter()
+                    .flat_map(|x| &x.images)
+                    .filter(|i| !i.is_reg)
+                    .map(|i| i.num_repeats)
+                    .sum::<usize>()
+                    .to_string(),
+            );
+            m.insert("ss_num_reg_images".into(), reg.min(all).to_string());
+            m.insert("ss_num_batches_per_epoch".into(), d.batches_per_epoch().to_string());
+        }
+        m.insert("ss_num_epochs".into(), self.epochs.to_string());
+        m.insert("ss_gradient_checkpointing".into(), "False".into());
+        m.insert("ss_gradient_accumulation_steps".into(), c.gradient_accumulation_steps.to_string());
+        m.insert("ss_max_train_steps".into(), self.total_steps.to_string());
+        m.insert("ss_lr_warmup_steps".into(), c.lr_warmup_steps.to_string());
+        m.insert("ss_lr_scheduler".into(), c.lr_scheduler.clone());
+        m.insert("ss_mixed_precision".into(), c.mixed_precision.clone().unwrap_or_else(|| "no".into()));
+        m.insert("ss_full_fp16".into(), "False".into());
+        m.insert("ss_clip_skip".into(), self.model.clip_skip.to_string());
+        m.insert("ss_max_token_length".into(), "None".into());
+        m.insert(
+            "ss_cache_latents".into(),
+            if c.cache_latents || c.cache_latents_to_disk { "True" } else { "False" }.into(),
+        );
+        m.insert("ss_seed".into(), c.seed.to_string());
+        m.insert("ss_lowram".into(), "False".into());
+        m.insert("ss_noise_offset".into(), opt(c.noise_offset));
+        m.insert(
+            "ss_multires_noise_iterations".into(),
+            c.multires_noise_iterations.map(|v| v.to_string()).unwrap_or_else(|| "None".into()),
+        );
+        m.insert("ss_multires_noise_discount".into(), py(c.multires_noise_discount));
+        m.insert("ss_adaptive_noise_scale".into(), opt(c.adaptive_noise_scale));
+        m.insert("ss_zero_terminal_snr".into(), if c.zero_terminal_snr { "True" } else { "False" }.into());
+        m.insert("ss_training_comment".into(), c.training_comment.clone().unwrap_or_else(|| "None".into()));
+        m.insert("ss_sd_scripts_commit_hash".into(), format!("sdtune {}", env!("CARGO_PKG_VERSION")));
+        m.insert("ss_optimizer".into(), self.optimizer.kind.describe());
+        m.insert("ss_max_grad_norm".into(), py(c.max_grad_norm));
+        m.insert("ss_prior_loss_weight".into(), py(c.prior_loss_weight));
+        m.insert("ss_min_snr_gamma".into(), opt(c.min_snr_gamma));
+        m.insert("ss_ip_noise_gamma".into(), opt(c.ip_noise_gamma));
+        m.insert("ss_debiased_estimation".into(), if c.debiased_estimation_loss { "True" } else { "False" }.into());
+        m.insert("ss_loss_type".into(), c.loss_type.clone());
+        m.insert("ss_huber_schedule".into(), c.huber_schedule.clone());
+        m.insert("ss_huber_c".into(), py(c.huber_c));
+        m.insert("ss_steps".into(), self.step.to_string());
+        m.insert("ss_epoch".into(), self.epoch.to_string());
+        m
+    }
+
+    /// Writes `name.safetensors` in the output folder with sd-scripts' metadata.
+    pub fn save_network(&self, name: &str) -> Result<PathBuf> {
+        let path = self.output_dir().join(format!("{name}.safetensors"));
+        let res =
+            self.data.as_ref().and_then(|d| d.datasets.first()).map(|d| d.cfg.buckets.resolution).unwrap_or((512, 512));
+        let meta = file::base_metadata(&self.network, name, res, &self.metadata());
+        file::save(&self.network, &path, &meta, self.cfg.save_dtype()?, true)?;
+        Ok(path)
+    }
+
+    /// Keeps only the last `save_last_n_epochs` / `save_last_n_steps` intermediate files.
+    fn prune(&self, steps: bool) -> Result<()> {
+        let keep = if steps { self.cfg.save_last_n_steps } else { self.cfg.save_last_n_epochs };
+        let Some(keep) = keep else { return Ok(()) };
+        let prefix =
+            if steps { format!("{}-step", self.cfg.output_name) } else { format!("{}-", self.cfg.output_name) };
+        let mut files: Vec<PathBuf> = std::fs::read_dir(self.output_dir())?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                n.starts_with(&prefix)
+                    && n.ends_with(".safetensors")
+                    && (steps || !n.contains("-step"))
+                    && n[prefix.len()..n.len() - 12].chars().all(|c| c.is_ascii_digit())
+            })
+            .collect();
+        files.sort();
+        let excess = files.len().saturating_sub(keep);
+        for f in files.into_iter().take(excess) {
+            std::fs::remove_file(&f).with_context(|| format!("{}: cannot remove an old save", f.display()))?;
+        }
+        Ok(())
+    }
+
+    fn log_metrics(&self, loss: f64) -> Result<()> {
+        let dir = self.cfg.logging_dir.clone().unwrap_or_else(|| self.output_dir());
+        std::fs::create_dir_all(&dir)?;
+        let avg = self.losses.iter().rev().take(100).sum::<f64>() / self.losses.len().clamp(1, 100) as f64;
+        let mut line = serde_json::json!({ "step": self.step, "epoch": self.epoch + 1, "loss/current": loss, "loss/average": avg });
+        for (name, lr) in self.current_lrs() {
+            line[format!("lr/{name}")] = serde_json::json!(lr);
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join(format!("{}-metrics.jsonl", self.cfg.output_name)))?;
+        writeln!(f, "{line}")?;
+        Ok(())
+    }
+
+    fn sample_images(&self) -> Result<()> {
+        let Some(prompts) = &self.cfg.sample_prompts else { return Ok(()) };
+        let out = self.output_dir().join("sample");
+        let defaults = crate::sample::SampleOptions {
+            sampler: self.cfg.sample_sampler.clone(),
+            width: 512,
+            height: 512,
+            ..Default::default()
+        };
+        let res =
+            self.data.as_ref().and_then(|d| d.datasets.first()).map(|d| d.cfg.buckets.resolution).unwrap_or((512, 512));
+        let defaults = crate::sample::SampleOptions { width: res.0, height: res.1, ..defaults };
+        crate::sample::batch::sample_prompt_file(&self.model, prompts, &defaults, &out, &mut |_, _, _, _| {})?;
+        Ok(())
+    }
+
+    /// The state folder (`output_dir/{output_name}-state`).
+    pub fn state_dir(&self) -> PathBuf {
+        self.output_dir().join(format!("{}-state", self.cfg.output_name))
+    }
+
+    /// Saves everything needed to continue exactly: network and optimizer tensors, counters and the recipe.
+    pub fn save_state_now(&self) -> Result<PathBuf> {
+        super::state::save(self, &self.state_dir())?;
+        Ok(self.state_dir())
+    }
+
+    pub(crate) fn optimizer(&self) -> &Optimizer {
+        &self.optimizer
+    }
+
+    pub(crate) fn optimizer_mut(&mut self) -> &mut Optimizer {
+        &mut self.optimizer
+    }
+
+    /// Whether the loop is done.
+    pub fn finished(&self) -> bool {
+        self.step >= self.total_steps
+    }
+
+    /// Where the final network goes.
+    pub fn final_path(&self) -> PathBuf {
+        self.output_dir().join(format!("{}.safetensors", self.cfg.output_name))
+    }
+}
+
+/// The paths a recipe refers to, made absolute so a saved state can be resumed from anywhere.
+pub fn absolute(p: &Path) -> PathBuf {
+    std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf())
+}
