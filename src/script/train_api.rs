@@ -181,20 +181,8 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("remove_network", |_m: &mut Model, n: NetworkRef| n.remove());
     engine.register_fn("merge_network", |_m: &mut Model, n: NetworkRef, mult: f64| rt(n.merge(mult)));
     engine.register_get("modules", |n: &mut NetworkRef| n.modules.len() as i64);
-    engine.register_fn("save", |n: &mut NetworkRef, p: &str| -> RhaiResult<()> {
-        rt((|| {
-            let meta = file::base_metadata(n, &stem(p), (512, 512), &Default::default());
-            file::save(n, Path::new(p), &meta, candle_core::DType::F32, false)
-        })())
-    });
-    engine.register_fn("save", |n: &mut NetworkRef, p: &str, extra: Map| -> RhaiResult<()> {
-        rt((|| {
-            let extra: std::collections::BTreeMap<String, String> =
-                extra.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-            let meta = file::base_metadata(n, &stem(p), (512, 512), &extra);
-            file::save(n, Path::new(p), &meta, candle_core::DType::F32, false)
-        })())
-    });
+    engine.register_fn("save", |n: &mut NetworkRef, p: &str| rt(save_network(n, p, &Map::new())));
+    engine.register_fn("save", |n: &mut NetworkRef, p: &str, extra: Map| rt(save_network(n, p, &extra)));
     engine.register_fn("optimizer", |name: &str, o: Map| -> RhaiResult<Map> {
         rt((|| {
             let mut m = Map::new();
@@ -315,6 +303,13 @@ pub fn register(engine: &mut Engine) {
             Ok(p.display().to_string())
         })())
     });
+}
+
+/// `net.save(path[, metadata])`: kohya format with the network's metadata plus `extra`, never overwriting.
+fn save_network(n: &Network, p: &str, extra: &Map) -> Result<()> {
+    let extra: std::collections::BTreeMap<String, String> = extra.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let meta = file::base_metadata(n, &stem(p), (512, 512), &extra);
+    file::save(n, Path::new(p), &meta, candle_core::DType::F32, false)
 }
 
 fn stem(p: &str) -> String {
