@@ -10,3 +10,4 @@ mod roundtrip;
 mod sampling;
 mod schedule;
 mod tokenizer;
+mod training;
