@@ -23,6 +23,14 @@ enum Command {
     },
     /// Render every prompt of a prompt file (sd-scripts' .txt/.toml/.json syntax) to PNGs.
     Sample(SampleArgs),
+    /// Train a LoRA with sd-scripts' option names: `--pretrained_model_name_or_path M --train_data_dir D
+    /// --output_dir O --network_dim 8 ...`, optionally `--config_file cfg.toml` (flags win over the file).
+    /// Ctrl-C stops after the current step and saves a resumable state; `--resume STATE_DIR` continues one.
+    Train {
+        /// sd-scripts options as `--name value` (lists: `--optimizer_args a=1 b=2`), flags as `--name`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Datasets: `sdtune dataset inspect PATH` reports subsets, repeats, buckets, steps per epoch and problems.
     Dataset {
         #[command(subcommand)]
@@ -202,6 +210,117 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `--name value [value...]` / `--flag` → a JSON object (numbers and booleans typed).
+fn parse_flags(args: &[String]) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    use serde_json::Value;
+    let typed = |v: &str| -> Value {
+        if let Ok(i) = v.parse::<i64>() {
+            Value::from(i)
+        } else if let Ok(f) = v.parse::<f64>() {
+            Value::from(f)
+        } else if v == "true" || v == "True" {
+            Value::Bool(true)
+        } else if v == "false" || v == "False" {
+            Value::Bool(false)
+        } else {
+            Value::from(v)
+        }
+    };
+    let mut out = serde_json::Map::new();
+    let mut i = 0;
+    while i < args.len() {
+        let name = args[i]
+            .strip_prefix("--")
+            .ok_or_else(|| anyhow::anyhow!("train: expected an option like --learning_rate, got {:?}", args[i]))?;
+        let name = name.replace('-', "_");
+        let mut vals = Vec::new();
+        i += 1;
+        while i < args.len() && !args[i].starts_with("--") {
+            vals.push(args[i].clone());
+            i += 1;
+        }
+        let v = match (name.as_str(), vals.len()) {
+            ("optimizer_args" | "network_args", _) => {
+                Value::Array(vals.iter().map(|v| Value::from(v.as_str())).collect())
+            }
+            (_, 0) => Value::Bool(true),
+            (_, 1) => typed(&vals[0]),
+            _ => Value::Array(vals.iter().map(|v| typed(v)).collect()),
+        };
+        out.insert(name, v);
+    }
+    Ok(out)
+}
+
+/// Flattens an sd-scripts `--config_file` TOML (sections are only grouping).
+fn read_config_file(path: &std::path::Path) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    let doc: toml::Table =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid TOML: {}", path.display(), e.message()))?;
+    let mut out = serde_json::Map::new();
+    for (k, v) in doc {
+        match v {
+            toml::Value::Table(t) => {
+                for (k2, v2) in t {
+                    out.insert(k2, serde_json::to_value(v2)?);
+                }
+            }
+            other => {
+                out.insert(k, serde_json::to_value(other)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn train(args: Vec<String>) -> anyhow::Result<()> {
+    let mut flags = parse_flags(&args)?;
+    let mut trainer = if let Some(state) = flags.remove("resume") {
+        let dir = state.as_str().ok_or_else(|| anyhow::anyhow!("--resume needs a state folder"))?.to_string();
+        sdtune::train::build::resume(std::path::Path::new(&dir))?
+    } else {
+        let mut flat = match flags.remove("config_file") {
+            Some(serde_json::Value::String(p)) => read_config_file(std::path::Path::new(&p))?,
+            Some(_) => anyhow::bail!("--config_file needs a path"),
+            None => serde_json::Map::new(),
+        };
+        flat.extend(flags);
+        let (recipe, notes) = sdtune::train::build::recipe_from_flat(flat)?;
+        for n in notes {
+            eprintln!("note: {n}");
+        }
+        sdtune::train::build::build(&recipe)?
+    };
+    let _ = ctrlc::set_handler(|| {
+        eprintln!("\nstopping after this step (a resumable state will be saved)...");
+        sdtune::train::trainer::INTERRUPT.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    trainer.cfg.log_every_n_steps = 0;
+    let bar = indicatif::ProgressBar::new(trainer.total_steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("steps {pos}/{len} [{bar:30}] {msg} {per_sec} ETA {eta}")
+            .expect("a valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_position(trainer.step as u64);
+    trainer.run(&mut |t, loss| {
+        let avg = t.losses.iter().rev().take(100).sum::<f64>() / t.losses.len().clamp(1, 100) as f64;
+        bar.set_message(format!("epoch {}/{} loss {loss:.4} avg {avg:.4}", t.epoch + 1, t.epochs));
+        bar.set_position(t.step as u64);
+    })?;
+    bar.finish_and_clear();
+    if trainer.stopped {
+        println!(
+            "stopped at step {}; resume with: sdtune train --resume {}",
+            trainer.step,
+            trainer.state_dir().display()
+        );
+    } else {
+        println!("{}", trainer.final_path().display());
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error (please report it): {info}");
@@ -210,6 +329,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run { script, args } => sdtune::script::run_file(&script, &args),
         Command::Sample(a) => sample(a).map_err(|e| format!("{e:#}")),
+        Command::Train { args } => train(args).map_err(|e| format!("{e:#}")),
         Command::Dataset { command: DatasetCommand::Inspect(a) } => inspect(a).map_err(|e| format!("{e:#}")),
     };
     match result {

@@ -2,5 +2,6 @@
 
 pub mod checkpoint;
 pub mod keymap;
+pub mod plot;
 pub mod png;
 pub mod tensors;

@@ -307,7 +307,8 @@ pub fn register(engine: &mut Engine) {
 
 /// `net.save(path[, metadata])`: kohya format with the network's metadata plus `extra`, never overwriting.
 fn save_network(n: &Network, p: &str, extra: &Map) -> Result<()> {
-    let extra: std::collections::BTreeMap<String, String> = extra.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let extra: std::collections::BTreeMap<String, String> =
+        extra.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
     let meta = file::base_metadata(n, &stem(p), (512, 512), &extra);
     file::save(n, Path::new(p), &meta, candle_core::DType::F32, false)
 }

@@ -16,37 +16,54 @@ fn recipe(dir: &std::path::Path, train: serde_json::Value) -> serde_json::Value 
 }
 
 fn weights(tr: &sdtune::train::Trainer) -> Vec<f32> {
-    tr.network.vars().iter().flat_map(|(_, d, u)| {
-        let mut v = d.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        v.extend(u.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
-        v
-    }).collect()
+    tr.network
+        .vars()
+        .iter()
+        .flat_map(|(_, d, u)| {
+            let mut v = d.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+            v.extend(u.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            v
+        })
+        .collect()
 }
 
 #[test]
 fn a_trained_lora_lowers_the_loss_on_its_data() {
     let dir = scratch("train-learn");
-    let mut tr = build::build(&recipe(&dir, json!({
-        "learning_rate": 1e-3, "max_train_steps": 120, "seed": 3, "cache_latents": true,
-        "output_dir": dir.join("out"), "output_name": "learn", "log_every_n_steps": 0,
-    }))).unwrap();
+    let mut tr = build::build(&recipe(
+        &dir,
+        json!({
+            "learning_rate": 1e-3, "max_train_steps": 120, "seed": 3, "cache_latents": true,
+            "output_dir": dir.join("out"), "output_name": "learn", "log_every_n_steps": 0,
+        }),
+    ))
+    .unwrap();
     // fixed evaluation batches: every image, fixed noise and timesteps
     let plan = tr.epoch_plan(0);
     let mut rng = sdtune::rng::Rng::new(99);
-    let eval: Vec<Batch> = plan.iter().map(|(di, idx)| {
-        let mut b = tr.make_batch(*di, idx).unwrap();
-        b.noise = Some(rng.randn(b.latents.dims(), &candle_core::Device::Cpu).unwrap());
-        let ts: Vec<i64> = (0..idx.len()).map(|k| [100i64, 300, 500, 700][k % 4]).collect();
-        b.timesteps = Some(candle_core::Tensor::new(ts.as_slice(), &candle_core::Device::Cpu).unwrap());
-        b
-    }).collect();
+    let eval: Vec<Batch> = plan
+        .iter()
+        .map(|(di, idx)| {
+            let mut b = tr.make_batch(*di, idx).unwrap();
+            b.noise = Some(rng.randn(b.latents.dims(), &candle_core::Device::Cpu).unwrap());
+            let ts: Vec<i64> = (0..idx.len()).map(|k| [100i64, 300, 500, 700][k % 4]).collect();
+            b.timesteps = Some(candle_core::Tensor::new(ts.as_slice(), &candle_core::Device::Cpu).unwrap());
+            b
+        })
+        .collect();
     let eval_loss = |tr: &sdtune::train::Trainer| -> f64 {
-        eval.iter().map(|b| tr.compute_loss(b, &mut sdtune::rng::Rng::new(0)).unwrap().to_scalar::<f32>().unwrap() as f64).sum::<f64>() / eval.len() as f64
+        eval.iter()
+            .map(|b| tr.compute_loss(b, &mut sdtune::rng::Rng::new(0)).unwrap().to_scalar::<f32>().unwrap() as f64)
+            .sum::<f64>()
+            / eval.len() as f64
     };
     let before = eval_loss(&tr);
     tr.run(&mut |_, _| {}).unwrap();
     let after = eval_loss(&tr);
-    eprintln!("evaluation loss: untrained LoRA {before:.4}, after 120 steps {after:.4} ({:.1}% lower)", 100.0 * (1.0 - after / before));
+    eprintln!(
+        "evaluation loss: untrained LoRA {before:.4}, after 120 steps {after:.4} ({:.1}% lower)",
+        100.0 * (1.0 - after / before)
+    );
     assert!(after < 0.85 * before, "loss {before} → {after}");
     let out = dir.join("out/learn.safetensors");
     assert!(out.is_file());
@@ -62,14 +79,22 @@ fn a_trained_lora_lowers_the_loss_on_its_data() {
 #[test]
 fn resuming_a_stopped_run_gives_the_uninterrupted_weights() {
     let dir = scratch("train-resume");
-    let train = |name: &str| json!({
-        "learning_rate": 5e-4, "max_train_steps": 12, "seed": 5, "lr_scheduler": "cosine", "lr_warmup_steps": 2,
-        "output_dir": dir.join("out"), "output_name": name, "log_every_n_steps": 0, "noise_offset": 0.05,
-    });
+    let train = |name: &str| {
+        json!({
+            "learning_rate": 5e-4, "max_train_steps": 12, "seed": 5, "lr_scheduler": "cosine", "lr_warmup_steps": 2,
+            "output_dir": dir.join("out"), "output_name": name, "log_every_n_steps": 0, "noise_offset": 0.05,
+        })
+    };
     let mut full = build::build(&recipe(&dir, train("full"))).unwrap();
     full.run(&mut |_, _| {}).unwrap();
     let mut first = build::build(&recipe(&dir, train("part"))).unwrap();
-    first.run(&mut |t, _| if t.step == 5 { t.stop.store(true, std::sync::atomic::Ordering::SeqCst) }).unwrap();
+    first
+        .run(&mut |t, _| {
+            if t.step == 5 {
+                t.stop.store(true, std::sync::atomic::Ordering::SeqCst)
+            }
+        })
+        .unwrap();
     assert!(first.stopped);
     assert_eq!(first.step, 5);
     let state = first.state_dir();
@@ -88,15 +113,24 @@ fn resuming_a_stopped_run_gives_the_uninterrupted_weights() {
 #[test]
 fn saves_every_n_steps_keep_the_last_n() {
     let dir = scratch("train-saves");
-    let mut tr = build::build(&recipe(&dir, json!({
-        "learning_rate": 1e-4, "max_train_steps": 6, "save_every_n_steps": 2, "save_last_n_steps": 2,
-        "output_dir": dir.join("out"), "output_name": "s", "log_every_n_steps": 0, "save_precision": "fp16",
-    }))).unwrap();
+    let mut tr = build::build(&recipe(
+        &dir,
+        json!({
+            "learning_rate": 1e-4, "max_train_steps": 6, "save_every_n_steps": 2, "save_last_n_steps": 2,
+            "output_dir": dir.join("out"), "output_name": "s", "log_every_n_steps": 0, "save_precision": "fp16",
+        }),
+    ))
+    .unwrap();
     tr.run(&mut |_, _| {}).unwrap();
-    let mut names: Vec<String> = std::fs::read_dir(dir.join("out")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).filter(|n| n.ends_with(".safetensors")).collect();
+    let mut names: Vec<String> = std::fs::read_dir(dir.join("out"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".safetensors"))
+        .collect();
     names.sort();
     assert_eq!(names, vec!["s-step00000004.safetensors", "s-step00000006.safetensors", "s.safetensors"]);
-    let f = sdtune::io::tensors::read_safetensors(&dir.join("out/s.safetensors"), None, &candle_core::Device::Cpu).unwrap();
+    let f =
+        sdtune::io::tensors::read_safetensors(&dir.join("out/s.safetensors"), None, &candle_core::Device::Cpu).unwrap();
     assert!(f.tensors.values().all(|t| t.dtype() == candle_core::DType::F16), "save_precision fp16, alpha included");
 }
 
@@ -115,7 +149,11 @@ fn a_nan_loss_stops_the_run_naming_the_step_and_writes_nothing() {
 fn an_unwritable_output_folder_fails_before_training() {
     let dir = scratch("train-ro");
     std::fs::write(dir.join("a-file"), b"x").unwrap();
-    let mut tr = build::build(&recipe(&dir, json!({ "max_train_steps": 3, "output_dir": dir.join("a-file/out"), "log_every_n_steps": 0 }))).unwrap();
+    let mut tr = build::build(&recipe(
+        &dir,
+        json!({ "max_train_steps": 3, "output_dir": dir.join("a-file/out"), "log_every_n_steps": 0 }),
+    ))
+    .unwrap();
     let e = tr.run(&mut |_, _| {}).unwrap_err().to_string();
     assert!(e.contains("a-file/out") && e.contains("output folder"), "{e}");
     assert_eq!(tr.step, 0);
@@ -130,4 +168,48 @@ fn unknown_and_unsupported_options_are_named() {
     assert!(e.contains("gradient_checkpointing") && e.contains("not supported yet"), "{e}");
     let e = build::build(&recipe(&dir, json!({ "optimizer_type": "Prodigy" }))).err().unwrap().to_string();
     assert!(e.contains("Prodigy") && e.contains("not supported yet"), "{e}");
+}
+
+#[test]
+fn sdtune_train_takes_sd_scripts_flags_and_config_files() {
+    let dir = scratch("train-cli");
+    let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 1, 4, 64, 0).unwrap();
+    std::fs::write(
+        dir.join("cfg.toml"),
+        format!(
+            "[model]\npretrained_model_name_or_path = {:?}\n[dataset]\ntrain_data_dir = {:?}\nresolution = 64\ncaption_extension = \".txt\"\ntrain_batch_size = 2\n[training]\nlearning_rate = 1e-4\nmax_train_steps = 100\nnetwork_dim = 4\n",
+            fixture("tiny-sd15").to_string_lossy(),
+            data.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let run = |extra: &[&str]| {
+        let mut a = vec!["train", "--config_file", dir.join("cfg.toml").to_str().unwrap().to_string().leak() as &str];
+        a.extend_from_slice(extra);
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdtune")).args(&a).output().unwrap()
+    };
+    // flags beat the file: 3 steps, not 100
+    let o = run(&[
+        "--max_train_steps",
+        "3",
+        "--output_dir",
+        out.to_str().unwrap(),
+        "--output_name",
+        "cli",
+        "--optimizer_args",
+        "weight_decay=0.1",
+        "betas=0.9,0.99",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let meta = sdtune::io::tensors::read_metadata(&out.join("cli.safetensors")).unwrap();
+    assert_eq!(meta["ss_steps"], "3");
+    assert!(meta["ss_optimizer"].contains("weight_decay=0.1"), "{}", meta["ss_optimizer"]);
+    // the final file is never overwritten unasked
+    let o = run(&["--max_train_steps", "3", "--output_dir", out.to_str().unwrap(), "--output_name", "cli"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
+    let o = run(&["--max_train_steps", "3", "--output_dir", out.to_str().unwrap(), "--lr_schedulr", "cosine"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("lr_schedulr") && e.lines().count() == 1, "{e}");
 }
