@@ -4,4 +4,5 @@ pub mod checkpoint;
 pub mod keymap;
 pub mod plot;
 pub mod png;
+pub mod tensorboard;
 pub mod tensors;

@@ -184,10 +184,12 @@ impl TrainConfig {
             }
         }
         let c: TrainConfig = serde_json::from_value(v).map_err(|e| anyhow::anyhow!("train: {e}"))?;
-        if let Some(mp) = c.mixed_precision.as_deref() {
-            if !["no", "fp16", "bf16"].contains(&mp) {
-                bail!("mixed_precision must be no, fp16 or bf16, got {mp:?}");
-            }
+        match c.mixed_precision.as_deref() {
+            None | Some("no") => {}
+            Some("fp16" | "bf16") => bail!(
+                "mixed_precision fp16/bf16 is not supported yet as a training option; load the model with dtype \"f16\" (the LoRA weights stay f32)"
+            ),
+            Some(mp) => bail!("mixed_precision must be no, fp16 or bf16, got {mp:?}"),
         }
         if c.min_timestep >= c.max_timestep || c.max_timestep > 1000 {
             bail!(

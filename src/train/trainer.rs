@@ -63,6 +63,8 @@ pub struct Trainer {
     te_stopped: bool,
     /// Whether the last `run` ended on a stop request.
     pub stopped: bool,
+    events: Option<crate::io::tensorboard::EventWriter>,
+    epoch_losses: Vec<f64>,
 }
 
 /// Set by Ctrl-C handlers: every running loop stops gracefully (saving a state) at the next step.
@@ -160,6 +162,8 @@ impl Trainer {
             accum_count: 0,
             te_stopped: false,
             stopped: false,
+            events: None,
+            epoch_losses: Vec::new(),
         })
     }
 
@@ -430,6 +434,11 @@ impl Trainer {
             }
             self.epoch += 1;
             self.batch_in_epoch = 0;
+            if let (Some(ev), false) = (self.events.as_mut(), self.epoch_losses.is_empty()) {
+                let mean = self.epoch_losses.iter().sum::<f64>() / self.epoch_losses.len() as f64;
+                ev.scalars(self.epoch, &[("loss/epoch", mean as f32)])?;
+            }
+            self.epoch_losses.clear();
             if self.cfg.save_every_n_epochs.is_some_and(|n| n > 0 && self.epoch % n == 0) && self.epoch < self.epochs {
                 self.save_network(&format!("{}-{:06}", self.cfg.output_name, self.epoch))?;
                 self.prune(false)?;
@@ -564,13 +573,25 @@ impl Trainer {
         Ok(())
     }
 
-    fn log_metrics(&self, loss: f64) -> Result<()> {
+    fn log_metrics(&mut self, loss: f64) -> Result<()> {
         let dir = self.cfg.logging_dir.clone().unwrap_or_else(|| self.output_dir());
         std::fs::create_dir_all(&dir)?;
         let avg = self.losses.iter().rev().take(100).sum::<f64>() / self.losses.len().clamp(1, 100) as f64;
+        self.epoch_losses.push(loss);
         let mut line = serde_json::json!({ "step": self.step, "epoch": self.epoch + 1, "loss/current": loss, "loss/average": avg });
-        for (name, lr) in self.current_lrs() {
+        let lrs = self.current_lrs();
+        for (name, lr) in &lrs {
             line[format!("lr/{name}")] = serde_json::json!(lr);
+        }
+        if self.cfg.logging_dir.is_some() {
+            if self.events.is_none() {
+                self.events = Some(crate::io::tensorboard::EventWriter::create(&dir.join(&self.cfg.output_name))?);
+            }
+            let mut scalars: Vec<(String, f32)> =
+                vec![("loss/current".into(), loss as f32), ("loss/average".into(), avg as f32)];
+            scalars.extend(lrs.iter().map(|(n, lr)| (format!("lr/{n}"), *lr as f32)));
+            let refs: Vec<(&str, f32)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+            self.events.as_mut().expect("created above").scalars(self.step, &refs)?;
         }
         let mut f = std::fs::OpenOptions::new()
             .create(true)

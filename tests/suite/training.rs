@@ -213,3 +213,32 @@ fn sdtune_train_takes_sd_scripts_flags_and_config_files() {
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("lr_schedulr") && e.lines().count() == 1, "{e}");
 }
+
+#[test]
+fn tensorboard_events_and_metrics_are_written() {
+    let dir = scratch("train-tb");
+    let logs = std::path::PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tb-cross");
+    let _ = std::fs::remove_dir_all(&logs);
+    let mut tr = build::build(&recipe(&dir, json!({
+        "learning_rate": 1e-4, "max_train_steps": 4, "output_dir": dir.join("out"), "output_name": "tb", "logging_dir": logs, "log_every_n_steps": 0,
+    }))).unwrap();
+    tr.run(&mut |_, _| {}).unwrap();
+    let events: Vec<_> = std::fs::read_dir(logs.join("tb")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(events.len(), 1);
+    let bytes = std::fs::read(&events[0]).unwrap();
+    // TFRecord framing: walk the records (length, crc, data, crc)
+    let (mut at, mut records) = (0, 0);
+    while at < bytes.len() {
+        let len = u64::from_le_bytes(bytes[at..at + 8].try_into().unwrap()) as usize;
+        at += 12 + len + 4;
+        records += 1;
+    }
+    assert_eq!(at, bytes.len());
+    assert_eq!(records, 1 + 4 + 1, "file version, 4 steps, 1 epoch mean (4 batches per epoch)");
+    assert!(
+        bytes.windows(12).any(|w| w == b"loss/current")
+            && bytes.windows(7).any(|w| w == b"lr/unet")
+            && bytes.windows(10).any(|w| w == b"loss/epoch")
+    );
+    assert!(logs.join("tb-metrics.jsonl").is_file());
+}
