@@ -246,6 +246,30 @@ impl Network {
         Ok(out)
     }
 
+    /// sd-scripts' `apply_max_norm_regularization`: per module `n = max(‖ΔW‖_F, max_norm/2)`, and when
+    /// `min(n, max_norm)/n < 1` both factors are scaled by its square root. Returns (modules scaled, mean norm,
+    /// max norm) of the norms after scaling.
+    pub fn apply_max_norm(&self, max_norm: f64) -> Result<(usize, f64, f64)> {
+        let mut scaled = 0;
+        let mut norms = Vec::with_capacity(self.modules.len());
+        for (_, m) in &self.modules {
+            let norm = m.delta_weight()?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt();
+            let n = norm.max(max_norm / 2.0);
+            let ratio = n.min(max_norm) / n;
+            if ratio != 1.0 {
+                let s = ratio.sqrt();
+                m.down.set(&(m.down.as_tensor() * s)?)?;
+                m.up.set(&(m.up.as_tensor() * s)?)?;
+                scaled += 1;
+                norms.push(norm * ratio);
+            } else {
+                norms.push(norm);
+            }
+        }
+        let mean = norms.iter().sum::<f64>() / norms.len().max(1) as f64;
+        Ok((scaled, mean, norms.iter().copied().fold(0.0, f64::max)))
+    }
+
     /// Whether any module wraps a 3×3 conv (C3Lier).
     pub fn is_c3lier(&self) -> bool {
         self.modules.iter().any(|(_, m)| matches!(m.layer.kind, LayerKind::Conv { kernel, .. } if kernel != (1, 1)))

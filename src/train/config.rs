@@ -142,6 +142,8 @@ pub struct TrainConfig {
     pub logging_dir: Option<PathBuf>,
     pub mixed_precision: Option<String>,
     pub training_comment: Option<String>,
+    /// Max-norm regularisation of each module's ΔW (sd-scripts' `scale_weight_norms`).
+    pub scale_weight_norms: Option<f64>,
     /// Print a progress line every N steps (0: never).
     #[serde(default = "ten")]
     pub log_every_n_steps: usize,
@@ -162,7 +164,6 @@ pub const NOT_YET: &[&str] = &[
     "fp8_base",
     "max_token_length",
     "weighted_captions",
-    "scale_weight_norms",
     "masked_loss",
     "alpha_mask",
     "network_weights",

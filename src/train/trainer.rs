@@ -299,6 +299,9 @@ impl Trainer {
             }
             self.stop_text_encoder_if_due();
             self.optimizer.step(&grads, self.lr.factor(self.step))?;
+            if let Some(n) = self.cfg.scale_weight_norms.filter(|&n| n > 0.0) {
+                self.network.apply_max_norm(n)?;
+            }
             self.step += 1;
             self.losses.push(value);
         }
@@ -534,6 +537,7 @@ impl Trainer {
         m.insert("ss_loss_type".into(), c.loss_type.clone());
         m.insert("ss_huber_schedule".into(), c.huber_schedule.clone());
         m.insert("ss_huber_c".into(), py(c.huber_c));
+        m.insert("ss_scale_weight_norms".into(), opt(c.scale_weight_norms));
         m.insert("ss_steps".into(), self.step.to_string());
         m.insert("ss_epoch".into(), self.epoch.to_string());
         m

@@ -175,3 +175,25 @@ fn foreign_networks_are_refused_with_reasons() {
     let e = file::load(&fixture("tiny-sd15/golden.safetensors"), &sd15).err().unwrap().to_string();
     assert!(e.contains("not a network file"), "{e}");
 }
+
+#[test]
+fn max_norm_regularization_follows_sd_scripts() {
+    // the fixture LoRA has non-zero ΔW; with max_norm below every module's norm, all are scaled to exactly max_norm
+    let model = load(&fixture("tiny-sd15"));
+    let net = file::load(&fixture(FILES[0].1), &model).unwrap();
+    let norm = |m: &sdtune::networks::lora::LoraModule| {
+        m.delta_weight().unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64
+    };
+    let smallest = net.modules.iter().map(|(_, m)| norm(m)).fold(f64::MAX, f64::min);
+    let target = smallest * 0.5;
+    let (scaled, _, max) = net.apply_max_norm(target).unwrap();
+    assert_eq!(scaled, net.modules.len());
+    assert!((max - target).abs() < 1e-6 * target.max(1.0));
+    for (_, m) in &net.modules {
+        assert!((norm(m) - target).abs() < 1e-4 * target.max(1.0), "{}: {} vs {target}", m.name, norm(m));
+    }
+    // a large max_norm leaves modules alone (n = max(‖ΔW‖, N/2) ≤ N)
+    let before = norm(&net.modules[0].1);
+    let (scaled, _, _) = net.apply_max_norm(before * 100.0).unwrap();
+    assert_eq!(scaled, 0);
+}

@@ -242,3 +242,72 @@ fn tensorboard_events_and_metrics_are_written() {
     );
     assert!(logs.join("tb-metrics.jsonl").is_file());
 }
+
+#[test]
+fn samples_are_rendered_during_training() {
+    let dir = scratch("train-samples");
+    std::fs::write(dir.join("prompts.txt"), "toy, a red circle --w 64 --h 64 --s 3 --d 1\n").unwrap();
+    let mut tr = build::build(&recipe(&dir, json!({
+        "learning_rate": 1e-4, "max_train_steps": 4, "output_dir": dir.join("out"), "output_name": "smp", "log_every_n_steps": 0,
+        "sample_prompts": dir.join("prompts.txt"), "sample_every_n_steps": 2, "sample_at_first": true, "sample_sampler": "euler_a",
+    }))).unwrap();
+    tr.run(&mut |_, _| {}).unwrap();
+    let pngs: Vec<_> = std::fs::read_dir(dir.join("out/sample")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(pngs.len(), 3, "at first, after step 2 and step 4: {pngs:?}");
+    let img = sdtune::io::png::Image::load(&pngs[0]).unwrap();
+    assert!(img.text_value("parameters").unwrap().contains("Sampler: Euler a"));
+}
+
+#[test]
+fn ctrl_c_saves_a_state_that_resumes() {
+    let dir = scratch("train-sigint");
+    let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 4, 8, 64, 0).unwrap();
+    let out = dir.join("out");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sdtune"))
+        .args([
+            "train",
+            "--pretrained_model_name_or_path",
+            fixture("tiny-sd15").to_str().unwrap(),
+            "--train_data_dir",
+            data.to_str().unwrap(),
+            "--resolution",
+            "64",
+            "--caption_extension",
+            ".txt",
+            "--train_batch_size",
+            "2",
+            "--max_train_steps",
+            "400",
+            "--output_dir",
+            out.to_str().unwrap(),
+            "--output_name",
+            "int",
+            "--learning_rate",
+            "1e-4",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let metrics = out.join("int-metrics.jsonl");
+    let t0 = std::time::Instant::now();
+    while std::fs::read_to_string(&metrics).map(|s| s.lines().count()).unwrap_or(0) < 3 {
+        assert!(t0.elapsed().as_secs() < 120, "training did not start");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let ok = std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    assert!(ok.success());
+    let o = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(stdout.contains("stopped at step") && stdout.contains("--resume"), "{stdout}");
+    let state = out.join("int-state");
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("state.json")).unwrap()).unwrap();
+    let stopped_at = info["step"].as_u64().unwrap();
+    assert!((3..400).contains(&stopped_at));
+    assert!(!out.join("int.safetensors").exists(), "no final file for a stopped run");
+    // resume for a few steps only would need a different max; here just check the state rebuilds
+    let tr = build::resume(&state).unwrap();
+    assert_eq!(tr.step as u64, stopped_at);
+}
