@@ -263,7 +263,7 @@ fn ctrl_c_saves_a_state_that_resumes() {
     let dir = scratch("train-sigint");
     let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 4, 8, 64, 0).unwrap();
     let out = dir.join("out");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sdtune"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_sdtune"))
         .args([
             "train",
             "--pretrained_model_name_or_path",
