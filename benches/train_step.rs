@@ -1,0 +1,44 @@
+//! The tiny-sd15 LoRA training step on the CPU: rank 8 on every attention/MLP/proj layer of the UNet and the text
+//! encoder, batch 4 of 64×64 images (8×8 latents, cached), f32, AdamW. Prints a markdown row.
+//!
+//! `cargo bench --bench train_step`
+
+use serde_json::json;
+use std::time::Instant;
+
+fn main() {
+    let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = root.join("target/bench-train");
+    let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 1, 16, 64, 0).unwrap();
+    let recipe = |unet_only: bool| {
+        json!({
+            "model": root.join("tests/fixtures/tiny-sd15/tiny-sd15.safetensors"),
+            "dataset": data,
+            "dataset_options": { "resolution": 64, "caption_extension": ".txt", "batch_size": 4 },
+            "network": { "dim": 8, "alpha": 8.0, "train_text_encoder": !unet_only },
+            "train": { "learning_rate": 1e-4, "max_train_steps": 1000, "cache_latents": true, "output_dir": dir.join("out"), "overwrite": true, "log_every_n_steps": 0 },
+        })
+    };
+    println!("| configuration | steps | ms / step (median) | ms / step (mean) |");
+    println!("|---|---|---|---|");
+    for unet_only in [true, false] {
+        let mut tr = sdtune::train::build::build(&recipe(unet_only)).unwrap();
+        let plan = tr.epoch_plan(0);
+        let batches: Vec<_> = plan.iter().map(|(di, idx)| tr.make_batch(*di, idx).unwrap()).collect();
+        for b in &batches {
+            tr.train_batch(b).unwrap(); // warm-up
+        }
+        let mut times = Vec::new();
+        for _ in 0..5 {
+            for b in &batches {
+                let t = Instant::now();
+                tr.train_batch(b).unwrap();
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        let mean = times.iter().sum::<f64>() / times.len() as f64;
+        times.sort_by(f64::total_cmp);
+        let name = if unet_only { "UNet LoRA only" } else { "UNet + text-encoder LoRA" };
+        println!("| {name} | {} | {:.1} | {:.1} |", times.len(), times[times.len() / 2], mean);
+    }
+}
