@@ -99,6 +99,16 @@ pub fn build(recipe: &Value) -> Result<Trainer> {
     let r: Recipe = serde_json::from_value(recipe.clone()).map_err(|e| anyhow::anyhow!("recipe: {e}"))?;
     let cfg =
         TrainConfig::from_json(if r.train.is_null() { Value::Object(Default::default()) } else { r.train.clone() })?;
+    // mixed_precision loads the frozen model in half precision unless the recipe names a dtype
+    let mut r = r;
+    if let Some(d) = cfg.base_dtype() {
+        match r.model_options.as_object_mut() {
+            Some(o) => {
+                o.entry("dtype").or_insert(Value::from(crate::device::dtype_name(d)));
+            }
+            None => r.model_options = serde_json::json!({ "dtype": crate::device::dtype_name(d) }),
+        }
+    }
     let model = Arc::new(load_model(&r)?);
     let data = open_dataset(&r)?.map(Arc::new);
     if data.is_none() {

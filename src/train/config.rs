@@ -185,12 +185,10 @@ impl TrainConfig {
             }
         }
         let c: TrainConfig = serde_json::from_value(v).map_err(|e| anyhow::anyhow!("train: {e}"))?;
-        match c.mixed_precision.as_deref() {
-            None | Some("no") => {}
-            Some("fp16" | "bf16") => bail!(
-                "mixed_precision fp16/bf16 is not supported yet as a training option; load the model with dtype \"f16\" (the LoRA weights stay f32)"
-            ),
-            Some(mp) => bail!("mixed_precision must be no, fp16 or bf16, got {mp:?}"),
+        if let Some(mp) = c.mixed_precision.as_deref() {
+            if !["no", "fp16", "bf16"].contains(&mp) {
+                bail!("mixed_precision must be no, fp16 or bf16, got {mp:?}");
+            }
         }
         if c.min_timestep >= c.max_timestep || c.max_timestep > 1000 {
             bail!(
@@ -203,6 +201,15 @@ impl TrainConfig {
             bail!("network_train_unet_only and network_train_text_encoder_only exclude each other");
         }
         Ok(c)
+    }
+
+    /// The frozen model's dtype that `mixed_precision` asks for (None: f32).
+    pub fn base_dtype(&self) -> Option<candle_core::DType> {
+        match self.mixed_precision.as_deref() {
+            Some("fp16") => Some(candle_core::DType::F16),
+            Some("bf16") => Some(candle_core::DType::BF16),
+            _ => None,
+        }
     }
 
     /// The save dtype (`save_precision`: float, fp16, bf16).

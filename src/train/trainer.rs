@@ -83,6 +83,16 @@ impl Trainer {
         cfg: TrainConfig,
         recipe: serde_json::Value,
     ) -> Result<Self> {
+        if let Some(want) = cfg.base_dtype() {
+            if model.dtype != want {
+                bail!(
+                    "mixed_precision {} needs the model loaded in {} (load_model(path, #{{ dtype: \"{}\" }})); the LoRA weights stay f32",
+                    cfg.mixed_precision.as_deref().unwrap_or(""),
+                    crate::device::dtype_name(want),
+                    crate::device::dtype_name(want)
+                );
+            }
+        }
         let v_pred = cfg.v_parameterization.unwrap_or(model.v_pred);
         let mut groups = Vec::new();
         let mut te = Vec::new();

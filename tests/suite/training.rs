@@ -311,3 +311,22 @@ fn ctrl_c_saves_a_state_that_resumes() {
     let tr = build::resume(&state).unwrap();
     assert_eq!(tr.step as u64, stopped_at);
 }
+
+#[test]
+fn mixed_precision_trains_a_half_precision_base_with_f32_lora_weights() {
+    let dir = scratch("train-mp");
+    let mut tr = build::build(&recipe(&dir, json!({
+        "mixed_precision": "fp16", "learning_rate": 1e-3, "max_train_steps": 3, "output_dir": dir.join("out"), "log_every_n_steps": 0,
+    }))).unwrap();
+    assert_eq!(tr.model.dtype, candle_core::DType::F16);
+    tr.run(&mut |_, _| {}).unwrap();
+    assert!(tr.losses.iter().all(|l| l.is_finite()));
+    assert!(tr.network.vars().iter().all(|(_, d, u)| d.as_tensor().dtype() == candle_core::DType::F32
+        && u.as_tensor().dtype() == candle_core::DType::F32));
+    // a model loaded in f32 with mixed_precision fp16 is a clear error
+    let model = std::sync::Arc::new(load(&fixture("tiny-sd15")));
+    let net = std::sync::Arc::new(sdtune::networks::Network::create(&model, &Default::default(), 0).unwrap());
+    let cfg = sdtune::train::config::TrainConfig::from_json(json!({ "mixed_precision": "fp16" })).unwrap();
+    let e = sdtune::train::Trainer::new(model, net, None, cfg, json!({})).err().unwrap().to_string();
+    assert!(e.contains("mixed_precision fp16 needs the model loaded in f16"), "{e}");
+}
