@@ -1,6 +1,7 @@
 //! Networks (LoRA-LierLa and LoRA-C3Lier, sd-scripts' `networks.lora`): creation with sd-scripts' module selection
 //! and names, kohya-format files (keys, `alpha`, `ss_*`/`sshs_*`/ModelSpec metadata), apply / remove / merge.
 
+pub mod blocks;
 pub mod file;
 pub mod lora;
 
@@ -25,6 +26,8 @@ pub struct NetworkConfig {
     pub dropouts: Dropouts,
     pub train_unet: bool,
     pub train_text_encoder: bool,
+    /// Block-wise dims/alphas and LR weights (SD1/SD2).
+    pub blocks: blocks::BlockConfig,
 }
 
 impl Default for NetworkConfig {
@@ -37,6 +40,7 @@ impl Default for NetworkConfig {
             dropouts: Dropouts::default(),
             train_unet: true,
             train_text_encoder: true,
+            blocks: blocks::BlockConfig::default(),
         }
     }
 }
@@ -78,14 +82,30 @@ pub fn kohya_name(c: Component, layer: &str) -> String {
 /// The rank and alpha sd-scripts gives a layer, or None when it is not wrapped.
 fn rank_for(c: Component, layer: &LayerInfo, cfg: &NetworkConfig) -> Option<(usize, f64)> {
     let target = TARGETS.iter().find(|(tc, frag, _)| *tc == c && layer.name.contains(frag))?;
-    let conv_enabled = cfg.conv_dim.is_some();
+    let b = &cfg.blocks;
+    let conv_enabled = cfg.conv_dim.is_some() || b.conv_dims.is_some();
     if target.2 && !conv_enabled {
         return None;
     }
-    match &layer.kind {
-        LayerKind::Linear { .. } | LayerKind::Conv { kernel: (1, 1), .. } => Some((cfg.dim, cfg.alpha)),
-        LayerKind::Conv { .. } => cfg.conv_dim.map(|d| (d, cfg.conv_alpha.unwrap_or(1.0))),
+    let idx = if c == Component::Unet { blocks::block_index(&kohya_name(c, &layer.name)) } else { None };
+    if b.lr.as_ref().is_some_and(|lr| lr.weight(idx) == 0.0) {
+        return None; // a block with LR weight 0 gets no modules, as in sd-scripts
     }
+    let (dim, alpha) = match &layer.kind {
+        LayerKind::Linear { .. } | LayerKind::Conv { kernel: (1, 1), .. } => match idx {
+            Some(i) => (b.dims.as_ref().map_or(cfg.dim, |d| d[i]), b.alphas.as_ref().map_or(cfg.alpha, |a| a[i])),
+            None => (cfg.dim, cfg.alpha),
+        },
+        LayerKind::Conv { .. } => {
+            let d = cfg.conv_dim.unwrap_or(0);
+            let a = cfg.conv_alpha.unwrap_or(1.0);
+            match idx {
+                Some(i) => (b.conv_dims.as_ref().map_or(d, |v| v[i]), b.conv_alphas.as_ref().map_or(a, |v| v[i])),
+                None => (d, a),
+            }
+        }
+    };
+    (dim > 0).then_some((dim, alpha))
 }
 
 /// What a network file records about its base model.
@@ -268,6 +288,14 @@ impl Network {
         }
         let mean = norms.iter().sum::<f64>() / norms.len().max(1) as f64;
         Ok((scaled, mean, norms.iter().copied().fold(0.0, f64::max)))
+    }
+
+    /// The LR weight of a module (block-wise LR; 1 for the text encoder and without block weights).
+    pub fn lr_weight(&self, m: &LoraModule) -> f64 {
+        match &self.config.blocks.lr {
+            Some(lr) => lr.weight(blocks::block_index(&m.name)),
+            None => 1.0,
+        }
     }
 
     /// Whether any module wraps a 3×3 conv (C3Lier).

@@ -34,7 +34,7 @@ pub struct Run {
 fn lora(model: &Model, opts: &Map) -> Result<NetworkRef> {
     let o: NetworkOptions =
         serde_json::from_value(to_json(&Dynamic::from_map(opts.clone()))?).map_err(|e| anyhow::anyhow!("lora: {e}"))?;
-    Ok(Arc::new(Network::create(model, &o.config(), o.seed.unwrap_or(0))?))
+    Ok(Arc::new(Network::create(model, &o.config()?, o.seed.unwrap_or(0))?))
 }
 
 fn progress_line(tr: &Trainer, loss: f64, started: &std::time::Instant) {
@@ -90,7 +90,7 @@ fn make_trainer(opts: &Map) -> Result<Trainer> {
     let model = model.context("train: `model` is required")?;
     let network = match network {
         Some(n) => n,
-        None => Arc::new(Network::create(&model, &NetworkOptions::default().config(), 0)?),
+        None => Arc::new(Network::create(&model, &NetworkOptions::default().config()?, 0)?),
     };
     let train_json = to_json(&Dynamic::from_map(flat))?;
     let cfg = TrainConfig::from_json(train_json.clone())?;

@@ -30,11 +30,50 @@ pub struct NetworkOptions {
     pub train_unet: Option<bool>,
     pub train_text_encoder: Option<bool>,
     pub seed: Option<u64>,
+    pub block_dims: Option<String>,
+    pub block_alphas: Option<String>,
+    pub conv_block_dims: Option<String>,
+    pub conv_block_alphas: Option<String>,
+    pub down_lr_weight: Option<String>,
+    pub mid_lr_weight: Option<f64>,
+    pub up_lr_weight: Option<String>,
+    pub block_lr_zero_threshold: Option<f64>,
 }
 
 impl NetworkOptions {
-    pub fn config(&self) -> NetworkConfig {
-        NetworkConfig {
+    pub fn config(&self) -> Result<NetworkConfig> {
+        use crate::networks::blocks::{parse_block_values, parse_lr_weights, BlockConfig, BlockLr};
+        let lr = if self.down_lr_weight.is_some() || self.up_lr_weight.is_some() || self.mid_lr_weight.is_some() {
+            let zero = self.block_lr_zero_threshold.unwrap_or(0.0);
+            let clip = |v: Vec<f64>| v.into_iter().map(|w| if w <= zero { 0.0 } else { w }).collect::<Vec<_>>();
+            let side = |s: &Option<String>| -> Result<Vec<f64>> {
+                Ok(clip(match s {
+                    Some(s) => parse_lr_weights(s)?,
+                    None => vec![1.0; 12],
+                }))
+            };
+            let mid = self.mid_lr_weight.unwrap_or(1.0);
+            Some(BlockLr {
+                down: side(&self.down_lr_weight)?,
+                mid: if mid <= zero { 0.0 } else { mid },
+                up: side(&self.up_lr_weight)?,
+            })
+        } else {
+            None
+        };
+        let blocks = BlockConfig {
+            dims: self.block_dims.as_deref().map(|s| parse_block_values("block_dims", s)).transpose()?,
+            alphas: self.block_alphas.as_deref().map(|s| parse_block_values("block_alphas", s)).transpose()?,
+            conv_dims: self.conv_block_dims.as_deref().map(|s| parse_block_values("conv_block_dims", s)).transpose()?,
+            conv_alphas: self
+                .conv_block_alphas
+                .as_deref()
+                .map(|s| parse_block_values("conv_block_alphas", s))
+                .transpose()?,
+            lr,
+        };
+        Ok(NetworkConfig {
+            blocks,
             dim: self.dim.unwrap_or(4),
             alpha: self.alpha.unwrap_or(1.0),
             conv_dim: self.conv_dim,
@@ -42,7 +81,7 @@ impl NetworkOptions {
             dropouts: Dropouts { neuron: self.dropout, rank: self.rank_dropout, module: self.module_dropout },
             train_unet: self.train_unet.unwrap_or(true),
             train_text_encoder: self.train_text_encoder.unwrap_or(true),
-        }
+        })
     }
 }
 
@@ -119,7 +158,7 @@ pub fn build(recipe: &Value) -> Result<Trainer> {
             .map_err(|e| anyhow::anyhow!("network options: {e}"))?;
     let network = match &r.network_weights {
         Some(p) => crate::networks::file::load(p, &model).with_context(|| "network_weights")?,
-        None => Network::create(&model, &nopts.config(), nopts.seed.unwrap_or(cfg.seed))?,
+        None => Network::create(&model, &nopts.config()?, nopts.seed.unwrap_or(cfg.seed))?,
     };
     Trainer::new(model, Arc::new(network), data, cfg, recipe.clone())
 }
@@ -161,7 +200,19 @@ const DATASET_KEYS: &[&str] = &[
     "reg_data_dir",
     "num_repeats",
 ];
-const NETWORK_KEYS: &[&str] = &["network_dim", "network_alpha", "network_dropout"];
+const NETWORK_KEYS: &[&str] = &[
+    "network_dim",
+    "network_alpha",
+    "network_dropout",
+    "block_dims",
+    "block_alphas",
+    "conv_block_dims",
+    "conv_block_alphas",
+    "down_lr_weight",
+    "mid_lr_weight",
+    "up_lr_weight",
+    "block_lr_zero_threshold",
+];
 const MODEL_KEYS: &[(&str, &str)] = &[("v_parameterization", "v_pred"), ("clip_skip", "clip_skip")];
 /// Keys that only make sense in sd-scripts' own launcher and are accepted without effect, each with why.
 const IGNORED: &[(&str, &str)] = &[

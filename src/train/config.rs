@@ -168,11 +168,6 @@ pub const NOT_YET: &[&str] = &[
     "alpha_mask",
     "network_weights",
     "dim_from_weights",
-    "block_dims",
-    "block_alphas",
-    "down_lr_weight",
-    "up_lr_weight",
-    "mid_lr_weight",
     "loraplus_lr_ratio",
 ];
 

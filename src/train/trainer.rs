@@ -96,11 +96,19 @@ impl Trainer {
         let v_pred = cfg.v_parameterization.unwrap_or(model.v_pred);
         let mut groups = Vec::new();
         let mut te = Vec::new();
-        let mut un = Vec::new();
-        for (c, d, u) in network.vars() {
+        // UNet parameters grouped by block LR weight (one group without block weights), in first-seen order
+        let mut un: Vec<(f64, Vec<candle_core::Var>)> = Vec::new();
+        for (c, m) in &network.modules {
+            let pair = [m.down.clone(), m.up.clone()];
             match c {
-                Component::TextEncoder if !cfg.network_train_unet_only => te.extend([d, u]),
-                Component::Unet if !cfg.network_train_text_encoder_only => un.extend([d, u]),
+                Component::TextEncoder if !cfg.network_train_unet_only => te.extend(pair),
+                Component::Unet if !cfg.network_train_text_encoder_only => {
+                    let w = network.lr_weight(m);
+                    match un.iter_mut().find(|(x, _)| *x == w) {
+                        Some((_, v)) => v.extend(pair),
+                        None => un.push((w, pair.to_vec())),
+                    }
+                }
                 _ => {}
             }
         }
@@ -111,8 +119,11 @@ impl Trainer {
                 lr: cfg.text_encoder_lr.unwrap_or(cfg.learning_rate),
             });
         }
-        if !un.is_empty() {
-            groups.push(ParamGroup { name: "unet".into(), params: un, lr: cfg.unet_lr.unwrap_or(cfg.learning_rate) });
+        let unet_lr = cfg.unet_lr.unwrap_or(cfg.learning_rate);
+        let single = un.len() == 1;
+        for (w, params) in un {
+            let name = if single && w == 1.0 { "unet".to_string() } else { format!("unet_block_lr{w}") };
+            groups.push(ParamGroup { name, params, lr: unet_lr * w });
         }
         if groups.is_empty() {
             bail!("nothing to train: the network has no modules in the components selected for training");

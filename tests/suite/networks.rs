@@ -197,3 +197,40 @@ fn max_norm_regularization_follows_sd_scripts() {
     let (scaled, _, _) = net.apply_max_norm(before * 100.0).unwrap();
     assert_eq!(scaled, 0);
 }
+
+#[test]
+fn block_wise_dims_and_lr_weights_follow_sd_scripts() {
+    use sdtune::train::build::NetworkOptions;
+    let model = load(&fixture("tiny-sd15"));
+    // block 1 (down_blocks.0.*.0) rank 2, mid block (12) rank 0 (no modules), others rank 4
+    let mut dims = vec!["4"; 25];
+    dims[1] = "2";
+    dims[12] = "0";
+    let o: NetworkOptions = serde_json::from_value(serde_json::json!({
+        "dim": 4, "alpha": 4.0, "block_dims": dims.join(","), "down_lr_weight": "zeros+1", "up_lr_weight": "1,1,1,0,0,0", "mid_lr_weight": 2.0,
+    }))
+    .unwrap();
+    let cfg = o.config().unwrap();
+    let net = Network::create(&model, &cfg, 0).unwrap();
+    let rank = |name: &str| net.modules.iter().find(|(_, m)| m.name == name).map(|(_, m)| m.rank());
+    assert_eq!(rank("lora_unet_down_blocks_0_attentions_0_proj_in"), Some(2));
+    assert_eq!(rank("lora_unet_down_blocks_0_attentions_1_proj_in"), Some(4));
+    assert_eq!(rank("lora_unet_mid_block_attentions_0_proj_in"), None, "block dim 0 skips the module");
+    // up_lr_weight 1,1,1,0,0,0 (+ padding with 1): up slots 13..15 keep, 16..18 (up_blocks_1 j=0..2) are removed
+    assert!(rank("lora_unet_up_blocks_1_attentions_0_proj_in").is_none());
+    assert_eq!(rank("lora_unet_up_blocks_2_attentions_0_proj_in"), Some(4));
+    assert_eq!(rank("lora_te_text_model_encoder_layers_0_mlp_fc1"), Some(4), "text encoder unaffected");
+    // the trainer makes one UNet group per LR weight: mid ×2, the rest ×1
+    let o: NetworkOptions = serde_json::from_value(serde_json::json!({ "dim": 4, "mid_lr_weight": 2.0 })).unwrap();
+    let net = std::sync::Arc::new(Network::create(&model, &o.config().unwrap(), 0).unwrap());
+    let tcfg = sdtune::train::config::TrainConfig::from_json(
+        serde_json::json!({ "learning_rate": 1e-4, "max_train_steps": 1 }),
+    )
+    .unwrap();
+    let tr = sdtune::train::Trainer::new(std::sync::Arc::new(model), net, None, tcfg, serde_json::json!({})).unwrap();
+    let mut lrs = tr.current_lrs();
+    lrs.sort_by(|a, b| a.0.cmp(&b.0));
+    assert_eq!(lrs.len(), 3, "{lrs:?}");
+    assert_eq!(lrs[0].0, "textencoder");
+    assert!((lrs[1].1 - 1e-4).abs() < 1e-12 && (lrs[2].1 - 2e-4).abs() < 1e-12, "{lrs:?}");
+}
