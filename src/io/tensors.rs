@@ -120,12 +120,8 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut std::fs::File) -> Resul
     result
 }
 
-/// Writes tensors (sorted by name) and metadata as safetensors, atomically.
-pub fn write_safetensors(
-    path: &Path,
-    tensors: &HashMap<String, Tensor>,
-    metadata: &HashMap<String, String>,
-) -> Result<()> {
+/// The safetensors bytes of tensors (sorted by name) and metadata (none when empty).
+pub fn serialize_safetensors(tensors: &HashMap<String, Tensor>, metadata: &HashMap<String, String>) -> Result<Vec<u8>> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     let cpu: Vec<(String, Tensor)> = names
@@ -133,7 +129,16 @@ pub fn write_safetensors(
         .map(|n| Ok((n.clone(), tensors[n].to_device(&Device::Cpu)?.contiguous()?)))
         .collect::<Result<_>>()?;
     let meta = if metadata.is_empty() { None } else { Some(metadata.clone()) };
-    let bytes = safetensors::serialize(cpu.iter().map(|(n, t)| (n.as_str(), t)), meta)
-        .map_err(|e| anyhow::anyhow!("{}: cannot serialise tensors: {e:?}", path.display()))?;
+    safetensors::serialize(cpu.iter().map(|(n, t)| (n.as_str(), t)), meta)
+        .map_err(|e| anyhow::anyhow!("cannot serialise tensors: {e:?}"))
+}
+
+/// Writes tensors (sorted by name) and metadata as safetensors, atomically.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    metadata: &HashMap<String, String>,
+) -> Result<()> {
+    let bytes = serialize_safetensors(tensors, metadata).with_context(|| format!("{}", path.display()))?;
     write_atomic(path, |f| Ok(f.write_all(&bytes)?))
 }

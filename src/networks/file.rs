@@ -6,7 +6,7 @@ use super::{kohya_name, layers, new_state, Component, Network, NetworkConfig};
 use crate::models::{Family, StableDiffusion};
 use crate::nn::adapter::LayerKind;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -138,15 +138,7 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
 pub fn sshs_hashes(tensors: &HashMap<String, Tensor>, metadata: &BTreeMap<String, String>) -> Result<(String, String)> {
     let ss: HashMap<String, String> =
         metadata.iter().filter(|(k, _)| k.starts_with("ss_")).map(|(k, v)| (k.clone(), v.clone())).collect();
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let cpu: Vec<(String, Tensor)> = names
-        .into_iter()
-        .map(|n| Ok((n.clone(), tensors[n].to_device(&Device::Cpu)?.contiguous()?)))
-        .collect::<Result<_>>()?;
-    let bytes =
-        safetensors::serialize(cpu.iter().map(|(n, t)| (n.as_str(), t)), if ss.is_empty() { None } else { Some(ss) })
-            .map_err(|e| anyhow::anyhow!("cannot serialise the network: {e:?}"))?;
+    let bytes = crate::io::tensors::serialize_safetensors(tensors, &ss)?;
     let n = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes")) as usize;
     let model_hash = format!("{:x}", Sha256::digest(&bytes[8 + n..]));
     let legacy_slice = if bytes.len() > 0x100000 { &bytes[0x100000..bytes.len().min(0x110000)] } else { &[][..] };
