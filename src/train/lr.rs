@@ -34,6 +34,8 @@ pub enum LrSchedule {
         rules: Vec<(f64, usize)>,
         last: f64,
     },
+    /// transformers' `AdafactorSchedule`: Adafactor's relative step sets the rate; the multiplier stays 1.
+    Adafactor,
 }
 
 /// sd-scripts' scheduler names.
@@ -45,6 +47,7 @@ pub const NAMES: &[&str] = &[
     "cosine_with_restarts",
     "polynomial",
     "piecewise_constant",
+    "adafactor",
 ];
 
 impl LrSchedule {
@@ -90,15 +93,41 @@ impl LrSchedule {
                     .collect::<Result<Vec<(f64, usize)>>>()?;
                 LrSchedule::PiecewiseConstant { rules, last: last.parse()? }
             }
+            "adafactor" => {
+                if warmup > 0 {
+                    bail!("lr_scheduler adafactor takes no lr_warmup_steps (got {warmup})");
+                }
+                LrSchedule::Adafactor
+            }
             other => bail!("unknown lr_scheduler {other:?}; available: {}", NAMES.join(", ")),
         })
+    }
+
+    /// The schedule that runs with `optimizer`: Adafactor's relative step (its default) replaces any other
+    /// schedule, as sd-scripts does; the adafactor schedule needs that optimizer.
+    pub fn for_optimizer(self, optimizer: &crate::train::optim::Kind, warmup: usize) -> Result<Self> {
+        let relative = matches!(optimizer, crate::train::optim::Kind::Adafactor(a) if a.relative_step);
+        match (relative, self == LrSchedule::Adafactor) {
+            (false, false) | (true, true) => Ok(self),
+            (false, true) => {
+                bail!("lr_scheduler adafactor needs optimizer_type AdaFactor with relative_step=True (its default)")
+            }
+            (true, false) if warmup > 0 => bail!(
+                "AdaFactor's relative step (its default) sets the learning rate itself and takes no \
+                 lr_warmup_steps; pass optimizer_args relative_step=False to use lr_scheduler with warmup"
+            ),
+            (true, false) => {
+                eprintln!("AdaFactor's relative step sets the learning rate: lr_scheduler adafactor is used");
+                Ok(LrSchedule::Adafactor)
+            }
+        }
     }
 
     /// The multiplier at optimizer step `k`.
     pub fn factor(&self, k: usize) -> f64 {
         let warm = |w: usize| -> Option<f64> { (k < w).then(|| k as f64 / w.max(1) as f64) };
         match *self {
-            LrSchedule::Constant => 1.0,
+            LrSchedule::Constant | LrSchedule::Adafactor => 1.0,
             LrSchedule::ConstantWithWarmup { warmup } => warm(warmup).unwrap_or(1.0),
             LrSchedule::Linear { warmup, total } => warm(warmup).unwrap_or_else(|| {
                 (total.saturating_sub(k) as f64 / total.saturating_sub(warmup).max(1) as f64).max(0.0)

@@ -30,6 +30,7 @@ pub fn save(tr: &Trainer, dir: &Path) -> Result<()> {
         "epoch": tr.epoch,
         "batch_in_epoch": tr.batch_in_epoch,
         "optimizer_steps": o.step_count,
+        "optimizer_scalars": o.scalars,
         "losses": tr.losses,
         "recipe": tr.recipe,
     });
@@ -85,6 +86,20 @@ pub fn load_into(tr: &mut Trainer, dir: &Path) -> Result<()> {
     }
     let num = |k: &str| info.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
     o.step_count = num("optimizer_steps");
+    let scalars: Vec<f64> = info
+        .get("optimizer_scalars")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|x| x.as_f64()).collect())
+        .unwrap_or_default();
+    if scalars.len() != o.scalars.len() {
+        bail!(
+            "{}: the saved optimizer has {} optimizer-wide values, this one {} (another optimizer_type?)",
+            dir.display(),
+            scalars.len(),
+            o.scalars.len()
+        );
+    }
+    o.scalars = scalars;
     tr.step = num("step");
     tr.epoch = num("epoch");
     tr.batch_in_epoch = num("batch_in_epoch");

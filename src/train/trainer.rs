@@ -42,6 +42,8 @@ pub struct Trainer {
     pub data: Option<Arc<DatasetGroup>>,
     pub cfg: TrainConfig,
     optimizer: Optimizer,
+    /// sd-scripts' `ss_optimizer` text.
+    optimizer_description: String,
     lr: LrSchedule,
     schedule: NoiseSchedule,
     /// SNR of the original schedule (sd-scripts computes it before zero_terminal_snr).
@@ -128,7 +130,9 @@ impl Trainer {
         if groups.is_empty() {
             bail!("nothing to train: the network has no modules in the components selected for training");
         }
-        let kind = optim::Kind::parse(&cfg.optimizer_type, &optim::parse_args(&cfg.optimizer_args)?)?;
+        let args = optim::parse_args(&cfg.optimizer_args)?;
+        let kind = optim::Kind::parse(&cfg.optimizer_type, &args)?;
+        let optimizer_description = optim::describe(&cfg.optimizer_type, &args)?;
         let optimizer = Optimizer::new(kind, groups)?;
         let batches_per_epoch = data.as_ref().map(|d| d.batches_per_epoch()).unwrap_or(0);
         let updates_per_epoch = batches_per_epoch.div_ceil(cfg.gradient_accumulation_steps.max(1));
@@ -146,6 +150,7 @@ impl Trainer {
             cfg.learning_rate,
             cfg.step_rules.as_deref(),
         )?;
+        let lr = lr.for_optimizer(&kind, cfg.lr_warmup_steps)?;
         let base = crate::sample::pipeline::scheduler_config(&model, &Default::default()).schedule;
         let snr: Vec<f64> = base.alphas_cumprod.iter().map(|&a| a as f64 / (1.0 - a as f64)).collect();
         let schedule = if cfg.zero_terminal_snr { zero_terminal_snr(&base) } else { base };
@@ -166,6 +171,7 @@ impl Trainer {
             data,
             cfg,
             optimizer,
+            optimizer_description,
             lr,
             schedule,
             snr,
@@ -343,9 +349,8 @@ impl Trainer {
     }
 
     /// The current LR of each group.
-    pub fn current_lrs(&self) -> Vec<(String, f64)> {
-        let f = self.lr.factor(self.step);
-        self.optimizer.groups.iter().map(|g| (g.name.clone(), g.lr * f)).collect()
+    pub fn current_lrs(&self) -> Result<Vec<(String, f64)>> {
+        self.optimizer.group_lrs(self.lr.factor(self.step))
     }
 
     /// Builds the batch for dataset `di`, images `idx`: cached latents or VAE-encoded images, captions → ids.
@@ -528,7 +533,11 @@ impl Trainer {
         m.insert("ss_gradient_accumulation_steps".into(), c.gradient_accumulation_steps.to_string());
         m.insert("ss_max_train_steps".into(), self.total_steps.to_string());
         m.insert("ss_lr_warmup_steps".into(), c.lr_warmup_steps.to_string());
-        m.insert("ss_lr_scheduler".into(), c.lr_scheduler.clone());
+        let scheduler = match self.lr {
+            LrSchedule::Adafactor => format!("adafactor:{}", crate::networks::file::py_float(c.learning_rate)),
+            _ => c.lr_scheduler.clone(),
+        };
+        m.insert("ss_lr_scheduler".into(), scheduler);
         m.insert("ss_mixed_precision".into(), c.mixed_precision.clone().unwrap_or_else(|| "no".into()));
         m.insert("ss_full_fp16".into(), "False".into());
         m.insert("ss_clip_skip".into(), self.model.clip_skip.to_string());
@@ -549,7 +558,7 @@ impl Trainer {
         m.insert("ss_zero_terminal_snr".into(), if c.zero_terminal_snr { "True" } else { "False" }.into());
         m.insert("ss_training_comment".into(), c.training_comment.clone().unwrap_or_else(|| "None".into()));
         m.insert("ss_sd_scripts_commit_hash".into(), format!("sdtune {}", env!("CARGO_PKG_VERSION")));
-        m.insert("ss_optimizer".into(), self.optimizer.kind.describe());
+        m.insert("ss_optimizer".into(), self.optimizer_description.clone());
         m.insert("ss_max_grad_norm".into(), py(c.max_grad_norm));
         m.insert("ss_prior_loss_weight".into(), py(c.prior_loss_weight));
         m.insert("ss_min_snr_gamma".into(), opt(c.min_snr_gamma));
@@ -604,7 +613,11 @@ impl Trainer {
         let avg = self.losses.iter().rev().take(100).sum::<f64>() / self.losses.len().clamp(1, 100) as f64;
         self.epoch_losses.push(loss);
         let mut line = serde_json::json!({ "step": self.step, "epoch": self.epoch + 1, "loss/current": loss, "loss/average": avg });
-        let lrs = self.current_lrs();
+        let mut lrs = self.current_lrs()?;
+        if let Some(d) = self.optimizer.d() {
+            let dlr: Vec<(String, f64)> = lrs.iter().map(|(n, lr)| (format!("d*lr/{n}"), d * lr)).collect();
+            lrs.extend(dlr);
+        }
         for (name, lr) in &lrs {
             line[format!("lr/{name}")] = serde_json::json!(lr);
         }

@@ -5,6 +5,7 @@ mod common;
 mod datasets;
 mod gradients;
 mod networks;
+mod optimizers;
 mod parity;
 mod roundtrip;
 mod sampling;

@@ -228,7 +228,7 @@ fn block_wise_dims_and_lr_weights_follow_sd_scripts() {
     )
     .unwrap();
     let tr = sdtune::train::Trainer::new(std::sync::Arc::new(model), net, None, tcfg, serde_json::json!({})).unwrap();
-    let mut lrs = tr.current_lrs();
+    let mut lrs = tr.current_lrs().unwrap();
     lrs.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(lrs.len(), 3, "{lrs:?}");
     assert_eq!(lrs[0].0, "textencoder");

@@ -70,24 +70,28 @@ fn a_trained_lora_lowers_the_loss_on_its_data() {
     let meta = sdtune::io::tensors::read_metadata(&out).unwrap();
     assert_eq!(meta["ss_steps"], "120");
     assert_eq!(meta["ss_network_dim"], "8");
-    assert!(meta["ss_optimizer"].starts_with("torch.optim.adamw.AdamW("));
+    assert_eq!(meta["ss_optimizer"], "torch.optim.adamw.AdamW");
     let lines = std::fs::read_to_string(dir.join("out/learn-metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 120);
     assert!(lines.lines().last().unwrap().contains("\"lr/unet\""));
 }
 
-#[test]
-fn resuming_a_stopped_run_gives_the_uninterrupted_weights() {
-    let dir = scratch("train-resume");
-    let train = |name: &str| {
-        json!({
+/// Runs 12 steps uninterrupted, and 5 + resume + 7; returns max |Δw| and the saved optimizer state's dtypes.
+fn stop_and_resume(name: &str, dim: usize, extra: serde_json::Value) -> (f32, Vec<candle_core::DType>) {
+    let dir = scratch(&format!("train-resume-{name}"));
+    let train = |out: &str| {
+        let mut t = json!({
             "learning_rate": 5e-4, "max_train_steps": 12, "seed": 5, "lr_scheduler": "cosine", "lr_warmup_steps": 2,
-            "output_dir": dir.join("out"), "output_name": name, "log_every_n_steps": 0, "noise_offset": 0.05,
-        })
+            "output_dir": dir.join("out"), "output_name": out, "log_every_n_steps": 0, "noise_offset": 0.05,
+        });
+        t.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
+        let mut r = recipe(&dir, t);
+        r["network"] = json!({ "dim": dim, "alpha": dim as f64 });
+        r
     };
-    let mut full = build::build(&recipe(&dir, train("full"))).unwrap();
+    let mut full = build::build(&train("full")).unwrap();
     full.run(&mut |_, _| {}).unwrap();
-    let mut first = build::build(&recipe(&dir, train("part"))).unwrap();
+    let mut first = build::build(&train("part")).unwrap();
     first
         .run(&mut |t, _| {
             if t.step == 5 {
@@ -99,6 +103,11 @@ fn resuming_a_stopped_run_gives_the_uninterrupted_weights() {
     assert_eq!(first.step, 5);
     let state = first.state_dir();
     assert!(state.join("state.json").is_file() && state.join("optimizer.safetensors").is_file());
+    let saved =
+        sdtune::io::tensors::read_safetensors(&state.join("optimizer.safetensors"), None, &candle_core::Device::Cpu)
+            .unwrap();
+    let mut dtypes: Vec<candle_core::DType> = saved.tensors.values().map(|t| t.dtype()).collect();
+    dtypes.dedup();
     drop(first);
     let mut resumed = build::resume(&state).unwrap();
     assert_eq!(resumed.step, 5);
@@ -106,8 +115,47 @@ fn resuming_a_stopped_run_gives_the_uninterrupted_weights() {
     assert_eq!(resumed.step, 12);
     let (a, b) = (weights(&full), weights(&resumed));
     let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    eprintln!("resumed vs uninterrupted: max |Δw| = {d:e}");
+    let moved = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
+    eprintln!("{name}: resumed vs uninterrupted: max |Δw| = {d:e} (max |w| {moved:.3})");
+    (d, dtypes)
+}
+
+#[test]
+fn resuming_a_stopped_run_gives_the_uninterrupted_weights() {
+    let (d, _) = stop_and_resume("adamw", 8, json!({}));
     assert!(d <= 1e-6, "max |Δw| = {d}");
+}
+
+#[test]
+fn every_optimizer_resumes_exactly() {
+    // Prodigy's and D-Adaptation's d estimates and the 8-bit moments travel in the state too
+    let (d, dtypes) = stop_and_resume("adamw8bit", 64, json!({ "optimizer_type": "AdamW8bit" }));
+    assert!(d <= 1e-6, "AdamW8bit: max |Δw| = {d}");
+    assert!(dtypes.contains(&candle_core::DType::U8), "no 8-bit state was saved: {dtypes:?}");
+    for (name, opt) in [
+        ("prodigy", json!({ "optimizer_type": "Prodigy", "learning_rate": 1.0 })),
+        ("dadaptadam", json!({ "optimizer_type": "DAdaptAdam", "learning_rate": 1.0 })),
+        ("adafactor", json!({ "optimizer_type": "AdaFactor", "lr_scheduler": "adafactor", "lr_warmup_steps": 0 })),
+    ] {
+        let (d, _) = stop_and_resume(name, 8, opt);
+        assert!(d <= 1e-6, "{name}: max |Δw| = {d}");
+    }
+}
+
+#[test]
+fn prodigy_refuses_two_learning_rates() {
+    let dir = scratch("train-prodigy-lrs");
+    let e = build::build(&recipe(
+        &dir,
+        json!({ "optimizer_type": "Prodigy", "unet_lr": 1.0, "text_encoder_lr": 0.5, "max_train_steps": 1 }),
+    ))
+    .err()
+    .unwrap();
+    let e = format!("{e:#}");
+    assert!(e.contains("one learning rate") && e.contains("textencoder"), "{e}");
+    let e =
+        build::build(&recipe(&dir, json!({ "optimizer_type": "AdamW", "lr_scheduler": "adafactor" }))).err().unwrap();
+    assert!(format!("{e:#}").contains("needs optimizer_type AdaFactor"), "{e:#}");
 }
 
 #[test]
@@ -166,8 +214,8 @@ fn unknown_and_unsupported_options_are_named() {
     assert!(e.contains("learning_rat") && e.contains("learning_rate"), "{e}");
     let e = build::build(&recipe(&dir, json!({ "gradient_checkpointing": true }))).err().unwrap().to_string();
     assert!(e.contains("gradient_checkpointing") && e.contains("not supported yet"), "{e}");
-    let e = build::build(&recipe(&dir, json!({ "optimizer_type": "Prodigy" }))).err().unwrap().to_string();
-    assert!(e.contains("Prodigy") && e.contains("not supported yet"), "{e}");
+    let e = build::build(&recipe(&dir, json!({ "optimizer_type": "Lion8bit" }))).err().unwrap().to_string();
+    assert!(e.contains("Lion8bit") && e.contains("not supported yet"), "{e}");
 }
 
 #[test]
