@@ -7,6 +7,7 @@ use serde_json::json;
 use std::time::Instant;
 
 fn main() {
+    sdtune::device::use_all_cores();
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("target/bench-train");
     let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 1, 16, 64, 0).unwrap();
@@ -39,6 +40,13 @@ fn main() {
         let mean = times.iter().sum::<f64>() / times.len() as f64;
         times.sort_by(f64::total_cmp);
         let name = if unet_only { "UNet LoRA only" } else { "UNet + text-encoder LoRA" };
-        println!("| {name} | {} | {:.1} | {:.1} |", times.len(), times[times.len() / 2], mean);
+        let n: usize = tr.network.vars().iter().map(|(_, d, u)| d.elem_count() + u.elem_count()).sum();
+        let trained = if unet_only { "UNet" } else { "all" };
+        println!(
+            "| {name} (sdtune, {n} LoRA weights, {trained} trained) | {} | {:.1} | {:.1} |",
+            times.len(),
+            times[times.len() / 2],
+            mean
+        );
     }
 }

@@ -69,3 +69,15 @@ pub fn device_name(d: &Device) -> String {
         candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
     }
 }
+
+/// Lets candle's CPU kernels use every logical core: candle counts physical cores by default, which on
+/// hyper-threaded or small virtual machines halves the threads (measured 2× slower training steps on a 2-vCPU
+/// machine, BENCHMARKS.md). `RAYON_NUM_THREADS` / `CANDLE_NUM_THREADS`, when set, are left alone. Call first
+/// thing in `main`, before any thread starts.
+pub fn use_all_cores() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() && std::env::var_os("CANDLE_NUM_THREADS").is_none() {
+        if let Ok(n) = std::thread::available_parallelism() {
+            std::env::set_var("RAYON_NUM_THREADS", n.get().to_string());
+        }
+    }
+}
