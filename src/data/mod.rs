@@ -8,6 +8,7 @@ pub mod config;
 pub mod dataset;
 pub mod image;
 pub mod loader;
+pub mod metadata;
 pub mod npz;
 pub mod synthetic;
 

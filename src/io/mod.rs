@@ -4,5 +4,6 @@ pub mod checkpoint;
 pub mod keymap;
 pub mod plot;
 pub mod png;
+pub mod py;
 pub mod tensorboard;
 pub mod tensors;

@@ -99,6 +99,9 @@ pub struct BlockConfig {
     pub conv_dims: Option<Vec<usize>>,
     pub conv_alphas: Option<Vec<f64>>,
     pub lr: Option<BlockLr>,
+    /// The block options as the user wrote them (`block_dims`, ..., `block_lr_zero_threshold`), for
+    /// `ss_network_args`.
+    pub given: Vec<(String, String)>,
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 
 use super::lora::{Dropouts, LoraModule};
 use super::{kohya_name, layers, new_state, Component, Network, NetworkConfig};
+use crate::io::py::{py_float, Py};
 use crate::models::{Family, StableDiffusion};
 use crate::nn::adapter::LayerKind;
 use anyhow::{bail, Context, Result};
@@ -172,24 +173,22 @@ pub fn base_metadata(
     m.insert("ss_network_dim".into(), c.dim.to_string());
     m.insert("ss_network_alpha".into(), py_float(c.alpha));
     m.insert("ss_network_dropout".into(), c.dropouts.neuron.map(py_float).unwrap_or_else(|| "None".into()));
-    // Python's json.dumps of the network_args dict, in insertion order
-    let mut args: Vec<(&str, String)> = Vec::new();
+    // Python's json.dumps of the network_args dict (values are the strings given), in insertion order
+    let mut args: Vec<(String, String)> = Vec::new();
     if let Some(d) = c.conv_dim {
-        args.push(("conv_dim", d.to_string()));
-        args.push(("conv_alpha", py_float(c.conv_alpha.unwrap_or(1.0))));
+        args.push(("conv_dim".into(), d.to_string()));
+        args.push(("conv_alpha".into(), py_float(c.conv_alpha.unwrap_or(1.0))));
     }
     if let Some(p) = c.dropouts.rank {
-        args.push(("rank_dropout", py_float(p)));
+        args.push(("rank_dropout".into(), py_float(p)));
     }
     if let Some(p) = c.dropouts.module {
-        args.push(("module_dropout", py_float(p)));
+        args.push(("module_dropout".into(), py_float(p)));
     }
+    args.extend(c.blocks.given.iter().cloned());
     if !args.is_empty() {
-        let body: Vec<String> = args
-            .iter()
-            .map(|(k, v)| format!("{}: {}", serde_json::Value::from(*k), serde_json::Value::from(v.as_str())))
-            .collect();
-        m.insert("ss_network_args".into(), format!("{{{}}}", body.join(", ")));
+        let dict = Py::Dict(args.into_iter().map(|(k, v)| (k, Py::Str(v))).collect());
+        m.insert("ss_network_args".into(), dict.dumps());
     }
     m.insert("ss_v2".into(), if net.family == Family::Sd2 { "True" } else { "False" }.into());
     m.insert("ss_base_model_version".into(), version.into());
@@ -206,20 +205,6 @@ pub fn base_metadata(
         m.insert(k.clone(), v.clone());
     }
     m
-}
-
-/// Python's `str(float)`: `2.0`, `0.0001`, `1e-05`.
-pub fn py_float(x: f64) -> String {
-    if x == x.trunc() && x.abs() < 1e16 {
-        format!("{x:.1}")
-    } else if x.abs() < 1e-4 && x != 0.0 {
-        let s = format!("{x:e}");
-        let (mant, exp) = s.split_once('e').expect("exponent");
-        let e: i32 = exp.parse().expect("integer exponent");
-        format!("{mant}e{}{:02}", if e < 0 { '-' } else { '+' }, e.abs())
-    } else {
-        format!("{x}")
-    }
 }
 
 fn iso_now() -> String {
@@ -257,17 +242,4 @@ pub fn save(
     meta.insert("sshs_model_hash".into(), h);
     meta.insert("sshs_legacy_hash".into(), l);
     crate::io::tensors::write_safetensors(path, &tensors, &meta.into_iter().collect())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::py_float;
-
-    #[test]
-    fn python_float_strings() {
-        assert_eq!(py_float(2.0), "2.0");
-        assert_eq!(py_float(0.0001), "0.0001");
-        assert_eq!(py_float(1e-5), "1e-05");
-        assert_eq!(py_float(0.5), "0.5");
-    }
 }

@@ -266,7 +266,7 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("save", |t: &mut TrainerRef, p: &str| -> RhaiResult<()> {
         rt((|| {
             let tr = t.lock().map_err(|_| anyhow::anyhow!("the trainer is in use"))?;
-            let meta = file::base_metadata(&tr.network, &stem(p), (512, 512), &tr.metadata());
+            let meta = file::base_metadata(&tr.network, &stem(p), (512, 512), &tr.metadata()?);
             file::save(&tr.network, Path::new(p), &meta, tr.cfg.save_dtype()?, false)
         })())
     });

@@ -41,6 +41,24 @@ pub struct NetworkOptions {
 }
 
 impl NetworkOptions {
+    /// The block options given, in sd-scripts' order, as text.
+    fn block_args(&self) -> Vec<(String, String)> {
+        let py = crate::io::py::py_float;
+        [
+            ("block_dims", self.block_dims.clone()),
+            ("block_alphas", self.block_alphas.clone()),
+            ("conv_block_dims", self.conv_block_dims.clone()),
+            ("conv_block_alphas", self.conv_block_alphas.clone()),
+            ("down_lr_weight", self.down_lr_weight.clone()),
+            ("mid_lr_weight", self.mid_lr_weight.map(py)),
+            ("up_lr_weight", self.up_lr_weight.clone()),
+            ("block_lr_zero_threshold", self.block_lr_zero_threshold.map(py)),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect()
+    }
+
     pub fn config(&self) -> Result<NetworkConfig> {
         use crate::networks::blocks::{parse_block_values, parse_lr_weights, BlockConfig, BlockLr};
         let lr = if self.down_lr_weight.is_some() || self.up_lr_weight.is_some() || self.mid_lr_weight.is_some() {
@@ -71,6 +89,7 @@ impl NetworkOptions {
                 .map(|s| parse_block_values("conv_block_alphas", s))
                 .transpose()?,
             lr,
+            given: self.block_args(),
         };
         Ok(NetworkConfig {
             blocks,

@@ -503,10 +503,10 @@ impl Trainer {
     }
 
     /// The training metadata (`ss_*`), as sd-scripts writes it.
-    pub fn metadata(&self) -> BTreeMap<String, String> {
+    pub fn metadata(&self) -> Result<BTreeMap<String, String>> {
         let c = &self.cfg;
         let mut m = BTreeMap::new();
-        let py = file::py_float;
+        let py = crate::io::py::py_float;
         let opt = |v: Option<f64>| v.map(py).unwrap_or_else(|| "None".into());
         m.insert("ss_output_name".into(), c.output_name.clone());
         m.insert("ss_learning_rate".into(), py(c.learning_rate));
@@ -527,6 +527,7 @@ impl Trainer {
             );
             m.insert("ss_num_reg_images".into(), reg.min(all).to_string());
             m.insert("ss_num_batches_per_epoch".into(), d.batches_per_epoch().to_string());
+            m.extend(crate::data::metadata::ss_metadata(d)?);
         }
         m.insert("ss_num_epochs".into(), self.epochs.to_string());
         m.insert("ss_gradient_checkpointing".into(), "False".into());
@@ -534,7 +535,7 @@ impl Trainer {
         m.insert("ss_max_train_steps".into(), self.total_steps.to_string());
         m.insert("ss_lr_warmup_steps".into(), c.lr_warmup_steps.to_string());
         let scheduler = match self.lr {
-            LrSchedule::Adafactor => format!("adafactor:{}", crate::networks::file::py_float(c.learning_rate)),
+            LrSchedule::Adafactor => format!("adafactor:{}", crate::io::py::py_float(c.learning_rate)),
             _ => c.lr_scheduler.clone(),
         };
         m.insert("ss_lr_scheduler".into(), scheduler);
@@ -570,7 +571,7 @@ impl Trainer {
         m.insert("ss_scale_weight_norms".into(), opt(c.scale_weight_norms));
         m.insert("ss_steps".into(), self.step.to_string());
         m.insert("ss_epoch".into(), self.epoch.to_string());
-        m
+        Ok(m)
     }
 
     /// Writes `name.safetensors` in the output folder with sd-scripts' metadata.
@@ -578,7 +579,7 @@ impl Trainer {
         let path = self.output_dir().join(format!("{name}.safetensors"));
         let res =
             self.data.as_ref().and_then(|d| d.datasets.first()).map(|d| d.cfg.buckets.resolution).unwrap_or((512, 512));
-        let meta = file::base_metadata(&self.network, name, res, &self.metadata());
+        let meta = file::base_metadata(&self.network, name, res, &self.metadata()?);
         file::save(&self.network, &path, &meta, self.cfg.save_dtype()?, true)?;
         Ok(path)
     }

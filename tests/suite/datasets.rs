@@ -415,3 +415,66 @@ fn custom_caption_separator_splits_tags() {
     parts.sort();
     assert_eq!(parts, vec!["b", "c", "d", "first"], "re-joined with \", \" as sd-scripts does");
 }
+
+#[test]
+fn training_metadata_describes_the_data_as_sd_scripts_does() {
+    use serde_json::{json, Value};
+    let dir = scratch("ds-metadata");
+    let (train, reg) = kohya_folder(&dir);
+    let mut o = opts(128, true);
+    o.reg_dir = Some(reg);
+    let m = sdtune::data::metadata::ss_metadata(&open(&train, &o).unwrap()).unwrap();
+    let js = |k: &str| -> Value { serde_json::from_str(&m[k]).unwrap_or_else(|e| panic!("{k}: {e}: {}", m[k])) };
+    assert_eq!(
+        js("ss_dataset_dirs"),
+        json!({ "10_cat": { "n_repeats": 10, "img_count": 4 }, "2_dog": { "n_repeats": 2, "img_count": 2 } })
+    );
+    assert_eq!(js("ss_reg_dataset_dirs"), json!({ "1_animal": { "n_repeats": 1, "img_count": 2 } }));
+    assert_eq!(
+        js("ss_tag_frequency"),
+        json!({
+            "10_cat": { "cat 0": 1, "cat 1": 1, "cat 2": 1, "sitting": 3, "indoors": 3, "cat": 1 },
+            "2_dog": { "dog": 2 },
+            "1_animal": { "animal": 2 },
+        })
+    );
+    // Python's json.dumps spacing
+    assert!(m["ss_dataset_dirs"].contains(r#"{"n_repeats": 10, "img_count": 4}"#), "{}", m["ss_dataset_dirs"]);
+    let info = js("ss_bucket_info");
+    let total: u64 = info["buckets"].as_object().unwrap().values().map(|b| b["count"].as_u64().unwrap()).sum();
+    assert_eq!(total, 88);
+    assert!(info["mean_img_ar_error"].as_f64().unwrap() >= 0.0);
+    for (k, v) in [
+        ("ss_enable_bucket", "True"),
+        ("ss_min_bucket_reso", "64"),
+        ("ss_max_bucket_reso", "256"),
+        ("ss_resolution", "128,128"),
+        ("ss_batch_size_per_device", "4"),
+        ("ss_flip_aug", "False"),
+    ] {
+        assert_eq!(m[k], v, "{k}");
+    }
+
+    // a dataset config file: ss_datasets, with reg subsets left out of ss_dataset_dirs
+    let toml = dir.join("data.toml");
+    std::fs::write(
+        &toml,
+        "[general]\ncaption_extension = \".txt\"\n[[datasets]]\nresolution = 128\nbatch_size = 2\n\
+         [[datasets.subsets]]\nimage_dir = \"train/10_cat\"\nnum_repeats = 3\nclass_tokens = \"cat\"\n\
+         [[datasets.subsets]]\nimage_dir = \"reg/1_animal\"\nis_reg = true\nclass_tokens = \"animal\"\n",
+    )
+    .unwrap();
+    let m = sdtune::data::metadata::ss_metadata(&open(&toml, &OpenOptions::default()).unwrap()).unwrap();
+    let js = |k: &str| -> Value { serde_json::from_str(&m[k]).unwrap() };
+    assert_eq!(js("ss_dataset_dirs"), json!({ "10_cat": { "n_repeats": 3, "img_count": 4 } }));
+    let ds = js("ss_datasets");
+    assert_eq!(ds.as_array().unwrap().len(), 1);
+    let d = &ds[0];
+    assert_eq!((d["is_dreambooth"].clone(), d["batch_size_per_device"].clone()), (json!(true), json!(2)));
+    assert_eq!((d["num_train_images"].clone(), d["resolution"].clone()), (json!(12), json!([128, 128])));
+    assert_eq!(d["subsets"][0]["image_dir"], "10_cat");
+    assert_eq!(d["subsets"][1]["is_reg"], true);
+    assert_eq!(d["subsets"][1]["class_tokens"], "animal");
+    assert_eq!(d["tag_frequency"]["1_animal"], json!({ "animal": 2 }));
+    assert!(!m.contains_key("ss_bucket_info"), "flat keys are for folders only");
+}

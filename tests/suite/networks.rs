@@ -212,6 +212,13 @@ fn block_wise_dims_and_lr_weights_follow_sd_scripts() {
     .unwrap();
     let cfg = o.config().unwrap();
     let net = Network::create(&model, &cfg, 0).unwrap();
+    // ss_network_args carries the block options as given, as sd-scripts' json.dumps of network_args
+    let meta = file::base_metadata(&net, "blocks", (64, 64), &BTreeMap::new());
+    let want = format!(
+        r#"{{"block_dims": "{}", "down_lr_weight": "zeros+1", "mid_lr_weight": "2.0", "up_lr_weight": "1,1,1,0,0,0"}}"#,
+        dims.join(",")
+    );
+    assert_eq!(meta["ss_network_args"], want);
     let rank = |name: &str| net.modules.iter().find(|(_, m)| m.name == name).map(|(_, m)| m.rank());
     assert_eq!(rank("lora_unet_down_blocks_0_attentions_0_proj_in"), Some(2));
     assert_eq!(rank("lora_unet_down_blocks_0_attentions_1_proj_in"), Some(4));

@@ -258,7 +258,7 @@ fn py_literal(v: &str) -> String {
         return v.to_string();
     }
     match v.parse::<f64>() {
-        Ok(x) if x.is_finite() => crate::networks::file::py_float(x),
+        Ok(x) if x.is_finite() => crate::io::py::py_float(x),
         _ => format!("'{v}'"),
     }
 }
