@@ -169,7 +169,7 @@ pub fn base_metadata(
     let (version, arch) = model_version(net.family, net.base.v_pred);
     let mut m = BTreeMap::new();
     let c = &net.config;
-    m.insert("ss_network_module".into(), "networks.lora".into());
+    m.insert("ss_network_module".into(), if c.lora_fa { "networks.lora_fa" } else { "networks.lora" }.into());
     m.insert("ss_network_dim".into(), c.dim.to_string());
     m.insert("ss_network_alpha".into(), py_float(c.alpha));
     m.insert("ss_network_dropout".into(), c.dropouts.neuron.map(py_float).unwrap_or_else(|| "None".into()));

@@ -28,6 +28,8 @@ pub struct NetworkConfig {
     pub train_text_encoder: bool,
     /// Block-wise dims/alphas and LR weights (SD1/SD2).
     pub blocks: blocks::BlockConfig,
+    /// LoRA-FA (sd-scripts' `networks.lora_fa`): down drawn from N(0, 2/(in + rank)) and frozen; only up trains.
+    pub lora_fa: bool,
 }
 
 impl Default for NetworkConfig {
@@ -41,6 +43,7 @@ impl Default for NetworkConfig {
             train_unet: true,
             train_text_encoder: true,
             blocks: blocks::BlockConfig::default(),
+            lora_fa: false,
         }
     }
 }
@@ -157,7 +160,8 @@ fn layers(model: &StableDiffusion) -> Vec<(Component, LayerInfo)> {
 }
 
 impl Network {
-    /// A new network for `model`: down Kaiming-uniform (a = √5, i.e. U(±1/√fan_in)), up zero, in f32.
+    /// A new network for `model`: down Kaiming-uniform (a = √5, i.e. U(±1/√fan_in)) or, for LoRA-FA,
+    /// N(0, 2/(in + rank)); up zero; in f32.
     pub fn create(model: &StableDiffusion, cfg: &NetworkConfig, seed: u64) -> Result<Self> {
         model.family.ensure_supported("LoRA")?;
         if cfg.dim == 0 {
@@ -172,19 +176,25 @@ impl Network {
                 continue;
             }
             let Some((r, alpha)) = rank_for(c, &layer, cfg) else { continue };
-            let (down_shape, up_shape, fan_in) = match &layer.kind {
+            let (down_shape, up_shape, fan_in, in_dim) = match &layer.kind {
                 LayerKind::Linear { in_features, out_features } => {
-                    (vec![r, *in_features], vec![*out_features, r], *in_features)
+                    (vec![r, *in_features], vec![*out_features, r], *in_features, *in_features)
                 }
                 LayerKind::Conv { in_channels, out_channels, kernel, .. } => (
                     vec![r, *in_channels, kernel.0, kernel.1],
                     vec![*out_channels, r, 1, 1],
                     in_channels * kernel.0 * kernel.1,
+                    *in_channels,
                 ),
             };
-            let bound = 1.0 / (fan_in as f64).sqrt();
             let n: usize = down_shape.iter().product();
-            let vals: Vec<f32> = (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect();
+            let vals: Vec<f32> = if cfg.lora_fa {
+                let std = (2.0 / (in_dim + r) as f64).sqrt() as f32;
+                rng.normal_vec(n).into_iter().map(|x| x * std).collect()
+            } else {
+                let bound = 1.0 / (fan_in as f64).sqrt();
+                (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
+            };
             let down = Var::from_tensor(&Tensor::from_vec(vals, down_shape.as_slice(), &dev)?)?;
             let up = Var::from_tensor(&Tensor::zeros(up_shape.as_slice(), DType::F32, &dev)?)?;
             let alpha = if alpha == 0.0 { r as f64 } else { alpha };

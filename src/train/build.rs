@@ -38,6 +38,9 @@ pub struct NetworkOptions {
     pub mid_lr_weight: Option<f64>,
     pub up_lr_weight: Option<String>,
     pub block_lr_zero_threshold: Option<f64>,
+    /// `networks.lora` (default) or `networks.lora_fa`.
+    #[serde(alias = "network_module")]
+    pub module: Option<String>,
 }
 
 impl NetworkOptions {
@@ -91,7 +94,13 @@ impl NetworkOptions {
             lr,
             given: self.block_args(),
         };
+        let lora_fa = match self.module.as_deref() {
+            None | Some("networks.lora" | "lora") => false,
+            Some("networks.lora_fa" | "lora_fa") => true,
+            Some(m) => bail!("network_module {m} is not supported yet; available: networks.lora, networks.lora_fa"),
+        };
         Ok(NetworkConfig {
+            lora_fa,
             blocks,
             dim: self.dim.unwrap_or(4),
             alpha: self.alpha.unwrap_or(1.0),
@@ -220,6 +229,7 @@ const DATASET_KEYS: &[&str] = &[
     "num_repeats",
 ];
 const NETWORK_KEYS: &[&str] = &[
+    "network_module",
     "network_dim",
     "network_alpha",
     "network_dropout",
@@ -236,7 +246,6 @@ const MODEL_KEYS: &[(&str, &str)] = &[("v_parameterization", "v_pred"), ("clip_s
 /// Keys that only make sense in sd-scripts' own launcher and are accepted without effect, each with why.
 const IGNORED: &[(&str, &str)] = &[
     ("v2", "the family is detected from the weights"),
-    ("network_module", "networks.lora is the only module"),
     ("max_data_loader_n_workers", "loading threads are chosen automatically"),
     ("persistent_data_loader_workers", "loading threads are chosen automatically"),
     ("xformers", "attention is built in"),
@@ -301,11 +310,6 @@ pub fn recipe_from_flat(flat: serde_json::Map<String, Value>) -> Result<(Value, 
             _ => {
                 train.insert(k, v);
             }
-        }
-    }
-    if let Some(Value::String(m)) = network.get("network_module") {
-        if m != "networks.lora" {
-            bail!("network_module {m} is not supported yet (networks.lora is)");
         }
     }
     let model = model.context("pretrained_model_name_or_path is required")?;

@@ -101,14 +101,16 @@ impl Trainer {
         // UNet parameters grouped by block LR weight (one group without block weights), in first-seen order
         let mut un: Vec<(f64, Vec<candle_core::Var>)> = Vec::new();
         for (c, m) in &network.modules {
-            let pair = [m.down.clone(), m.up.clone()];
+            // LoRA-FA trains up only
+            let pair: Vec<_> =
+                if network.config.lora_fa { vec![m.up.clone()] } else { vec![m.down.clone(), m.up.clone()] };
             match c {
                 Component::TextEncoder if !cfg.network_train_unet_only => te.extend(pair),
                 Component::Unet if !cfg.network_train_text_encoder_only => {
                     let w = network.lr_weight(m);
                     match un.iter_mut().find(|(x, _)| *x == w) {
                         Some((_, v)) => v.extend(pair),
-                        None => un.push((w, pair.to_vec())),
+                        None => un.push((w, pair)),
                     }
                 }
                 _ => {}

@@ -378,3 +378,44 @@ fn mixed_precision_trains_a_half_precision_base_with_f32_lora_weights() {
     let e = sdtune::train::Trainer::new(model, net, None, cfg, json!({})).err().unwrap().to_string();
     assert!(e.contains("mixed_precision fp16 needs the model loaded in f16"), "{e}");
 }
+
+#[test]
+fn lora_fa_trains_up_only() {
+    let dir = scratch("train-lora-fa");
+    let mut r = recipe(
+        &dir,
+        json!({ "learning_rate": 1e-3, "max_train_steps": 3, "seed": 1, "output_dir": dir.join("out"),
+                "output_name": "fa", "log_every_n_steps": 0 }),
+    );
+    r["network"] = json!({ "network_module": "networks.lora_fa", "dim": 8, "alpha": 8.0 });
+    let mut tr = build::build(&r).unwrap();
+    let downs = |tr: &sdtune::train::Trainer| -> Vec<Vec<f32>> {
+        tr.network.vars().iter().map(|(_, d, _)| d.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect()
+    };
+    let before = downs(&tr);
+    // N(0, 2/(in + r)): the first module's sample std is near its target
+    let (_, m) = &tr.network.modules[0];
+    let d0 = m.down.as_tensor();
+    let want = (2.0 / (d0.dims()[1] + 8) as f64).sqrt();
+    let n = before[0].len() as f64;
+    let got = (before[0].iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / n).sqrt();
+    assert!((got / want - 1.0).abs() < 0.15, "down std {got} vs {want}");
+    tr.run(&mut |_, _| {}).unwrap();
+    assert_eq!(downs(&tr), before, "LoRA-FA keeps down frozen");
+    let up_moved = tr
+        .network
+        .vars()
+        .iter()
+        .any(|(_, _, u)| u.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
+    assert!(up_moved, "up trains");
+    let meta = sdtune::io::tensors::read_metadata(&dir.join("out/fa.safetensors")).unwrap();
+    assert_eq!(meta["ss_network_module"], "networks.lora_fa");
+    let e = build::build(&{
+        let mut r = r.clone();
+        r["network"] = json!({ "network_module": "networks.dylora" });
+        r
+    })
+    .err()
+    .unwrap();
+    assert!(format!("{e:#}").contains("networks.dylora is not supported yet"), "{e:#}");
+}
