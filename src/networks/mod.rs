@@ -30,6 +30,8 @@ pub struct NetworkConfig {
     pub blocks: blocks::BlockConfig,
     /// LoRA-FA (sd-scripts' `networks.lora_fa`): down drawn from N(0, 2/(in + rank)) and frozen; only up trains.
     pub lora_fa: bool,
+    /// The dtype of the trained weights: f32, or bf16 for sd-scripts' `full_bf16`.
+    pub dtype: DType,
 }
 
 impl Default for NetworkConfig {
@@ -44,6 +46,7 @@ impl Default for NetworkConfig {
             train_text_encoder: true,
             blocks: blocks::BlockConfig::default(),
             lora_fa: false,
+            dtype: DType::F32,
         }
     }
 }
@@ -195,8 +198,8 @@ impl Network {
                 let bound = 1.0 / (fan_in as f64).sqrt();
                 (0..n).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect()
             };
-            let down = Var::from_tensor(&Tensor::from_vec(vals, down_shape.as_slice(), &dev)?)?;
-            let up = Var::from_tensor(&Tensor::zeros(up_shape.as_slice(), DType::F32, &dev)?)?;
+            let down = Var::from_tensor(&Tensor::from_vec(vals, down_shape.as_slice(), &dev)?.to_dtype(cfg.dtype)?)?;
+            let up = Var::from_tensor(&Tensor::zeros(up_shape.as_slice(), cfg.dtype, &dev)?)?;
             let alpha = if alpha == 0.0 { r as f64 } else { alpha };
             modules.push((
                 c,

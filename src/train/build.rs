@@ -41,6 +41,8 @@ pub struct NetworkOptions {
     /// `networks.lora` (default) or `networks.lora_fa`.
     #[serde(alias = "network_module")]
     pub module: Option<String>,
+    /// The trained weights' dtype: f32 (default) or bf16 (`full_bf16`).
+    pub dtype: Option<String>,
 }
 
 impl NetworkOptions {
@@ -99,7 +101,15 @@ impl NetworkOptions {
             Some("networks.lora_fa" | "lora_fa") => true,
             Some(m) => bail!("network_module {m} is not supported yet; available: networks.lora, networks.lora_fa"),
         };
+        let dtype = match self.dtype.as_deref() {
+            None => candle_core::DType::F32,
+            Some(d) => match crate::device::parse_dtype(d)? {
+                t @ (candle_core::DType::F32 | candle_core::DType::BF16) => t,
+                _ => bail!("network dtype {d}: LoRA weights train in f32 or bf16 (full_bf16)"),
+            },
+        };
         Ok(NetworkConfig {
+            dtype,
             lora_fa,
             blocks,
             dim: self.dim.unwrap_or(4),
@@ -181,9 +191,12 @@ pub fn build(recipe: &Value) -> Result<Trainer> {
     if data.is_none() {
         bail!("recipe: a `dataset` is required to train");
     }
-    let nopts: NetworkOptions =
+    let mut nopts: NetworkOptions =
         serde_json::from_value(if r.network.is_null() { Value::Object(Default::default()) } else { r.network.clone() })
             .map_err(|e| anyhow::anyhow!("network options: {e}"))?;
+    if cfg.full_bf16 && nopts.dtype.is_none() {
+        nopts.dtype = Some("bf16".into());
+    }
     let network = match &r.network_weights {
         Some(p) => crate::networks::file::load(p, &model).with_context(|| "network_weights")?,
         None => Network::create(&model, &nopts.config()?, nopts.seed.unwrap_or(cfg.seed))?,

@@ -23,9 +23,6 @@ fn huber_c_default() -> f64 {
 fn discount_default() -> f64 {
     0.3
 }
-fn adamw() -> String {
-    "AdamW".into()
-}
 fn constant() -> String {
     "constant".into()
 }
@@ -60,8 +57,15 @@ pub struct TrainConfig {
     pub learning_rate: f64,
     pub unet_lr: Option<f64>,
     pub text_encoder_lr: Option<f64>,
-    #[serde(default = "adamw")]
+    /// sd-scripts' name; empty means AdamW.
+    #[serde(default)]
     pub optimizer_type: String,
+    /// Legacy alias of `optimizer_type = "AdamW8bit"`.
+    #[serde(default)]
+    pub use_8bit_adam: bool,
+    /// Legacy alias of `optimizer_type = "Lion"`.
+    #[serde(default)]
+    pub use_lion_optimizer: bool,
     #[serde(default)]
     pub optimizer_args: Vec<String>,
     #[serde(default = "constant")]
@@ -144,6 +148,9 @@ pub struct TrainConfig {
     pub training_comment: Option<String>,
     /// Max-norm regularisation of each module's ΔW (sd-scripts' `scale_weight_norms`).
     pub scale_weight_norms: Option<f64>,
+    /// Train the LoRA weights (and optimizer state) in bf16 too; needs mixed_precision bf16.
+    #[serde(default)]
+    pub full_bf16: bool,
     /// Print a progress line every N steps (0: never).
     #[serde(default = "ten")]
     pub log_every_n_steps: usize,
@@ -159,7 +166,6 @@ fn ten() -> usize {
 /// sd-scripts options recognised but not implemented yet: an error names them instead of ignoring them.
 pub const NOT_YET: &[&str] = &[
     "gradient_checkpointing",
-    "full_bf16",
     "full_fp16",
     "fp8_base",
     "max_token_length",
@@ -179,11 +185,24 @@ impl TrainConfig {
                 bail!("training option `{k}` is not supported yet");
             }
         }
-        let c: TrainConfig = serde_json::from_value(v).map_err(|e| anyhow::anyhow!("train: {e}"))?;
+        let mut c: TrainConfig = serde_json::from_value(v).map_err(|e| anyhow::anyhow!("train: {e}"))?;
+        for (flag, on, name) in
+            [("use_8bit_adam", c.use_8bit_adam, "AdamW8bit"), ("use_lion_optimizer", c.use_lion_optimizer, "Lion")]
+        {
+            if on {
+                if !c.optimizer_type.is_empty() && !c.optimizer_type.eq_ignore_ascii_case(name) {
+                    bail!("{flag} and optimizer_type {} are both given; keep one", c.optimizer_type);
+                }
+                c.optimizer_type = name.into();
+            }
+        }
         if let Some(mp) = c.mixed_precision.as_deref() {
             if !["no", "fp16", "bf16"].contains(&mp) {
                 bail!("mixed_precision must be no, fp16 or bf16, got {mp:?}");
             }
+        }
+        if c.full_bf16 && c.mixed_precision.as_deref() != Some("bf16") {
+            bail!("full_bf16 needs mixed_precision bf16");
         }
         if c.min_timestep >= c.max_timestep || c.max_timestep > 1000 {
             bail!(

@@ -6,6 +6,7 @@ pub mod loss;
 pub mod lr;
 pub mod noise;
 pub mod optim;
+pub mod scaler;
 pub mod state;
 pub mod trainer;
 

@@ -31,6 +31,9 @@ pub fn save(tr: &Trainer, dir: &Path) -> Result<()> {
         "batch_in_epoch": tr.batch_in_epoch,
         "optimizer_steps": o.step_count,
         "optimizer_scalars": o.scalars,
+        "loss_scaler": tr.scaler.as_ref().map(|s| serde_json::json!({
+            "scale": s.scale, "good_steps": s.good_steps, "skipped": s.skipped,
+        })),
         "losses": tr.losses,
         "recipe": tr.recipe,
     });
@@ -67,8 +70,8 @@ pub fn load_into(tr: &mut Trainer, dir: &Path) -> Result<()> {
         let get = |k: String| -> Result<Tensor> {
             net.get(&k).cloned().with_context(|| format!("{}: `{k}` missing from the saved network", dir.display()))
         };
-        m.down.set(&get(format!("{}.lora_down.weight", m.name))?)?;
-        m.up.set(&get(format!("{}.lora_up.weight", m.name))?)?;
+        m.down.set(&get(format!("{}.lora_down.weight", m.name))?.to_dtype(m.down.dtype())?)?;
+        m.up.set(&get(format!("{}.lora_up.weight", m.name))?.to_dtype(m.up.dtype())?)?;
     }
     let opt = crate::io::tensors::read_safetensors(&dir.join("optimizer.safetensors"), None, &dev)?.tensors;
     let o = tr.optimizer_mut();
@@ -100,6 +103,12 @@ pub fn load_into(tr: &mut Trainer, dir: &Path) -> Result<()> {
         );
     }
     o.scalars = scalars;
+    if let (Some(s), Some(saved)) = (tr.scaler.as_mut(), info.get("loss_scaler").filter(|v| !v.is_null())) {
+        let n = |k: &str| saved.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+        s.scale = n("scale");
+        s.good_steps = n("good_steps") as usize;
+        s.skipped = n("skipped") as usize;
+    }
     tr.step = num("step");
     tr.epoch = num("epoch");
     tr.batch_in_epoch = num("batch_in_epoch");

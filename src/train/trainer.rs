@@ -6,6 +6,7 @@ use super::loss::{self, element_loss, mean_per_sample, HuberSchedule, LossType};
 use super::lr::LrSchedule;
 use super::noise::{apply_multires_noise, apply_noise_offset, noisy_latents, zero_terminal_snr};
 use super::optim::{self, Optimizer, ParamGroup};
+use super::scaler::LossScaler;
 use crate::data::cache::{cache_latents, CachedLatents};
 use crate::data::captions::{process_caption, Progress};
 use crate::data::DatasetGroup;
@@ -61,6 +62,8 @@ pub struct Trainer {
     /// Everything needed to rebuild this run (model path, dataset path, options), kept in saved states.
     pub recipe: serde_json::Value,
     accum: Option<GradStore>,
+    /// fp16 mixed precision's dynamic loss scale.
+    pub scaler: Option<LossScaler>,
     accum_count: usize,
     te_stopped: bool,
     /// Whether the last `run` ended on a stop request.
@@ -95,6 +98,19 @@ impl Trainer {
                 );
             }
         }
+        let net_dtype = network.modules.first().map(|(_, m)| m.down.dtype()).unwrap_or(DType::F32);
+        match (cfg.full_bf16, net_dtype) {
+            (true, DType::BF16) | (false, DType::F32) => {}
+            (true, d) => bail!(
+                "full_bf16 trains the LoRA weights in bf16, but this network's are {}: create it with dtype bf16",
+                crate::device::dtype_name(d)
+            ),
+            (false, d) => bail!(
+                "the network's weights are {}; set full_bf16 (with mixed_precision bf16) to train them in half precision",
+                crate::device::dtype_name(d)
+            ),
+        }
+        let cfg_mp_fp16 = cfg.mixed_precision.as_deref() == Some("fp16");
         let v_pred = cfg.v_parameterization.unwrap_or(model.v_pred);
         let mut groups = Vec::new();
         let mut te = Vec::new();
@@ -188,6 +204,7 @@ impl Trainer {
             stop: Arc::new(AtomicBool::new(false)),
             recipe,
             accum: None,
+            scaler: (cfg_mp_fp16).then(LossScaler::default),
             accum_count: 0,
             te_stopped: false,
             stopped: false,
@@ -304,7 +321,8 @@ impl Trainer {
             );
         }
         let accum = self.cfg.gradient_accumulation_steps.max(1);
-        let grads = (loss / accum as f64)?.backward()?;
+        let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
+        let grads = (loss * (scale / accum as f64))?.backward()?;
         match &mut self.accum {
             None => self.accum = Some(grads),
             Some(acc) => {
@@ -323,13 +341,22 @@ impl Trainer {
         if self.accum_count == accum {
             let mut grads = self.accum.take().expect("gradients accumulated");
             self.accum_count = 0;
-            if self.cfg.max_grad_norm > 0.0 {
-                self.optimizer.clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
-            }
+            let overflow = match &self.scaler {
+                Some(s) => !s.unscale(&mut grads, self.optimizer.groups.iter().flat_map(|g| &g.params))?,
+                None => false,
+            };
             self.stop_text_encoder_if_due();
-            self.optimizer.step(&grads, self.lr.factor(self.step))?;
-            if let Some(n) = self.cfg.scale_weight_norms.filter(|&n| n > 0.0) {
-                self.network.apply_max_norm(n)?;
+            if !overflow {
+                if self.cfg.max_grad_norm > 0.0 {
+                    self.optimizer.clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
+                }
+                self.optimizer.step(&grads, self.lr.factor(self.lr_step()))?;
+                if let Some(n) = self.cfg.scale_weight_norms.filter(|&n| n > 0.0) {
+                    self.network.apply_max_norm(n)?;
+                }
+            }
+            if let Some(s) = &mut self.scaler {
+                s.update(overflow);
             }
             self.step += 1;
             self.losses.push(value);
@@ -352,7 +379,12 @@ impl Trainer {
 
     /// The current LR of each group.
     pub fn current_lrs(&self) -> Result<Vec<(String, f64)>> {
-        self.optimizer.group_lrs(self.lr.factor(self.step))
+        self.optimizer.group_lrs(self.lr.factor(self.lr_step()))
+    }
+
+    /// The LR schedule's position: optimizer steps taken (fp16 steps skipped for overflow do not count).
+    fn lr_step(&self) -> usize {
+        self.step - self.scaler.as_ref().map_or(0, |s| s.skipped)
     }
 
     /// Builds the batch for dataset `di`, images `idx`: cached latents or VAE-encoded images, captions → ids.

@@ -20,8 +20,11 @@ fn weights(tr: &sdtune::train::Trainer) -> Vec<f32> {
         .vars()
         .iter()
         .flat_map(|(_, d, u)| {
-            let mut v = d.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-            v.extend(u.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap());
+            let f32s = |t: &candle_core::Tensor| {
+                t.flatten_all().unwrap().to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap()
+            };
+            let mut v = f32s(d.as_tensor());
+            v.extend(f32s(u.as_tensor()));
             v
         })
         .collect()
@@ -129,7 +132,8 @@ fn resuming_a_stopped_run_gives_the_uninterrupted_weights() {
 #[test]
 fn every_optimizer_resumes_exactly() {
     // Prodigy's and D-Adaptation's d estimates and the 8-bit moments travel in the state too
-    let (d, dtypes) = stop_and_resume("adamw8bit", 64, json!({ "optimizer_type": "AdamW8bit" }));
+    // (through sd-scripts' legacy flag use_8bit_adam)
+    let (d, dtypes) = stop_and_resume("adamw8bit", 64, json!({ "use_8bit_adam": true }));
     assert!(d <= 1e-6, "AdamW8bit: max |Δw| = {d}");
     assert!(dtypes.contains(&candle_core::DType::U8), "no 8-bit state was saved: {dtypes:?}");
     for (name, opt) in [
@@ -140,6 +144,13 @@ fn every_optimizer_resumes_exactly() {
         let (d, _) = stop_and_resume(name, 8, opt);
         assert!(d <= 1e-6, "{name}: max |Δw| = {d}");
     }
+}
+
+#[test]
+fn fp16_runs_resume_exactly() {
+    // the dynamic loss scale travels in the state
+    let (d, _) = stop_and_resume("fp16", 8, json!({ "mixed_precision": "fp16" }));
+    assert!(d <= 1e-6, "fp16: max |Δw| = {d}");
 }
 
 #[test]
@@ -214,6 +225,8 @@ fn unknown_and_unsupported_options_are_named() {
     assert!(e.contains("learning_rat") && e.contains("learning_rate"), "{e}");
     let e = build::build(&recipe(&dir, json!({ "gradient_checkpointing": true }))).err().unwrap().to_string();
     assert!(e.contains("gradient_checkpointing") && e.contains("not supported yet"), "{e}");
+    let e = build::build(&recipe(&dir, json!({ "use_8bit_adam": true, "optimizer_type": "Lion" }))).err().unwrap();
+    assert!(e.to_string().contains("use_8bit_adam and optimizer_type Lion"), "{e}");
     let e = build::build(&recipe(&dir, json!({ "optimizer_type": "Lion8bit" }))).err().unwrap().to_string();
     assert!(e.contains("Lion8bit") && e.contains("not supported yet"), "{e}");
 }
@@ -371,6 +384,37 @@ fn mixed_precision_trains_a_half_precision_base_with_f32_lora_weights() {
     assert!(tr.losses.iter().all(|l| l.is_finite()));
     assert!(tr.network.vars().iter().all(|(_, d, u)| d.as_tensor().dtype() == candle_core::DType::F32
         && u.as_tensor().dtype() == candle_core::DType::F32));
+    // the fp16 loss scale: 2¹⁶ unless a step overflowed (then halved per skipped step)
+    let s = tr.scaler.clone().expect("fp16 has a loss scaler");
+    assert_eq!(s.scale * 2f64.powi(s.skipped as i32), 65536.0, "{s:?}");
+    assert!(
+        tr.network.vars().iter().any(|(_, _, u)| u
+            .as_tensor()
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            > 0.0),
+        "the LoRA learned something"
+    );
+    // full_bf16 needs bf16 mixed precision, whose bf16 base runs on CUDA only (candle has no CPU bf16 conv)
+    let e = build::build(&recipe(&dir, json!({ "full_bf16": true }))).err().unwrap();
+    assert!(format!("{e:#}").contains("full_bf16 needs mixed_precision bf16"), "{e:#}");
+    let e = build::build(&recipe(&dir, json!({ "mixed_precision": "bf16", "full_bf16": true }))).err().unwrap();
+    assert!(format!("{e:#}").contains("bf16 is not supported on the CPU"), "{e:#}");
+    // a bf16 network (what full_bf16 trains) with an f32 run is refused by name
+    let model = std::sync::Arc::new(load(&fixture("tiny-sd15")));
+    let cfg = sdtune::networks::NetworkConfig { dtype: candle_core::DType::BF16, ..Default::default() };
+    let net = std::sync::Arc::new(sdtune::networks::Network::create(&model, &cfg, 0).unwrap());
+    assert!(net
+        .vars()
+        .iter()
+        .all(|(_, d, u)| d.dtype() == candle_core::DType::BF16 && u.dtype() == candle_core::DType::BF16));
+    let tcfg = sdtune::train::config::TrainConfig::from_json(json!({})).unwrap();
+    let e = sdtune::train::Trainer::new(model, net, None, tcfg, json!({})).err().unwrap().to_string();
+    assert!(e.contains("set full_bf16"), "{e}");
     // a model loaded in f32 with mixed_precision fp16 is a clear error
     let model = std::sync::Arc::new(load(&fixture("tiny-sd15")));
     let net = std::sync::Arc::new(sdtune::networks::Network::create(&model, &Default::default(), 0).unwrap());

@@ -4,7 +4,7 @@
 
 use super::Args;
 use anyhow::{bail, Result};
-use candle_core::{Tensor, D};
+use candle_core::{DType, Tensor, D};
 
 /// Adafactor's settings (transformers' names and defaults, with sd-scripts' `relative_step=True`).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -45,8 +45,9 @@ impl Adafactor {
     }
 
     /// Zeroed state: [row, column] second moments (rank ≥ 2) or [full second moment], then the first moment
-    /// when `beta1` is set.
+    /// when `beta1` is set; in f32 whatever the parameter's dtype, as transformers keeps them.
     pub fn init_state(&self, p: &Tensor) -> Result<Vec<Tensor>> {
+        let p = &p.to_dtype(DType::F32)?;
         let dims = p.dims();
         let mut st = if dims.len() >= 2 {
             let n = dims.len();
@@ -75,6 +76,8 @@ impl Adafactor {
     }
 
     pub fn step(&self, w: &Tensor, g: &Tensor, st: &mut [Tensor], group_lr: f64, t: usize) -> Result<Tensor> {
+        let dtype = w.dtype();
+        let (w, g) = (&w.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?);
         let lr = self.lr(group_lr, t, rms(w)?);
         let beta2t = 1.0 - (t as f64).powf(self.decay_rate);
         let sq = (g.sqr()? + self.eps.0)?;
@@ -102,6 +105,6 @@ impl Adafactor {
             None => update,
         };
         let w = if self.weight_decay != 0.0 { (w + (w * (-self.weight_decay * lr))?)? } else { w.clone() };
-        Ok((w - update)?)
+        Ok((w - update)?.to_dtype(dtype)?)
     }
 }

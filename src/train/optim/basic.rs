@@ -135,6 +135,34 @@ mod tests {
     }
 
     #[test]
+    fn bf16_weights_step_in_bf16() {
+        // full_bf16: the weights and moments stay bf16 and follow the f32 result to bf16 precision
+        for kind in [
+            Kind::AdamW(Adam { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.01 }),
+            Kind::Adafactor(super::super::Adafactor::from_args(&super::super::Args(&vec![])).unwrap()),
+        ] {
+            let w32 = Var::new(&[1.0f32, -2.0], &Device::Cpu).unwrap();
+            let w16 = Var::from_tensor(&w32.as_tensor().to_dtype(candle_core::DType::BF16).unwrap()).unwrap();
+            let mut o32 =
+                Optimizer::new(kind, vec![ParamGroup { name: "g".into(), params: vec![w32.clone()], lr: 0.1 }])
+                    .unwrap();
+            let mut o16 =
+                Optimizer::new(kind, vec![ParamGroup { name: "g".into(), params: vec![w16.clone()], lr: 0.1 }])
+                    .unwrap();
+            for _ in 0..3 {
+                o32.step(&w32.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap(), 1.0).unwrap();
+                o16.step(&w16.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap(), 1.0).unwrap();
+            }
+            assert_eq!(w16.as_tensor().dtype(), candle_core::DType::BF16);
+            let a = w32.as_tensor().to_vec1::<f32>().unwrap();
+            let b = w16.as_tensor().to_dtype(candle_core::DType::F32).unwrap().to_vec1::<f32>().unwrap();
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 0.02 * x.abs().max(0.1), "{kind:?}: f32 {x} vs bf16 {y}");
+            }
+        }
+    }
+
+    #[test]
     fn lion_and_sgd_nesterov_by_hand() {
         let w = run(Kind::Lion(Lion { betas: (0.9, 0.99), weight_decay: 0.0 }), 0.1, 2);
         // sign updates of size lr: 1 → 0.9 → 0.8; −2 → −1.9 → −1.8

@@ -36,7 +36,7 @@ pub fn parse_args(args: &[String]) -> Result<OptimizerArgs> {
 }
 
 /// Typed reads of `optimizer_args` values (Python literals as sd-scripts' `ast.literal_eval` reads them).
-pub struct Args<'a>(&'a OptimizerArgs);
+pub struct Args<'a>(pub(crate) &'a OptimizerArgs);
 
 impl Args<'_> {
     fn get(&self, key: &str) -> Option<&str> {
