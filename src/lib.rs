@@ -4,6 +4,7 @@
 
 pub mod data;
 pub mod device;
+pub mod import;
 pub mod io;
 pub mod models;
 pub mod networks;

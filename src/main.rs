@@ -36,6 +36,32 @@ enum Command {
         #[command(subcommand)]
         command: DatasetCommand,
     },
+    /// Bring a kohya_ss GUI config or an sd-scripts config as a `.rhai` recipe (with a report of what does not
+    /// carry over).
+    Import {
+        #[command(subcommand)]
+        command: ImportCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportCommand {
+    /// A kohya_ss GUI config or preset (.json).
+    Kohya(ImportArgs),
+    /// An sd-scripts `--config_file` (.toml).
+    SdScripts(ImportArgs),
+}
+
+#[derive(clap::Args)]
+struct ImportArgs {
+    /// The config file.
+    config: PathBuf,
+    /// The recipe to write (default: the config's name with `.rhai`, in the current folder).
+    #[arg(short, long)]
+    output: Option<PathBuf>,
+    /// Replace an existing recipe file.
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Subcommand)]
@@ -210,80 +236,33 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--name value [value...]` / `--flag` → a JSON object (numbers and booleans typed).
-fn parse_flags(args: &[String]) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
-    use serde_json::Value;
-    let typed = |v: &str| -> Value {
-        if let Ok(i) = v.parse::<i64>() {
-            Value::from(i)
-        } else if let Ok(f) = v.parse::<f64>() {
-            Value::from(f)
-        } else if v == "true" || v == "True" {
-            Value::Bool(true)
-        } else if v == "false" || v == "False" {
-            Value::Bool(false)
-        } else {
-            Value::from(v)
-        }
-    };
-    let mut out = serde_json::Map::new();
-    let mut i = 0;
-    while i < args.len() {
-        let name = args[i]
-            .strip_prefix("--")
-            .ok_or_else(|| anyhow::anyhow!("train: expected an option like --learning_rate, got {:?}", args[i]))?;
-        let name = name.replace('-', "_");
-        let mut vals = Vec::new();
-        i += 1;
-        while i < args.len() && !args[i].starts_with("--") {
-            vals.push(args[i].clone());
-            i += 1;
-        }
-        let v = match (name.as_str(), vals.len()) {
-            ("optimizer_args" | "network_args", _) => {
-                Value::Array(vals.iter().map(|v| Value::from(v.as_str())).collect())
-            }
-            (_, 0) => Value::Bool(true),
-            (_, 1) => typed(&vals[0]),
-            _ => Value::Array(vals.iter().map(|v| typed(v)).collect()),
-        };
-        out.insert(name, v);
-    }
-    Ok(out)
-}
-
-/// Flattens an sd-scripts `--config_file` TOML (sections are only grouping).
-fn read_config_file(path: &std::path::Path) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
-    let text = std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    let doc: toml::Table =
-        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid TOML: {}", path.display(), e.message()))?;
-    let mut out = serde_json::Map::new();
-    for (k, v) in doc {
-        match v {
-            toml::Value::Table(t) => {
-                for (k2, v2) in t {
-                    out.insert(k2, serde_json::to_value(v2)?);
-                }
-            }
-            other => {
-                out.insert(k, serde_json::to_value(other)?);
-            }
-        }
-    }
-    Ok(out)
-}
-
 fn train(args: Vec<String>) -> anyhow::Result<()> {
-    let mut flags = parse_flags(&args)?;
+    let mut flags = sdtune::import::parse_flags(&args)?;
     let mut trainer = if let Some(state) = flags.remove("resume") {
         let dir = state.as_str().ok_or_else(|| anyhow::anyhow!("--resume needs a state folder"))?.to_string();
         sdtune::train::build::resume(std::path::Path::new(&dir))?
     } else {
         let mut flat = match flags.remove("config_file") {
-            Some(serde_json::Value::String(p)) => read_config_file(std::path::Path::new(&p))?,
+            Some(serde_json::Value::String(p)) => sdtune::import::read_sd_scripts_toml(std::path::Path::new(&p))?,
             Some(_) => anyhow::bail!("--config_file needs a path"),
             None => serde_json::Map::new(),
         };
+        if let Some(k) = flags.remove("kohya") {
+            let path = std::path::PathBuf::from(k.as_str().ok_or_else(|| anyhow::anyhow!("--kohya needs a path"))?);
+            let imported = sdtune::import::kohya(&path)?;
+            for line in imported.report.lines() {
+                eprintln!("{line}");
+            }
+            imported.report.check_runnable(&path)?;
+            flat.extend(imported.options);
+            if let Some(text) = imported.prompts {
+                let out = flags.get("output_dir").or(flat.get("output_dir")).and_then(|v| v.as_str()).unwrap_or(".");
+                let file = std::path::Path::new(out).join("sample_prompts.txt");
+                std::fs::create_dir_all(out)?;
+                sdtune::io::tensors::write_atomic(&file, |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))?;
+                flat.insert("sample_prompts".into(), file.display().to_string().into());
+            }
+        }
         flat.extend(flags);
         let (recipe, notes) = sdtune::train::build::recipe_from_flat(flat)?;
         for n in notes {
@@ -332,6 +311,7 @@ fn main() -> ExitCode {
         Command::Sample(a) => sample(a).map_err(|e| format!("{e:#}")),
         Command::Train { args } => train(args).map_err(|e| format!("{e:#}")),
         Command::Dataset { command: DatasetCommand::Inspect(a) } => inspect(a).map_err(|e| format!("{e:#}")),
+        Command::Import { command } => import(command).map_err(|e| format!("{e:#}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -340,4 +320,45 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `sdtune import kohya|sd-scripts CONFIG`: the report on stderr, the recipe written, its path on stdout.
+fn import(command: ImportCommand) -> anyhow::Result<()> {
+    use sdtune::import;
+    let (args, kind) = match command {
+        ImportCommand::Kohya(a) => (a, "kohya"),
+        ImportCommand::SdScripts(a) => (a, "sd-scripts"),
+    };
+    let imported = if kind == "kohya" { import::kohya(&args.config)? } else { import::sd_scripts(&args.config)? };
+    for line in imported.report.lines() {
+        eprintln!("{line}");
+    }
+    imported.report.check_runnable(&args.config)?;
+    let stem = args.config.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "recipe".into());
+    let out = args.output.unwrap_or_else(|| PathBuf::from(format!("{stem}.rhai")));
+    let refuse = |p: &std::path::Path| -> anyhow::Result<()> {
+        if p.exists() && !args.force {
+            anyhow::bail!("{}: already exists; pass --force to replace it", p.display());
+        }
+        Ok(())
+    };
+    refuse(&out)?;
+    let mut options = imported.options;
+    if let Some(text) = &imported.prompts {
+        let file = out.with_extension("prompts.txt");
+        refuse(&file)?;
+        sdtune::io::tensors::write_atomic(&file, |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))?;
+        options.insert("sample_prompts".into(), file.display().to_string().into());
+    }
+    let (recipe, notes) = sdtune::train::build::recipe_from_flat(options)?;
+    let mut report = imported.report;
+    for n in notes {
+        let (k, why) = n.split_once(": ").unwrap_or(("", n.as_str()));
+        report.ignored(k, why);
+    }
+    let text =
+        import::rhai::script(&recipe, &report, &args.config.display().to_string(), &format!("sdtune import {kind}"));
+    sdtune::io::tensors::write_atomic(&out, |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))?;
+    println!("{}", out.display());
+    Ok(())
 }

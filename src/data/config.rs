@@ -6,12 +6,37 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
-/// `resolution`: one side or `[width, height]`.
-#[derive(Deserialize, Clone, Copy, Debug, PartialEq)]
-#[serde(untagged)]
+/// `resolution`: one side or `[width, height]` (also sd-scripts' command-line text, `"512"` or `"512,768"`).
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Resolution {
     Square(usize),
     Pair([usize; 2]),
+}
+
+impl<'de> Deserialize<'de> for Resolution {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Square(usize),
+            Pair([usize; 2]),
+            Text(String),
+        }
+        let bad = || serde::de::Error::custom("resolution must be a number, [width, height] or \"width,height\"");
+        Ok(match Raw::deserialize(d).map_err(|_| bad())? {
+            Raw::Square(s) => Resolution::Square(s),
+            Raw::Pair(p) => Resolution::Pair(p),
+            Raw::Text(t) => {
+                let v: Vec<usize> =
+                    t.split(',').map(|x| x.trim().parse()).collect::<std::result::Result<_, _>>().map_err(|_| bad())?;
+                match v[..] {
+                    [s] => Resolution::Square(s),
+                    [w, h] => Resolution::Pair([w, h]),
+                    _ => return Err(bad()),
+                }
+            }
+        })
+    }
 }
 
 impl Resolution {

@@ -68,7 +68,7 @@ impl LoraModule {
         let training = self.state.training.load(Ordering::Relaxed);
         let mut h = match &self.layer.kind {
             LayerKind::Linear { .. } => x.broadcast_matmul(&d.t()?)?,
-            LayerKind::Conv { stride, padding, .. } => x.conv2d(d, *padding, *stride, 1, 1)?,
+            LayerKind::Conv { stride, padding, .. } => crate::nn::conv2d(x, d, *padding, *stride)?,
         };
         let mut scale = self.scale();
         if training {

@@ -84,13 +84,31 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.conv2d(&self.slot.weight(), self.padding, self.stride, 1, 1)?;
+        let y = conv2d(x, &self.slot.weight(), self.padding, self.stride)?;
         let y = match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?)?,
             None => y,
         };
         self.slot.add_adapters(x, y)
     }
+}
+
+/// `x.conv2d(w, padding, stride)` with a backward pass for any input size. candle's conv2d backward derives the
+/// transposed convolution's output padding from the height alone and applies it to the width too, so a strided
+/// convolution over a height and width of different remainders (e.g. 4×5 latents) fails in backward. Padding the
+/// side with the smaller remainder with zeros at its end evens them out without changing any output value.
+pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if stride > 1 {
+        let (_, _, h, wd) = x.dims4()?;
+        let (kh, kw) = (w.dim(2)?, w.dim(3)?);
+        let rem = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) % stride;
+        let (rh, rw) = (rem(h, kh), rem(wd, kw));
+        if rh != rw {
+            let x = if rh < rw { x.pad_with_zeros(2, 0, rw - rh)? } else { x.pad_with_zeros(3, 0, rh - rw)? };
+            return Ok(x.conv2d(w, padding, stride, 1, 1)?);
+        }
+    }
+    Ok(x.conv2d(w, padding, stride, 1, 1)?)
 }
 
 /// Group normalisation over `[B, C, ...]`, statistics in f32.
@@ -183,4 +201,24 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(dtype)?;
     let out = probs.matmul(&v)?;
     Ok(out.transpose(1, 2)?.reshape((b, sq, c))?)
+}
+
+#[cfg(test)]
+mod conv_tests {
+    use candle_core::{Device, Tensor, Var};
+
+    #[test]
+    fn strided_conv_over_uneven_sides_has_a_gradient_and_the_same_values() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (1, 2, 4, 5), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1., (3, 2, 3, 3), &dev).unwrap();
+        let y = super::conv2d(x.as_tensor(), &w, 1, 2).unwrap();
+        let plain = x.as_tensor().conv2d(&w, 1, 2, 1, 1).unwrap();
+        assert_eq!(y.dims(), plain.dims());
+        let d = (y - &plain).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(d, 0.0);
+        assert!(plain.sum_all().unwrap().backward().is_err(), "candle's own backward still fails here");
+        let g = super::conv2d(x.as_tensor(), &w, 1, 2).unwrap().sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(x.as_tensor()).unwrap().dims(), &[1, 2, 4, 5]);
+    }
 }

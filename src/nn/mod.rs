@@ -4,5 +4,5 @@ pub mod adapter;
 mod layers;
 mod weights;
 
-pub use layers::{attention, quick_gelu, Conv2d, GroupNorm, LayerNorm, Linear};
+pub use layers::{attention, conv2d, quick_gelu, Conv2d, GroupNorm, LayerNorm, Linear};
 pub use weights::Weights;

@@ -33,6 +33,22 @@ pub fn to_json(v: &Dynamic) -> Result<serde_json::Value> {
     })
 }
 
+/// Converts JSON to a script value (objects become maps).
+pub fn from_json(v: &serde_json::Value) -> Dynamic {
+    use serde_json::Value;
+    match v {
+        Value::Null => Dynamic::UNIT,
+        Value::Bool(b) => Dynamic::from_bool(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(i) => Dynamic::from_int(i),
+            None => Dynamic::from_float(n.as_f64().unwrap_or(f64::NAN)),
+        },
+        Value::String(s) => Dynamic::from(s.clone()),
+        Value::Array(a) => Dynamic::from_array(a.iter().map(from_json).collect()),
+        Value::Object(m) => Dynamic::from_map(m.iter().map(|(k, x)| (k.as_str().into(), from_json(x))).collect()),
+    }
+}
+
 fn open_dataset(path: &str, opts: &Map) -> Result<DatasetRef> {
     let mut m = opts.clone();
     let reg = m
@@ -47,7 +63,9 @@ fn open_dataset(path: &str, opts: &Map) -> Result<DatasetRef> {
         .unwrap_or(false);
     let call: General = serde_json::from_value(to_json(&Dynamic::from_map(m))?)
         .map_err(|e| anyhow::anyhow!("dataset: {e} (also accepted: reg_data_dir, strict)"))?;
-    let group = open(Path::new(path), &OpenOptions { call, reg_dir: reg.map(PathBuf::from), strict })?;
+    let mut group = open(Path::new(path), &OpenOptions { call, reg_dir: reg.map(PathBuf::from), strict })?;
+    // kept for the training recipe, so that a resumed run opens the same dataset
+    group.options = to_json(&Dynamic::from_map(opts.clone()))?;
     Ok(Arc::new(group))
 }
 

@@ -1,6 +1,7 @@
 //! The Rhai scripting host: one engine with thin bindings over the Rust API, and `run` for script files.
 
 mod data_api;
+pub use data_api::{from_json, to_json};
 mod errors;
 mod model_api;
 mod opts;

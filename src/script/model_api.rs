@@ -98,6 +98,12 @@ pub fn register(engine: &mut Engine) {
     engine.register_type_with_name::<Model>("Model");
     engine.register_fn("load_model", |p: &str| rt(load_model(p, &Map::new())));
     engine.register_fn("load_model", |p: &str, o: Map| rt(load_model(p, &o)));
+    // the dtype to load a model in for training with this mixed_precision on the default device
+    engine.register_fn("training_dtype", |mixed_precision: &str| -> String {
+        let dev = crate::device::default_device();
+        let dt = crate::train::config::base_dtype_for(Some(mixed_precision), &dev);
+        crate::device::dtype_name(dt.unwrap_or(candle_core::DType::F32)).to_string()
+    });
     engine.register_get("family", |m: &mut Model| m.family.name().to_string());
     engine.register_get("v_pred", |m: &mut Model| m.v_pred);
     engine.register_get("vae_scale", |m: &mut Model| m.vae_scale);

@@ -76,8 +76,17 @@ fn make_trainer(opts: &Map) -> Result<Trainer> {
                     v.clone().try_cast::<DatasetRef>().context("train: `dataset` must be a Dataset (dataset(...))")?,
                 )
             }
+            // a name alone is sd-scripts' `lr_scheduler` / `optimizer_type`
+            "lr_scheduler" if v.is_string() => {
+                flat.insert(k.clone(), v.clone());
+            }
+            "optimizer" if v.is_string() => {
+                flat.insert("optimizer_type".into(), v.clone());
+            }
             "optimizer" | "lr_scheduler" => {
-                let m = v.read_lock::<Map>().with_context(|| format!("train: `{k}` must be the result of {k}(...)"))?;
+                let m = v
+                    .read_lock::<Map>()
+                    .with_context(|| format!("train: `{k}` must be a name or the result of {k}(...)"))?;
                 for (mk, mv) in m.iter() {
                     flat.insert(mk.clone(), mv.clone());
                 }
@@ -107,11 +116,21 @@ fn make_trainer(opts: &Map) -> Result<Trainer> {
 
 fn network_json(n: &Network) -> Value {
     let c = &n.config;
-    serde_json::json!({
+    let mut v = serde_json::json!({
         "dim": c.dim, "alpha": c.alpha, "conv_dim": c.conv_dim, "conv_alpha": c.conv_alpha,
         "dropout": c.dropouts.neuron, "rank_dropout": c.dropouts.rank, "module_dropout": c.dropouts.module,
         "train_unet": c.train_unet, "train_text_encoder": c.train_text_encoder,
-    })
+        "module": if c.lora_fa { "networks.lora_fa" } else { "networks.lora" },
+        "dtype": crate::device::dtype_name(c.dtype),
+    });
+    // the block options as given (numbers where NetworkOptions takes numbers)
+    for (k, given) in &c.blocks.given {
+        v[k.as_str()] = match k.as_str() {
+            "mid_lr_weight" | "block_lr_zero_threshold" => given.parse::<f64>().map(Value::from).unwrap_or(Value::Null),
+            _ => Value::from(given.as_str()),
+        };
+    }
+    v
 }
 
 fn run_trainer(tr: TrainerRef) -> Result<Run> {
@@ -260,6 +279,10 @@ pub fn register(engine: &mut Engine) {
     });
     engine.register_fn("step_with", |t: &mut TrainerRef, m: Map| rt(step_with(t, &m)));
     engine.register_fn("run", |t: &mut TrainerRef| rt(run_trainer(t.clone())));
+    engine.register_get("options", |t: &mut TrainerRef| -> RhaiResult<Dynamic> {
+        let tr = t.lock().map_err(|_| "trainer in use")?;
+        Ok(super::data_api::from_json(&rt(tr.resolved_options())?))
+    });
     engine.register_get("network", |t: &mut TrainerRef| {
         t.lock().map(|t| t.network.clone()).map_err(|_| "trainer in use".into()) as RhaiResult<NetworkRef>
     });

@@ -173,12 +173,15 @@ pub fn open_dataset(r: &Recipe) -> Result<Option<crate::data::DatasetGroup>> {
 
 /// Builds everything from a recipe (a fresh network, or `network_weights` to continue training a file).
 pub fn build(recipe: &Value) -> Result<Trainer> {
+    if recipe.get("model").is_none_or(Value::is_null) {
+        bail!("no model to train: pretrained_model_name_or_path (a checkpoint file or diffusers folder) is required");
+    }
     let r: Recipe = serde_json::from_value(recipe.clone()).map_err(|e| anyhow::anyhow!("recipe: {e}"))?;
     let cfg =
         TrainConfig::from_json(if r.train.is_null() { Value::Object(Default::default()) } else { r.train.clone() })?;
     // mixed_precision loads the frozen model in half precision unless the recipe names a dtype
     let mut r = r;
-    if let Some(d) = cfg.base_dtype() {
+    if let Some(d) = cfg.base_dtype_for(&crate::device::default_device()) {
         match r.model_options.as_object_mut() {
             Some(o) => {
                 o.entry("dtype").or_insert(Value::from(crate::device::dtype_name(d)));
@@ -325,7 +328,6 @@ pub fn recipe_from_flat(flat: serde_json::Map<String, Value>) -> Result<(Value, 
             }
         }
     }
-    let model = model.context("pretrained_model_name_or_path is required")?;
     let recipe = serde_json::json!({
         "model": model,
         "model_options": Value::Object(model_options),

@@ -2,7 +2,7 @@
 //! and sd-scripts options sdtune does not implement yet are refused by name rather than ignored.
 
 use anyhow::{bail, Result};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
 
 fn one() -> usize {
@@ -46,7 +46,7 @@ fn power_default() -> f64 {
 }
 
 /// The loop's options (sd-scripts' `train_network.py` names and defaults).
-#[derive(Deserialize, Clone, Debug)]
+#[derive(Deserialize, Serialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
     pub max_train_steps: Option<usize>,
@@ -71,7 +71,8 @@ pub struct TrainConfig {
     #[serde(default = "constant")]
     pub lr_scheduler: String,
     #[serde(default)]
-    pub lr_warmup_steps: usize,
+    /// Warmup in optimizer steps; a value below 1 is a fraction of the training steps (newer sd-scripts).
+    pub lr_warmup_steps: f64,
     #[serde(default = "one")]
     pub lr_scheduler_num_cycles: usize,
     #[serde(default = "power_default")]
@@ -204,6 +205,9 @@ impl TrainConfig {
         if c.full_bf16 && c.mixed_precision.as_deref() != Some("bf16") {
             bail!("full_bf16 needs mixed_precision bf16");
         }
+        if !(c.lr_warmup_steps >= 0.0 && (c.lr_warmup_steps < 1.0 || c.lr_warmup_steps.fract() == 0.0)) {
+            bail!("lr_warmup_steps must be a whole number of steps or a fraction below 1, got {}", c.lr_warmup_steps);
+        }
         if c.min_timestep >= c.max_timestep || c.max_timestep > 1000 {
             bail!(
                 "timesteps must satisfy 0 ≤ min_timestep < max_timestep ≤ 1000 (got {}..{})",
@@ -217,13 +221,20 @@ impl TrainConfig {
         Ok(c)
     }
 
-    /// The frozen model's dtype that `mixed_precision` asks for (None: f32).
-    pub fn base_dtype(&self) -> Option<candle_core::DType> {
-        match self.mixed_precision.as_deref() {
-            Some("fp16") => Some(candle_core::DType::F16),
-            Some("bf16") => Some(candle_core::DType::BF16),
-            _ => None,
+    /// Warmup steps for a run of `total` optimizer steps.
+    pub fn warmup_steps(&self, total: usize) -> usize {
+        let w = self.lr_warmup_steps;
+        if w > 0.0 && w < 1.0 {
+            (w * total as f64).round() as usize
+        } else {
+            w as usize
         }
+    }
+
+    /// The frozen model's dtype that `mixed_precision` asks for on `device` (None: f32). bf16 stays f32 on the
+    /// CPU, where candle has no bf16 convolution: the run keeps full precision there rather than failing.
+    pub fn base_dtype_for(&self, device: &candle_core::Device) -> Option<candle_core::DType> {
+        base_dtype_for(self.mixed_precision.as_deref(), device)
     }
 
     /// The save dtype (`save_precision`: float, fp16, bf16).
@@ -234,5 +245,14 @@ impl TrainConfig {
             "bf16" => candle_core::DType::BF16,
             other => bail!("save_precision must be float, fp16 or bf16, got {other:?}"),
         })
+    }
+}
+
+/// The frozen model's dtype for `mixed_precision` on `device` (see [`TrainConfig::base_dtype_for`]).
+pub fn base_dtype_for(mixed_precision: Option<&str>, device: &candle_core::Device) -> Option<candle_core::DType> {
+    match mixed_precision {
+        Some("fp16") => Some(candle_core::DType::F16),
+        Some("bf16") if !device.is_cpu() => Some(candle_core::DType::BF16),
+        _ => None,
     }
 }

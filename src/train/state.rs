@@ -31,6 +31,7 @@ pub fn save(tr: &Trainer, dir: &Path) -> Result<()> {
         "batch_in_epoch": tr.batch_in_epoch,
         "optimizer_steps": o.step_count,
         "optimizer_scalars": o.scalars,
+        "optimizer_param_steps": o.param_steps,
         "loss_scaler": tr.scaler.as_ref().map(|s| serde_json::json!({
             "scale": s.scale, "good_steps": s.good_steps, "skipped": s.skipped,
         })),
@@ -103,6 +104,13 @@ pub fn load_into(tr: &mut Trainer, dir: &Path) -> Result<()> {
         );
     }
     o.scalars = scalars;
+    if let Some(steps) = info.get("optimizer_param_steps").and_then(|v| v.as_array()) {
+        for (gi, g) in steps.iter().enumerate().take(o.param_steps.len()) {
+            for (pi, n) in g.as_array().into_iter().flatten().enumerate().take(o.param_steps[gi].len()) {
+                o.param_steps[gi][pi] = n.as_u64().unwrap_or(0) as usize;
+            }
+        }
+    }
     if let (Some(s), Some(saved)) = (tr.scaler.as_mut(), info.get("loss_scaler").filter(|v| !v.is_null())) {
         let n = |k: &str| saved.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
         s.scale = n("scale");

@@ -88,7 +88,10 @@ impl Trainer {
         cfg: TrainConfig,
         recipe: serde_json::Value,
     ) -> Result<Self> {
-        if let Some(want) = cfg.base_dtype() {
+        if cfg.mixed_precision.as_deref() == Some("bf16") && model.device.is_cpu() {
+            eprintln!("note: mixed_precision bf16 on the CPU keeps the frozen model in f32 (candle has no CPU bf16 convolution)");
+        }
+        if let Some(want) = cfg.base_dtype_for(&model.device) {
             if model.dtype != want {
                 bail!(
                     "mixed_precision {} needs the model loaded in {} (load_model(path, #{{ dtype: \"{}\" }})); the LoRA weights stay f32",
@@ -161,14 +164,14 @@ impl Trainer {
         };
         let lr = LrSchedule::parse(
             &cfg.lr_scheduler,
-            cfg.lr_warmup_steps,
+            cfg.warmup_steps(total_steps),
             total_steps,
             cfg.lr_scheduler_num_cycles,
             cfg.lr_scheduler_power,
             cfg.learning_rate,
             cfg.step_rules.as_deref(),
         )?;
-        let lr = lr.for_optimizer(&kind, cfg.lr_warmup_steps)?;
+        let lr = lr.for_optimizer(&kind, cfg.warmup_steps(total_steps))?;
         let base = crate::sample::pipeline::scheduler_config(&model, &Default::default()).schedule;
         let snr: Vec<f64> = base.alphas_cumprod.iter().map(|&a| a as f64 / (1.0 - a as f64)).collect();
         let schedule = if cfg.zero_terminal_snr { zero_terminal_snr(&base) } else { base };
@@ -371,6 +374,7 @@ impl Trainer {
                 if let Some(i) = self.optimizer.groups.iter().position(|g| g.name == "textencoder") {
                     self.optimizer.groups.remove(i);
                     self.optimizer.state.remove(i);
+                    self.optimizer.param_steps.remove(i);
                 }
                 self.te_stopped = true;
             }
@@ -536,6 +540,21 @@ impl Trainer {
         Ok(())
     }
 
+    /// Every option the run uses, defaults resolved: the model's precision and clip skip, the network, the
+    /// datasets and the loop.
+    pub fn resolved_options(&self) -> Result<serde_json::Value> {
+        Ok(serde_json::json!({
+            "model": {
+                "dtype": crate::device::dtype_name(self.model.dtype), "clip_skip": self.model.clip_skip,
+                "v_pred": self.v_pred,
+            },
+            "network": format!("{:?}", self.network.config),
+            "datasets": self.data.as_ref().map(|d| d.datasets.iter().map(|x| format!("{:?}", x.cfg)).collect::<Vec<_>>()),
+            "train": serde_json::to_value(&self.cfg)?,
+            "total_steps": self.total_steps,
+        }))
+    }
+
     /// The training metadata (`ss_*`), as sd-scripts writes it.
     pub fn metadata(&self) -> Result<BTreeMap<String, String>> {
         let c = &self.cfg;
@@ -567,7 +586,7 @@ impl Trainer {
         m.insert("ss_gradient_checkpointing".into(), "False".into());
         m.insert("ss_gradient_accumulation_steps".into(), c.gradient_accumulation_steps.to_string());
         m.insert("ss_max_train_steps".into(), self.total_steps.to_string());
-        m.insert("ss_lr_warmup_steps".into(), c.lr_warmup_steps.to_string());
+        m.insert("ss_lr_warmup_steps".into(), c.warmup_steps(self.total_steps).to_string());
         let scheduler = match self.lr {
             LrSchedule::Adafactor => format!("adafactor:{}", crate::io::py::py_float(c.learning_rate)),
             _ => c.lr_scheduler.clone(),

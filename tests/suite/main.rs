@@ -4,6 +4,7 @@ mod cli;
 mod common;
 mod datasets;
 mod gradients;
+mod import;
 mod networks;
 mod optimizers;
 mod parity;

@@ -463,3 +463,25 @@ fn lora_fa_trains_up_only() {
     .unwrap();
     assert!(format!("{e:#}").contains("networks.dylora is not supported yet"), "{e:#}");
 }
+
+#[test]
+fn a_script_run_resumes_with_its_dataset_and_network_options() {
+    let dir = scratch("train-script-resume");
+    let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 1, 4, 64, 0).unwrap();
+    let script = format!(
+        r#"
+        let m = load_model("{model}");
+        let d = dataset("{data}", #{{ resolution: 64, caption_extension: ".txt", batch_size: 2 }});
+        let t = trainer(#{{ model: m, dataset: d, network: lora(m, #{{ dim: 4, network_module: "networks.lora_fa" }}),
+                           max_train_steps: 2, save_state: true, output_dir: "{out}", output_name: "s", log_every_n_steps: 0 }});
+        t.run();
+        "#,
+        model = fixture("tiny-sd15/tiny-sd15.safetensors").display(),
+        data = data.display(),
+        out = dir.join("out").display()
+    );
+    sdtune::script::engine().run(&script).unwrap();
+    let tr = build::resume(&dir.join("out/s-state")).unwrap();
+    assert_eq!(tr.data.as_ref().unwrap().datasets[0].cfg.buckets.resolution, (64, 64), "dataset options kept");
+    assert!(tr.network.config.lora_fa, "network module kept");
+}

@@ -212,6 +212,46 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        self.conv.forward(&x.upsample_nearest2d(th, tw)?)
+        let up = if th % h == 0 && tw % w == 0 { x.upsample_nearest2d(th, tw)? } else { nearest_to(x, th, tw)? };
+        self.conv.forward(&up)
+    }
+}
+
+/// PyTorch's `interpolate(mode="nearest")` to any size (source index ⌊i·in/out⌋), by gathering rows and columns:
+/// unlike candle's upsample for non-integer factors, this has a gradient (for latents whose sides are not
+/// multiples of 8, e.g. 512×650 images).
+fn nearest_to(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    let idx = |out: usize, inp: usize| -> Result<Tensor> {
+        let scale = inp as f32 / out as f32;
+        let v: Vec<u32> = (0..out).map(|i| ((i as f32 * scale).floor() as usize).min(inp - 1) as u32).collect();
+        Ok(Tensor::from_vec(v, out, x.device())?)
+    };
+    Ok(x.index_select(&idx(th, h)?, 2)?.index_select(&idx(tw, w)?, 3)?)
+}
+
+#[cfg(test)]
+mod nearest_tests {
+    use super::nearest_to;
+    use candle_core::{Device, Var};
+
+    #[test]
+    fn nearest_to_any_size_matches_pytorch_and_has_a_gradient() {
+        let x = Var::new(&[[[[1f32, 2., 3.], [4., 5., 6.]]]], &Device::Cpu).unwrap();
+        // torch.nn.functional.interpolate(x, size=(3, 5), mode="nearest"): rows [0,0,1], cols [0,0,1,1,2]
+        let y = nearest_to(x.as_tensor(), 3, 5).unwrap();
+        let want = [[1f32, 1., 2., 2., 3.], [1., 1., 2., 2., 3.], [4., 4., 5., 5., 6.]];
+        assert_eq!(y.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap(), want);
+        // integer factors agree with candle's upsample
+        let a = nearest_to(x.as_tensor(), 4, 6).unwrap();
+        let b = x.as_tensor().upsample_nearest2d(4, 6).unwrap();
+        assert_eq!(
+            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+        );
+        // each source pixel's gradient counts its copies
+        let g = y.sum_all().unwrap().backward().unwrap();
+        let gx: Vec<f32> = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(gx, vec![4., 4., 2., 2., 2., 1.]);
     }
 }

@@ -135,6 +135,23 @@ mod tests {
     }
 
     #[test]
+    fn a_parameter_without_gradient_is_skipped_and_counts_its_own_steps() {
+        // as torch: w2 gets no gradient in step 1; its first update in step 2 is a first Adam step (≈ lr·sign g)
+        let k = Kind::AdamW(Adam { betas: (0.9, 0.999), eps: 1e-8, weight_decay: 0.0 });
+        let w1 = Var::new(&[1.0f32], &Device::Cpu).unwrap();
+        let w2 = Var::new(&[3.0f32], &Device::Cpu).unwrap();
+        let group = ParamGroup { name: "g".into(), params: vec![w1.clone(), w2.clone()], lr: 0.1 };
+        let mut opt = Optimizer::new(k, vec![group]).unwrap();
+        opt.step(&w1.as_tensor().sqr().unwrap().sum_all().unwrap().backward().unwrap(), 1.0).unwrap();
+        assert_eq!(w2.as_tensor().to_vec1::<f32>().unwrap(), vec![3.0]);
+        assert_eq!(opt.param_steps, vec![vec![1, 0]]);
+        let loss = (w1.as_tensor().sqr().unwrap() + w2.as_tensor().sqr().unwrap()).unwrap().sum_all().unwrap();
+        opt.step(&loss.backward().unwrap(), 1.0).unwrap();
+        assert!((w2.as_tensor().to_vec1::<f32>().unwrap()[0] - 2.9).abs() < 1e-6);
+        assert_eq!(opt.param_steps, vec![vec![2, 1]]);
+    }
+
+    #[test]
     fn bf16_weights_step_in_bf16() {
         // full_bf16: the weights and moments stay bf16 and follow the f32 result to bf16 precision
         for kind in [

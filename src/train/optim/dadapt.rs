@@ -100,7 +100,7 @@ impl Prodigy {
         groups: &[ParamGroup],
         state: &mut [Vec<Vec<Tensor>>],
         scalars: &mut [f64],
-        grads: &[Vec<Tensor>],
+        grads: &[Vec<Option<Tensor>>],
         multiplier: f64,
     ) -> Result<()> {
         let (mut d, mut d_max, d_numerator, k) = (scalars[0], scalars[1], scalars[2], scalars[3]);
@@ -115,7 +115,10 @@ impl Prodigy {
             let mut gs = Vec::new();
             for (pi, p) in group.params.iter().enumerate() {
                 let w = p.as_tensor();
-                let mut g = grads[gi][pi].clone();
+                let Some(mut g) = grads[gi][pi].clone() else {
+                    gs.push(None);
+                    continue;
+                };
                 if self.weight_decay != 0.0 && !self.decouple {
                     g = (g + (w * self.weight_decay)?)?;
                 }
@@ -130,7 +133,7 @@ impl Prodigy {
                     st[0] = ((&st[0] * beta3)? + (&g * s_rate)?)?;
                     d_denom += abs_sum(&st[0])?;
                 }
-                gs.push(g);
+                gs.push(Some(g));
             }
             used.push(gs);
         }
@@ -149,14 +152,14 @@ impl Prodigy {
         scalars.copy_from_slice(&[d, d_max, numerator, k + 1.0]);
         for (gi, group) in groups.iter().enumerate() {
             for (pi, p) in group.params.iter().enumerate() {
+                let Some(g) = &used[gi][pi] else { continue };
                 let st = &state[gi][pi];
                 let denom = (st[3].sqrt()? + d * self.eps)?;
                 let mut w = p.as_tensor().clone();
                 if self.weight_decay != 0.0 && self.decouple {
                     w = (&w + (&w * (-self.weight_decay * dlr))?)?;
                 }
-                let step =
-                    if b1 > 0.0 { (st[2].div(&denom)? * dlr)? } else { (used[gi][pi].div(&denom)? * (dlr * d))? };
+                let step = if b1 > 0.0 { (st[2].div(&denom)? * dlr)? } else { (g.div(&denom)? * (dlr * d))? };
                 p.set(&(w - step)?)?;
             }
         }
@@ -187,7 +190,7 @@ impl DAdaptAdam {
         groups: &[ParamGroup],
         state: &mut [Vec<Vec<Tensor>>],
         scalars: &mut [f64],
-        grads: &[Vec<Tensor>],
+        grads: &[Vec<Option<Tensor>>],
         multiplier: f64,
     ) -> Result<()> {
         let (mut d, numerator_weighted, k) = (scalars[0], scalars[1], scalars[2]);
@@ -199,7 +202,7 @@ impl DAdaptAdam {
         for (gi, group) in groups.iter().enumerate() {
             for (pi, p) in group.params.iter().enumerate() {
                 let w = p.as_tensor();
-                let mut g = grads[gi][pi].clone();
+                let Some(mut g) = grads[gi][pi].clone() else { continue };
                 if self.weight_decay != 0.0 && !self.decouple {
                     g = (g + (w * self.weight_decay)?)?;
                 }
@@ -225,6 +228,9 @@ impl DAdaptAdam {
         scalars.copy_from_slice(&[d, numerator_weighted, k + 1.0]);
         for (gi, group) in groups.iter().enumerate() {
             for (pi, p) in group.params.iter().enumerate() {
+                if grads[gi][pi].is_none() {
+                    continue;
+                }
                 let st = &state[gi][pi];
                 let denom = (st[2].sqrt()? + self.eps)?;
                 let mut w = p.as_tensor().clone();

@@ -270,6 +270,9 @@ pub struct Optimizer {
     pub step_count: usize,
     /// Per group, per parameter: the state tensors of the update rule.
     pub state: Vec<Vec<Vec<Tensor>>>,
+    /// Per group, per parameter: the updates it received (a parameter without a gradient in a step is skipped,
+    /// as PyTorch's optimizers do, so its bias corrections count its own steps).
+    pub param_steps: Vec<Vec<usize>>,
     /// Optimizer-wide numbers (the d estimates of Prodigy and D-Adaptation), saved with the training state.
     pub scalars: Vec<f64>,
 }
@@ -303,32 +306,24 @@ impl Optimizer {
         if matches!(kind, Kind::Prodigy(_) | Kind::DAdaptAdam(_)) {
             dadapt::one_lr(&groups, 1.0)?;
         }
-        Ok(Self { kind, groups, step_count: 0, state, scalars })
+        let param_steps = groups.iter().map(|g| vec![0; g.params.len()]).collect();
+        Ok(Self { kind, groups, step_count: 0, state, scalars, param_steps })
     }
 
     /// One update with each group's lr × `lr_multiplier` (from the LR scheduler). Parameters without a gradient
-    /// are an error: a silently frozen parameter is a bug.
+    /// this step (a layer the loss does not reach, a module dropped by module_dropout) are left as they are, as
+    /// PyTorch's optimizers do.
     pub fn step(&mut self, grads: &GradStore, lr_multiplier: f64) -> Result<()> {
-        let grads: Vec<Vec<Tensor>> = self
+        let grads: Vec<Vec<Option<Tensor>>> = self
             .groups
             .iter()
-            .map(|group| {
-                group
-                    .params
-                    .iter()
-                    .enumerate()
-                    .map(|(pi, p)| {
-                        grads
-                            .get(p.as_tensor())
-                            .cloned()
-                            .with_context(|| format!("parameter {pi} of group {} received no gradient", group.name))
-                    })
-                    .collect::<Result<Vec<_>>>()
-            })
-            .collect::<Result<_>>()?;
+            .map(|group| group.params.iter().map(|p| grads.get(p.as_tensor()).cloned()).collect())
+            .collect();
+        if grads.iter().flatten().all(Option::is_none) {
+            bail!("no parameter received a gradient: nothing the loss depends on is being trained");
+        }
         self.step_count += 1;
-        let t = self.step_count;
-        let Self { kind, groups, state, scalars, .. } = self;
+        let Self { kind, groups, state, scalars, param_steps, .. } = self;
         match kind {
             Kind::Prodigy(c) => return c.step(groups, state, scalars, &grads, lr_multiplier),
             Kind::DAdaptAdam(c) => return c.step(groups, state, scalars, &grads, lr_multiplier),
@@ -337,7 +332,10 @@ impl Optimizer {
         for (gi, group) in groups.iter().enumerate() {
             let lr = group.lr * lr_multiplier;
             for (pi, p) in group.params.iter().enumerate() {
-                let (w, g, st) = (p.as_tensor(), &grads[gi][pi], &mut state[gi][pi]);
+                let Some(g) = &grads[gi][pi] else { continue };
+                param_steps[gi][pi] += 1;
+                let t = param_steps[gi][pi];
+                let (w, st) = (p.as_tensor(), &mut state[gi][pi]);
                 let new = match kind {
                     Kind::AdamW(c) => c.step(w, g, st, lr, t)?,
                     Kind::AdamW8bit(c) => adam8bit::step(c, w, g, st, lr, t)?,
@@ -357,11 +355,12 @@ impl Optimizer {
     pub fn group_lrs(&self, lr_multiplier: f64) -> Result<Vec<(String, f64)>> {
         self.groups
             .iter()
-            .map(|g| {
+            .enumerate()
+            .map(|(gi, g)| {
                 let base = g.lr * lr_multiplier;
                 let lr = match &self.kind {
                     Kind::Adafactor(a) if a.relative_step => match g.params.first() {
-                        Some(p) => a.lr(base, self.step_count.max(1), adafactor::rms(p.as_tensor())?),
+                        Some(p) => a.lr(base, self.param_steps[gi][0].max(1), adafactor::rms(p.as_tensor())?),
                         None => 0.0,
                     },
                     _ => base,

@@ -1,0 +1,586 @@
+//! kohya_ss GUI configs (the flat JSON its forms save, and its presets) → sd-scripts options, as the GUI turns
+//! them into a `train_network.py` command line: legacy keys migrated, numbers given as strings read as numbers,
+//! `LoRA_type` → `network_module` and `network_args`, the percentage warmup, the noise-offset type, …
+//! Every key is accounted for: taken over, or listed in the report with why not.
+
+use super::Report;
+use anyhow::{bail, Result};
+use serde_json::{Map, Value};
+
+/// What becomes of one GUI key.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Rule {
+    /// The same sd-scripts option.
+    Same,
+    /// Another sd-scripts option name.
+    To(&'static str),
+    /// Read together with other keys by [`to_sd_scripts`].
+    Special,
+    /// Kept out, with why (the report lists it).
+    Ignore(&'static str),
+    /// Only means something for a model family, trainer or network type sdtune does not train.
+    NotApplicable(&'static str),
+}
+
+use Rule::*;
+
+const ACCELERATE: Rule = Ignore("accelerate launch setting; sdtune runs in-process on one device");
+const NO_EFFECT: Rule = Ignore("no effect in sdtune (attention and data loading are built in)");
+const OTHER_MODEL: Rule = NotApplicable("FLUX / SD3 / other model families");
+const HUB: Rule = Ignore("Hugging Face upload settings: not supported");
+const GUI_ONLY: Rule = Ignore("a kohya_ss GUI field with no sd-scripts option");
+const LYCORIS: Rule = NotApplicable("LyCORIS / DyLoRA / native LoHa-LoKr network settings");
+const DREAMBOOTH: Rule = NotApplicable("DreamBooth / fine-tune / textual-inversion tabs");
+
+/// Every GUI key sdtune knows, and its rule. A key not in this table is an error naming it.
+const KEYS: &[(&str, Rule)] = &[
+    // the model
+    ("pretrained_model_name_or_path", Same),
+    ("v2", Ignore("the family is detected from the weights")),
+    ("v_parameterization", Same),
+    ("sdxl", Special),
+    ("sdxl_checkbox", Special),
+    ("flux1_checkbox", Special),
+    ("sd3_checkbox", Special),
+    ("clip_skip", Same),
+    ("vae", Same),
+    ("model_list", GUI_ONLY),
+    ("max_token_length", Special),
+    ("no_half_vae", NotApplicable("SDXL")),
+    ("sdxl_no_half_vae", NotApplicable("SDXL")),
+    ("sdxl_cache_text_encoder_outputs", NotApplicable("SDXL")),
+    ("disable_mmap_load_safetensors", Ignore("safetensors are always memory-mapped")),
+    // data
+    ("train_data_dir", Same),
+    ("reg_data_dir", Same),
+    ("dataset_config", Same),
+    ("max_resolution", To("resolution")),
+    ("enable_bucket", Same),
+    ("min_bucket_reso", Same),
+    ("max_bucket_reso", Same),
+    ("bucket_reso_steps", Same),
+    ("bucket_no_upscale", Same),
+    ("caption_extension", Same),
+    ("shuffle_caption", Same),
+    ("keep_tokens", Same),
+    ("caption_dropout_rate", Same),
+    ("caption_dropout_every_n_epochs", Same),
+    ("color_aug", Same),
+    ("flip_aug", Same),
+    ("random_crop", Same),
+    ("cache_latents", Same),
+    ("cache_latents_to_disk", Same),
+    ("vae_batch_size", Same),
+    ("skip_cache_check", Ignore("latent caches are always checked")),
+    ("weighted_captions", Same),
+    ("max_data_loader_n_workers", NO_EFFECT),
+    ("persistent_data_loader_workers", NO_EFFECT),
+    // the network
+    ("LoRA_type", Special),
+    ("network_dim", Same),
+    ("network_alpha", Same),
+    ("conv_dim", Special),
+    ("conv_alpha", Special),
+    ("network_dropout", Same),
+    ("rank_dropout", Special),
+    ("module_dropout", Special),
+    ("scale_weight_norms", Same),
+    ("dim_from_weights", Same),
+    ("network_weights", Same),
+    ("lora_network_weights", To("network_weights")),
+    ("block_dims", Special),
+    ("block_alphas", Special),
+    ("conv_block_dims", Special),
+    ("conv_block_alphas", Special),
+    ("down_lr_weight", Special),
+    ("mid_lr_weight", Special),
+    ("up_lr_weight", Special),
+    ("block_lr_zero_threshold", Special),
+    ("conv_dims", GUI_ONLY),
+    ("conv_alphas", GUI_ONLY),
+    ("LyCORIS_preset", LYCORIS),
+    ("factor", LYCORIS),
+    ("use_cp", LYCORIS),
+    ("use_tucker", LYCORIS),
+    ("use_scalar", LYCORIS),
+    ("rank_dropout_scale", LYCORIS),
+    ("constrain", LYCORIS),
+    ("rescaled", LYCORIS),
+    ("train_norm", LYCORIS),
+    ("bypass_mode", LYCORIS),
+    ("dora_wd", LYCORIS),
+    ("decompose_both", LYCORIS),
+    ("train_on_input", LYCORIS),
+    ("unit", LYCORIS),
+    // optimizer and schedule
+    ("optimizer", To("optimizer_type")),
+    ("use_8bit_adam", Special),
+    ("optimizer_args", Special),
+    ("learning_rate", Same),
+    ("unet_lr", Special),
+    ("text_encoder_lr", Special),
+    ("lr_scheduler", Same),
+    ("lr_scheduler_num_cycles", Same),
+    ("lr_scheduler_power", Same),
+    ("lr_scheduler_args", Special),
+    ("lr_scheduler_type", Special),
+    ("lr_warmup", Special),
+    ("lr_warmup_steps", Special),
+    ("max_grad_norm", Same),
+    // the loop
+    ("train_batch_size", Same),
+    ("epoch", Special),
+    ("max_train_epochs", Special),
+    ("max_train_steps", Special),
+    ("gradient_accumulation_steps", Same),
+    ("gradient_checkpointing", Special),
+    ("mixed_precision", Same),
+    ("full_bf16", Same),
+    ("full_fp16", Same),
+    ("fp8_base", Same),
+    ("seed", Same),
+    ("stop_text_encoder_training", Same),
+    ("stop_text_encoder_training_pct", Special),
+    ("prior_loss_weight", Same),
+    ("min_snr_gamma", Same),
+    ("noise_offset_type", Special),
+    ("noise_offset", Special),
+    ("adaptive_noise_scale", Special),
+    ("noise_offset_random_strength", Special),
+    ("multires_noise_iterations", Special),
+    ("multires_noise_discount", Special),
+    ("ip_noise_gamma", Same),
+    ("ip_noise_gamma_random_strength", Same),
+    ("min_timestep", Same),
+    ("max_timestep", Same),
+    ("scale_v_pred_loss_like_noise_pred", Same),
+    ("v_pred_like_loss", Same),
+    ("debiased_estimation_loss", Same),
+    ("loss_type", Same),
+    ("huber_c", Same),
+    ("huber_schedule", Same),
+    ("huber_scale", Special),
+    ("masked_loss", Same),
+    ("xformers", NO_EFFECT),
+    ("mem_eff_attn", NO_EFFECT),
+    // saving, samples, logging
+    ("output_dir", Same),
+    ("output_name", Same),
+    ("save_model_as", Special),
+    ("save_precision", Same),
+    ("save_every_n_epochs", Same),
+    ("save_every_n_steps", Same),
+    ("save_last_n_epochs", Same),
+    ("save_last_n_steps", Same),
+    ("save_last_n_epochs_state", Special),
+    ("save_last_n_steps_state", Special),
+    ("save_state", Same),
+    ("save_state_on_train_end", Special),
+    ("save_as_bool", GUI_ONLY),
+    ("mem_eff_save", Ignore("saving is always streamed")),
+    ("resume", Special),
+    ("sample_prompts", Special),
+    ("sample_every_n_steps", Same),
+    ("sample_every_n_epochs", Same),
+    ("sample_sampler", Same),
+    ("logging_dir", Same),
+    ("log_with", Special),
+    ("use_wandb", Special),
+    ("log_tracker_name", Ignore("trackers other than TensorBoard are not supported")),
+    ("log_tracker_config", Ignore("trackers other than TensorBoard are not supported")),
+    ("wandb_api_key", Ignore("trackers other than TensorBoard are not supported")),
+    ("wandb_run_name", Ignore("trackers other than TensorBoard are not supported")),
+    ("log_config", GUI_ONLY),
+    ("training_comment", Same),
+    ("metadata_author", Special),
+    ("metadata_description", Special),
+    ("metadata_license", Special),
+    ("metadata_tags", Special),
+    ("metadata_title", Special),
+    ("additional_parameters", Special),
+    // accelerate
+    ("num_processes", ACCELERATE),
+    ("num_machines", ACCELERATE),
+    ("num_cpu_threads_per_process", ACCELERATE),
+    ("multi_gpu", ACCELERATE),
+    ("gpu_ids", ACCELERATE),
+    ("main_process_port", ACCELERATE),
+    ("dynamo_backend", ACCELERATE),
+    ("dynamo_mode", ACCELERATE),
+    ("dynamo_use_dynamic", ACCELERATE),
+    ("dynamo_use_fullgraph", ACCELERATE),
+    ("extra_accelerate_launch_args", ACCELERATE),
+    // Hugging Face
+    ("huggingface_repo_id", HUB),
+    ("huggingface_token", HUB),
+    ("huggingface_repo_type", HUB),
+    ("huggingface_repo_visibility", HUB),
+    ("huggingface_path_in_repo", HUB),
+    ("save_state_to_huggingface", HUB),
+    ("resume_from_huggingface", HUB),
+    ("async_upload", HUB),
+    // other model families and memory schemes for them
+    ("flux1_cache_text_encoder_outputs", OTHER_MODEL),
+    ("flux1_cache_text_encoder_outputs_to_disk", OTHER_MODEL),
+    ("flux1_clip_l", OTHER_MODEL),
+    ("flux1_t5xxl", OTHER_MODEL),
+    ("flux_fused_backward_pass", OTHER_MODEL),
+    ("sd3_cache_text_encoder_outputs", OTHER_MODEL),
+    ("sd3_cache_text_encoder_outputs_to_disk", OTHER_MODEL),
+    ("sd3_fused_backward_pass", OTHER_MODEL),
+    ("sd3_text_encoder_batch_size", OTHER_MODEL),
+    ("t5xxl", OTHER_MODEL),
+    ("t5xxl_device", OTHER_MODEL),
+    ("t5xxl_dtype", OTHER_MODEL),
+    ("t5xxl_max_token_length", OTHER_MODEL),
+    ("save_t5xxl", OTHER_MODEL),
+    ("save_clip", OTHER_MODEL),
+    ("clip_g", OTHER_MODEL),
+    ("clip_l", OTHER_MODEL),
+    ("ae", OTHER_MODEL),
+    ("apply_t5_attn_mask", OTHER_MODEL),
+    ("guidance_scale", OTHER_MODEL),
+    ("discrete_flow_shift", OTHER_MODEL),
+    ("model_prediction_type", OTHER_MODEL),
+    ("timestep_sampling", OTHER_MODEL),
+    ("weighting_scheme", OTHER_MODEL),
+    ("logit_mean", OTHER_MODEL),
+    ("logit_std", OTHER_MODEL),
+    ("mode_scale", OTHER_MODEL),
+    ("split_mode", OTHER_MODEL),
+    ("train_blocks", OTHER_MODEL),
+    ("blocks_to_swap", OTHER_MODEL),
+    ("single_blocks_to_swap", OTHER_MODEL),
+    ("double_blocks_to_swap", OTHER_MODEL),
+    ("cpu_offload_checkpointing", OTHER_MODEL),
+    ("blockwise_fused_optimizers", OTHER_MODEL),
+    ("fused_backward_pass", OTHER_MODEL),
+    ("fused_optimizer_groups", OTHER_MODEL),
+    // other trainers' tabs
+    ("learning_rate_te", DREAMBOOTH),
+    ("learning_rate_te1", DREAMBOOTH),
+    ("learning_rate_te2", DREAMBOOTH),
+    ("no_token_padding", DREAMBOOTH),
+    ("token_string", Special),
+    ("init_word", DREAMBOOTH),
+    ("num_vectors_per_token", DREAMBOOTH),
+    ("template", DREAMBOOTH),
+    ("weights", DREAMBOOTH),
+    ("train_dir", Special),
+    ("image_folder", DREAMBOOTH),
+    ("train_text_encoder", DREAMBOOTH),
+    ("block_lr", DREAMBOOTH),
+    ("batch_size", DREAMBOOTH),
+    ("dataset_repeats", DREAMBOOTH),
+    ("caption_metadata_filename", DREAMBOOTH),
+    ("latent_metadata_filename", DREAMBOOTH),
+    ("create_buckets", DREAMBOOTH),
+    ("create_caption", DREAMBOOTH),
+    ("full_path", DREAMBOOTH),
+    ("use_latent_files", DREAMBOOTH),
+];
+
+/// What the GUI leaves "unset": empty text, false, and a 0 in an optional number field.
+fn unset(v: &Value) -> bool {
+    match v {
+        Value::Null => true,
+        Value::Bool(b) => !b,
+        Value::String(s) => s.trim().is_empty(),
+        Value::Number(n) => n.as_f64() == Some(0.0),
+        _ => false,
+    }
+}
+
+/// The GUI's numbers-as-strings read back as numbers (integral values as integers); other text stays text.
+fn coerce(v: &Value) -> Value {
+    let num = |x: f64| if x.fract() == 0.0 && x.abs() < 9e15 { Value::from(x as i64) } else { Value::from(x) };
+    match v {
+        Value::String(s) => match s.trim().parse::<f64>() {
+            Ok(x) if x.is_finite() => num(x),
+            _ => v.clone(),
+        },
+        Value::Number(n) => n.as_f64().map(num).unwrap_or_else(|| v.clone()),
+        _ => v.clone(),
+    }
+}
+
+/// A GUI value as text (for network_args and paths).
+fn text(v: &Value) -> String {
+    match coerce(v) {
+        Value::String(s) => s,
+        other => other.to_string(),
+    }
+}
+
+/// Translates a kohya_ss GUI config to sd-scripts options; the sample prompts the GUI keeps as text come back
+/// separately (sd-scripts reads them from a file).
+pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Report, Option<String>)> {
+    let mut report = Report::default();
+    if let Some(k) = gui.keys().find(|k| !KEYS.iter().any(|(n, _)| n == k)) {
+        bail!("unknown kohya_ss key `{k}`: not a field of the kohya_ss GUI's LoRA, DreamBooth, fine-tune or textual-inversion tabs");
+    }
+    let get = |k: &str| gui.get(k).filter(|v| !unset(v));
+    // what kind of training this is
+    if get("sdxl").is_some() || get("sdxl_checkbox").is_some() {
+        report.unsupported("sdxl", "SDXL training is not supported yet (SD 1.x / 2.x are)");
+    }
+    for (k, fam) in [("flux1_checkbox", "FLUX.1"), ("sd3_checkbox", "SD3")] {
+        if get(k).is_some() {
+            report.unsupported(k, &format!("{fam} is not supported"));
+        }
+    }
+    let lora_type = gui.get("LoRA_type").map(text);
+    if lora_type.is_none() && gui.get("network_dim").is_none() {
+        let kind = if gui.contains_key("token_string") {
+            "textual inversion"
+        } else if gui.contains_key("train_dir") {
+            "fine-tuning"
+        } else {
+            "DreamBooth"
+        };
+        report.unsupported(
+            "(config)",
+            &format!("a {kind} config (no LoRA network): {kind} training is not supported yet"),
+        );
+    }
+    let module = match lora_type.as_deref() {
+        None | Some("Standard") => "networks.lora",
+        Some("Kohya LoCon") => "networks.lora",
+        Some("LoRA-FA") => "networks.lora_fa",
+        Some(other) => {
+            report.unsupported(
+                "LoRA_type",
+                &format!("{other} is not supported yet (Standard, Kohya LoCon and LoRA-FA are)"),
+            );
+            "networks.lora"
+        }
+    };
+    let mut out = Map::new();
+    let mut network_args: Vec<String> = Vec::new();
+    if lora_type.as_deref() == Some("Kohya LoCon") {
+        for k in ["conv_dim", "conv_alpha"] {
+            if let Some(v) = get(k) {
+                network_args.push(format!("{k}={}", text(v)));
+            }
+        }
+    }
+    for k in [
+        "down_lr_weight",
+        "mid_lr_weight",
+        "up_lr_weight",
+        "block_lr_zero_threshold",
+        "block_dims",
+        "block_alphas",
+        "conv_block_dims",
+        "conv_block_alphas",
+        "rank_dropout",
+        "module_dropout",
+    ] {
+        if let Some(v) = get(k) {
+            network_args.push(format!("{k}={}", text(v)));
+        }
+    }
+    if lora_type.is_some() || gui.contains_key("network_dim") {
+        out.insert("network_module".into(), module.into());
+    }
+    let noise_type = gui.get("noise_offset_type").map(text).unwrap_or_else(|| "Original".into());
+    for (key, value) in gui {
+        let rule = KEYS.iter().find(|(n, _)| n == key).map(|(_, r)| *r).expect("checked above");
+        let present = !unset(value);
+        match rule {
+            Same | To(_) if present => {
+                let to = if let To(t) = rule { t } else { key.as_str() };
+                out.insert(to.into(), coerce(value));
+            }
+            Same | To(_) => {}
+            Ignore(why) | NotApplicable(why) => {
+                if present {
+                    report.ignored(key, why);
+                }
+            }
+            Special => special(key, value, present, &noise_type, gui, &mut out, &mut report)?,
+        }
+    }
+    if let Some(extra) = get("additional_parameters") {
+        for (k, v) in super::parse_flags(&text(extra).split_whitespace().map(String::from).collect::<Vec<_>>())? {
+            report.note("additional_parameters", &format!("--{k} taken over"));
+            out.insert(k, v);
+        }
+    }
+    if !network_args.is_empty() {
+        out.insert("network_args".into(), Value::Array(network_args.into_iter().map(Value::from).collect()));
+    }
+    let prompts = get("sample_prompts").map(text);
+    Ok((out, report, prompts))
+}
+
+/// The keys the GUI reads together with others.
+fn special(
+    key: &str,
+    value: &Value,
+    present: bool,
+    noise_type: &str,
+    gui: &Map<String, Value>,
+    out: &mut Map<String, Value>,
+    report: &mut Report,
+) -> Result<()> {
+    let num = |k: &str| gui.get(k).map(coerce).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    match key {
+        // read where the kind of config is decided, or with LoRA_type
+        "sdxl" | "sdxl_checkbox" | "flux1_checkbox" | "sd3_checkbox" | "LoRA_type" | "token_string" | "train_dir"
+        | "sample_prompts" => {}
+        "conv_dim" | "conv_alpha" => {
+            if present && gui.get("LoRA_type").map(text).as_deref() != Some("Kohya LoCon") {
+                report.ignored(key, "used only by LoRA_type Kohya LoCon");
+            }
+        }
+        "rank_dropout"
+        | "module_dropout"
+        | "block_dims"
+        | "block_alphas"
+        | "conv_block_dims"
+        | "conv_block_alphas"
+        | "down_lr_weight"
+        | "mid_lr_weight"
+        | "up_lr_weight"
+        | "block_lr_zero_threshold" => {}
+        "max_token_length" => {
+            if present && num(key) > 75.0 {
+                report.unsupported(key, "prompts longer than 75 tokens in training are not supported yet");
+            }
+        }
+        "use_8bit_adam" => {
+            if present {
+                out.insert("optimizer_type".into(), "AdamW8bit".into());
+            }
+        }
+        "optimizer_args" | "lr_scheduler_args" => {
+            if present {
+                let args: Vec<Value> = text(value).split_whitespace().map(Value::from).collect();
+                if key == "lr_scheduler_args" {
+                    // sd-scripts passes them to the scheduler; piecewise_constant's step_rules is the one sdtune reads
+                    for a in &args {
+                        match a.as_str().and_then(|a| a.split_once('=')) {
+                            Some(("step_rules", r)) => {
+                                out.insert("step_rules".into(), r.trim_matches('"').into());
+                            }
+                            _ => report.unsupported(key, &format!("{a} is not supported yet")),
+                        }
+                    }
+                } else {
+                    out.insert(key.into(), Value::Array(args));
+                }
+            }
+        }
+        "unet_lr" | "text_encoder_lr" => {
+            if let Some(v) = gui.get(key).filter(|v| !matches!(v, Value::String(s) if s.trim().is_empty())) {
+                let lr = coerce(v);
+                if lr.as_f64() == Some(0.0) {
+                    // the GUI: a zero LR leaves that part untrained
+                    let only =
+                        if key == "unet_lr" { "network_train_text_encoder_only" } else { "network_train_unet_only" };
+                    out.insert(only.into(), true.into());
+                } else {
+                    out.insert(key.into(), lr);
+                }
+            }
+        }
+        "lr_scheduler_type" => {
+            if present {
+                report.unsupported(key, "custom scheduler classes are not supported");
+            }
+        }
+        "lr_warmup" | "lr_warmup_steps" => {
+            // the GUI's lr_warmup is a percentage of the training steps; lr_warmup_steps, when set, wins
+            if key == "lr_warmup_steps" && present {
+                out.insert(key.into(), coerce(value));
+            } else if key == "lr_warmup" && present && unset(gui.get("lr_warmup_steps").unwrap_or(&Value::Null)) {
+                out.insert("lr_warmup_steps".into(), Value::from(num(key) / 100.0));
+            }
+        }
+        "epoch" | "max_train_epochs" | "max_train_steps" => {
+            // max_train_steps wins, then max_train_epochs, then the GUI's epoch count
+            if key == "max_train_steps" && present {
+                out.insert(key.into(), coerce(value));
+            } else if key != "max_train_steps"
+                && num("max_train_steps") == 0.0
+                && present
+                && (key == "max_train_epochs" || num("max_train_epochs") == 0.0)
+            {
+                out.insert("max_train_epochs".into(), coerce(value));
+                if key == "epoch" {
+                    report.note(
+                        key,
+                        "→ max_train_epochs (kohya_ss turns epochs into max_train_steps from its own image count; \
+                         sdtune counts bucketed batches, which can give a few more steps per epoch)",
+                    );
+                }
+            }
+        }
+        "gradient_checkpointing" => {
+            if present {
+                report.ignored(key, "not supported yet; it only saves memory, results are the same without it");
+            }
+        }
+        "stop_text_encoder_training_pct" => {
+            if present {
+                report.unsupported(key, "a percentage stop is not supported yet (stop_text_encoder_training is)");
+            }
+        }
+        "noise_offset" | "adaptive_noise_scale" | "noise_offset_random_strength" => {
+            if present {
+                if noise_type == "Original" {
+                    out.insert(key.into(), coerce(value));
+                } else {
+                    report.ignored(key, "noise_offset_type is Multires");
+                }
+            }
+        }
+        "multires_noise_iterations" | "multires_noise_discount" => {
+            if present {
+                if noise_type == "Multires" {
+                    out.insert(key.into(), coerce(value));
+                } else {
+                    report.ignored(key, "noise_offset_type is Original");
+                }
+            }
+        }
+        "noise_offset_type" => {
+            if !["Original", "Multires"].contains(&noise_type) {
+                report.unsupported(key, &format!("{noise_type} is not a kohya_ss noise offset type"));
+            }
+        }
+        "huber_scale" => {
+            if present && num(key) != 1.0 {
+                report.unsupported(key, "huber_scale is not supported yet");
+            }
+        }
+        "save_model_as" => {
+            let as_ = text(value);
+            if present && as_ != "safetensors" {
+                report.unsupported(key, &format!("{as_}: networks are saved as safetensors"));
+            }
+        }
+        "save_last_n_epochs_state" | "save_last_n_steps_state" | "save_state_on_train_end" | "resume" => {
+            if present {
+                report.unsupported(key, "not supported yet (use save_state, and `sdtune train --resume DIR`)");
+            }
+        }
+        "log_with" | "use_wandb" => {
+            let v = if key == "use_wandb" && present { "wandb".to_string() } else { text(value) };
+            match v.as_str() {
+                "" | "false" => {}
+                "tensorboard" => {}
+                other => report.ignored(key, &format!("{other}: only TensorBoard logging (logging_dir) is supported")),
+            }
+        }
+        k if k.starts_with("metadata_") => {
+            if present {
+                report.ignored(k, "ModelSpec author/description/license/tags/title are not written yet");
+            }
+        }
+        "additional_parameters" => {} // after everything else: its flags win, as on the command line
+        other => bail!("internal: no translation for kohya_ss key `{other}`"),
+    }
+    Ok(())
+}

@@ -1,0 +1,168 @@
+//! Bringing configurations from kohya_ss and sd-scripts: GUI JSON and sd-scripts TOML / command-line options
+//! become sd-scripts options, then a training recipe (JSON for `train`, or a `.rhai` script to edit and share).
+//! What does not carry over is reported, never dropped silently.
+
+pub mod kohya;
+pub mod rhai;
+
+use anyhow::{bail, Context, Result};
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// How a key fared.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Outcome {
+    /// Taken over, with a remark.
+    Note,
+    /// Left out: it has no effect here or does not apply.
+    Ignored,
+    /// Asks for something sdtune does not do yet: the config cannot run as given.
+    Unsupported,
+}
+
+/// What an import did with the keys it did not simply take over.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Report {
+    pub entries: Vec<(String, Outcome, String)>,
+}
+
+impl Report {
+    pub fn note(&mut self, key: &str, why: &str) {
+        self.entries.push((key.into(), Outcome::Note, why.into()));
+    }
+
+    pub fn ignored(&mut self, key: &str, why: &str) {
+        self.entries.push((key.into(), Outcome::Ignored, why.into()));
+    }
+
+    pub fn unsupported(&mut self, key: &str, why: &str) {
+        self.entries.push((key.into(), Outcome::Unsupported, why.into()));
+    }
+
+    /// The keys that block running the config.
+    pub fn unsupported_keys(&self) -> Vec<&str> {
+        self.entries.iter().filter(|(_, o, _)| *o == Outcome::Unsupported).map(|(k, _, _)| k.as_str()).collect()
+    }
+
+    /// One line per entry, unsupported first.
+    pub fn lines(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (want, label) in
+            [(Outcome::Unsupported, "not supported"), (Outcome::Ignored, "not carried over"), (Outcome::Note, "note")]
+        {
+            for (k, o, why) in &self.entries {
+                if *o == want {
+                    out.push(format!("{label}: {k}: {why}"));
+                }
+            }
+        }
+        out
+    }
+
+    /// An error listing the unsupported keys, if any.
+    pub fn check_runnable(&self, source: &Path) -> Result<()> {
+        let bad: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, o, _)| *o == Outcome::Unsupported)
+            .map(|(k, _, why)| format!("  {k}: {why}"))
+            .collect();
+        if !bad.is_empty() {
+            bail!("{}: cannot run as given:\n{}", source.display(), bad.join("\n"));
+        }
+        Ok(())
+    }
+}
+
+/// `--name value [value...]` / `--flag` (sd-scripts' command line) → options, numbers and booleans typed.
+pub fn parse_flags(args: &[String]) -> Result<Map<String, Value>> {
+    let typed = |v: &str| -> Value {
+        if let Ok(i) = v.parse::<i64>() {
+            Value::from(i)
+        } else if let Ok(f) = v.parse::<f64>() {
+            Value::from(f)
+        } else if v == "true" || v == "True" {
+            Value::Bool(true)
+        } else if v == "false" || v == "False" {
+            Value::Bool(false)
+        } else {
+            Value::from(v.trim_matches('"'))
+        }
+    };
+    let mut out = Map::new();
+    let mut i = 0;
+    while i < args.len() {
+        let name = args[i]
+            .strip_prefix("--")
+            .with_context(|| format!("expected an option like --learning_rate, got {:?}", args[i]))?;
+        let (name, inline) = match name.split_once('=') {
+            Some((n, v)) => (n.replace('-', "_"), Some(v.to_string())),
+            None => (name.replace('-', "_"), None),
+        };
+        let mut vals: Vec<String> = inline.into_iter().collect();
+        i += 1;
+        while i < args.len() && !args[i].starts_with("--") {
+            vals.push(args[i].clone());
+            i += 1;
+        }
+        let v = match (name.as_str(), vals.len()) {
+            ("optimizer_args" | "network_args" | "lr_scheduler_args", _) => {
+                Value::Array(vals.iter().map(|v| Value::from(v.as_str())).collect())
+            }
+            (_, 0) => Value::Bool(true),
+            (_, 1) => typed(&vals[0]),
+            _ => Value::Array(vals.iter().map(|v| typed(v)).collect()),
+        };
+        out.insert(name, v);
+    }
+    Ok(out)
+}
+
+/// An sd-scripts `--config_file` TOML, flattened (its sections are only grouping).
+pub fn read_sd_scripts_toml(path: &Path) -> Result<Map<String, Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let doc: toml::Table =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid TOML: {}", path.display(), e.message()))?;
+    let mut out = Map::new();
+    for (k, v) in doc {
+        match v {
+            toml::Value::Table(t) => {
+                for (k2, v2) in t {
+                    out.insert(k2, serde_json::to_value(v2)?);
+                }
+            }
+            other => {
+                out.insert(k, serde_json::to_value(other)?);
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// A kohya_ss GUI config file (JSON object).
+pub fn read_kohya_json(path: &Path) -> Result<Map<String, Value>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    match serde_json::from_str::<Value>(&text).with_context(|| format!("{}: invalid JSON", path.display()))? {
+        Value::Object(m) => Ok(m),
+        _ => bail!("{}: a kohya_ss config is a JSON object of the GUI's fields", path.display()),
+    }
+}
+
+/// A config translated to sd-scripts options, with its report and (kohya_ss) the sample prompts' text.
+pub struct Imported {
+    pub options: Map<String, Value>,
+    pub report: Report,
+    pub prompts: Option<String>,
+}
+
+/// Reads a kohya_ss GUI JSON.
+pub fn kohya(path: &Path) -> Result<Imported> {
+    let gui = read_kohya_json(path)?;
+    let (options, report, prompts) = kohya::to_sd_scripts(&gui).with_context(|| format!("{}", path.display()))?;
+    Ok(Imported { options, report, prompts })
+}
+
+/// Reads an sd-scripts `--config_file` TOML.
+pub fn sd_scripts(path: &Path) -> Result<Imported> {
+    Ok(Imported { options: read_sd_scripts_toml(path)?, report: Report::default(), prompts: None })
+}

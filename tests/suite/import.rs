@@ -1,0 +1,244 @@
+//! Importing kohya_ss GUI configs and sd-scripts TOML: every fixture config imports; the SD1/SD2 LoRA ones give
+//! recipes whose resolved options equal the direct `sdtune train --kohya` route and kohya_ss's meaning, and run on
+//! tiny-sd15; the others report exactly what is not supported yet.
+
+use crate::common::*;
+use sdtune::import;
+use sdtune::train::build;
+use serde_json::{json, Value};
+
+fn config(name: &str) -> std::path::PathBuf {
+    fixture(&format!("kohya-configs/{name}"))
+}
+
+/// Paths of a fixture config replaced by test ones (they point into the kohya_ss tree).
+fn local(mut flat: serde_json::Map<String, Value>, dir: &std::path::Path) -> serde_json::Map<String, Value> {
+    let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 1, 4, 64, 0).unwrap();
+    flat.insert("pretrained_model_name_or_path".into(), json!(fixture("tiny-sd15/tiny-sd15.safetensors")));
+    flat.insert("train_data_dir".into(), json!(data));
+    flat.insert("output_dir".into(), json!(dir.join("out")));
+    flat.remove("logging_dir");
+    flat
+}
+
+#[test]
+fn every_kohya_fixture_imports_or_says_what_is_unsupported() {
+    let expect: &[(&str, &[&str])] = &[
+        ("locon-AdamW.json", &[]),
+        ("preset-sd15_-_EDG_LoraOptiSettings.json", &[]),
+        ("Standard-AdamW.json", &["DreamBooth training is not supported yet"]),
+        ("dreambooth-AdamW.json", &["DreamBooth training is not supported yet"]),
+        ("SDXL-Standard-AdamW.json", &["SDXL training is not supported yet", "DreamBooth"]),
+        ("TI-AdamW8bit.json", &["textual inversion training is not supported yet"]),
+        ("finetune-AdamW.json", &["fine-tuning training is not supported yet"]),
+        ("loha-Prodigy.json", &["SDXL training is not supported yet", "LyCORIS/LoHa is not supported yet"]),
+        ("preset-lokr-sd15.json", &["LyCORIS/LoKr is not supported yet"]),
+        ("preset-SDXL_-_LoRA_AI_Now_prodigy_v1.0.json", &["SDXL training is not supported yet"]),
+    ];
+    for (name, unsupported) in expect {
+        let imp = import::kohya(&config(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let lines = imp.report.lines().join("\n");
+        let bad: Vec<_> = lines.lines().filter(|l| l.starts_with("not supported")).collect();
+        eprintln!("{name}: {} report lines, {} unsupported", imp.report.entries.len(), bad.len());
+        if unsupported.is_empty() {
+            assert!(bad.is_empty(), "{name} should import cleanly:\n{lines}");
+            assert!(imp.report.check_runnable(&config(name)).is_ok());
+        } else {
+            for want in *unsupported {
+                assert!(bad.iter().any(|l| l.contains(want)), "{name}: no `{want}` in\n{lines}");
+            }
+            let e = imp.report.check_runnable(&config(name)).unwrap_err().to_string();
+            assert!(e.contains("cannot run as given"), "{e}");
+        }
+        // whatever is not taken over is listed: e.g. accelerate settings and other model families
+        if imp.options.contains_key("train_data_dir") {
+            assert!(
+                lines.contains("num_processes")
+                    || !std::fs::read_to_string(config(name)).unwrap().contains("num_processes")
+            );
+        }
+    }
+    // an unknown key is an error naming it
+    let dir = scratch("import-unknown");
+    let bad = dir.join("bad.json");
+    std::fs::write(&bad, r#"{"LoRA_type": "Standard", "network_dimm": 8}"#).unwrap();
+    let e = format!("{:#}", import::kohya(&bad).err().unwrap());
+    assert!(e.contains("unknown kohya_ss key `network_dimm`"), "{e}");
+}
+
+#[test]
+fn kohya_keys_mean_what_kohya_ss_passes_to_sd_scripts() {
+    let imp = import::kohya(&config("locon-AdamW.json")).unwrap();
+    let o = &imp.options;
+    assert_eq!(o["network_module"], "networks.lora");
+    assert_eq!(o["network_args"], json!(["conv_dim=16", "conv_alpha=8", "rank_dropout=0.1", "module_dropout=0.1"]));
+    assert_eq!((o["network_dim"].clone(), o["network_alpha"].clone()), (json!(16), json!(8)));
+    assert_eq!(o["network_dropout"], json!(0.1));
+    assert_eq!(o["resolution"], "512,512");
+    assert_eq!(o["optimizer_type"], "AdamW");
+    assert_eq!(o["max_train_epochs"], json!(1));
+    assert_eq!(o["seed"], json!(1234), "numbers given as strings are numbers");
+    assert_eq!(o["noise_offset"], json!(0.05), "noise_offset_type Original");
+    assert!(!o.contains_key("multires_noise_iterations"));
+    assert!(!o.contains_key("xformers") && !o.contains_key("max_token_length"));
+    assert_eq!(imp.prompts.as_deref(), Some("a painting of a gas mask , by darius kawasaki"));
+    let lines = imp.report.lines().join("\n");
+    for key in ["xformers", "num_processes", "LyCORIS_preset", "factor"] {
+        assert!(lines.contains(&format!(": {key}: ")), "{key} not reported:\n{lines}");
+    }
+    // Standard LoRA: conv_dim is a GUI field Standard does not pass; string numbers; legacy keys
+    let imp = import::kohya(&config("preset-sd15_-_EDG_LoraOptiSettings.json")).unwrap();
+    let o = &imp.options;
+    assert!(!o.contains_key("network_args"), "{:?}", o.get("network_args"));
+    assert_eq!(o["optimizer_type"], "AdamW8bit");
+    assert_eq!((o["learning_rate"].clone(), o["text_encoder_lr"].clone()), (json!(0.0001), json!(5e-05)));
+    assert_eq!(o["resolution"], "512,650");
+    assert_eq!(o["train_batch_size"], json!(3));
+    assert!(imp.report.lines().join("\n").contains("conv_dim: used only by LoRA_type Kohya LoCon"));
+    // the GUI's percentage warmup and zero learning rates
+    let dir = scratch("import-semantics");
+    let p = dir.join("c.json");
+    std::fs::write(
+        &p,
+        r#"{"LoRA_type": "Standard", "network_dim": 8, "lr_warmup": "10", "lr_warmup_steps": 0, "text_encoder_lr": "0",
+            "unet_lr": "1e-4", "use_8bit_adam": true, "noise_offset_type": "Multires", "noise_offset": 0.1,
+            "multires_noise_iterations": 6, "multires_noise_discount": 0.3, "additional_parameters": "--min_snr_gamma 5"}"#,
+    )
+    .unwrap();
+    let imp = import::kohya(&p).unwrap();
+    let o = &imp.options;
+    assert_eq!(o["lr_warmup_steps"], json!(0.1));
+    assert_eq!(o["network_train_unet_only"], json!(true));
+    assert_eq!(o["optimizer_type"], "AdamW8bit");
+    assert_eq!((o["multires_noise_iterations"].clone(), o.get("noise_offset")), (json!(6), None));
+    assert_eq!(o["min_snr_gamma"], json!(5));
+}
+
+/// The recipe script's `options`, resolved by `trainer(options).options` (the script is ours: it ends in
+/// `let run = train(options);`).
+fn script_options(script: &str, args: &[String]) -> Value {
+    let head = script.split("let run = train(options);").next().unwrap();
+    let probe = format!("{head}\ntrainer(options).options");
+    let mut scope = rhai::Scope::new();
+    scope.push("ARGS", args.iter().map(|a| rhai::Dynamic::from(a.clone())).collect::<rhai::Array>());
+    let v: rhai::Dynamic =
+        sdtune::script::engine().eval_with_scope(&mut scope, &probe).unwrap_or_else(|e| panic!("{e}\n{probe}"));
+    sdtune::script::to_json(&v).unwrap()
+}
+
+#[test]
+fn imported_lora_recipes_resolve_like_the_direct_route_and_run_on_tiny_sd15() {
+    for name in ["locon-AdamW.json", "preset-sd15_-_EDG_LoraOptiSettings.json"] {
+        let dir = scratch(&format!("import-run-{}", &name[..8]));
+        let imp = import::kohya(&config(name)).unwrap();
+        let mut flat = local(imp.options.clone(), &dir);
+        // keep the test short and small: two optimizer steps at 64×80, no samples
+        flat.insert("max_train_steps".into(), json!(2));
+        flat.insert("resolution".into(), json!("64,80"));
+        flat.insert("min_bucket_reso".into(), json!(64));
+        flat.remove("sample_every_n_steps");
+        let (recipe, _) = build::recipe_from_flat(flat).unwrap();
+        let direct = build::build(&recipe).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let want = direct.resolved_options().unwrap();
+        let script = import::rhai::script(&recipe, &imp.report, name, "test");
+        let args: Vec<String> = [&recipe["model"], &recipe["dataset"], &recipe["train"]["output_dir"]]
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        let got = script_options(&script, &args);
+        assert_eq!(got, want, "{name}: the script resolves other options than the direct route\n{script}");
+        // and kohya_ss's meaning holds in the resolved run
+        let t = &want["train"];
+        if name.starts_with("locon") {
+            assert_eq!((t["learning_rate"].clone(), t["unet_lr"].clone()), (json!(0.0005), json!(0.0001)));
+            assert_eq!(t["gradient_accumulation_steps"], json!(4));
+            assert_eq!(t["scale_weight_norms"], json!(1.0));
+            assert!(want["network"].as_str().unwrap().contains("conv_dim: Some(16)"), "{}", want["network"]);
+            assert_eq!(want["model"]["clip_skip"], json!(2));
+        } else {
+            assert_eq!(t["optimizer_type"], "AdamW8bit");
+            assert!(want["datasets"][0].as_str().unwrap().contains("resolution: (64, 80)"), "{}", want["datasets"]);
+        }
+        // the recipe runs as a script
+        let out = sdtune::script::run_file(
+            &{
+                let p = dir.join("recipe.rhai");
+                std::fs::write(&p, &script).unwrap();
+                p
+            },
+            &args,
+        );
+        assert!(out.is_ok(), "{name}: {out:?}");
+        assert!(dir
+            .join("out")
+            .join(format!("{}.safetensors", recipe["train"]["output_name"].as_str().unwrap_or("last")))
+            .is_file());
+    }
+}
+
+#[test]
+fn sdtune_import_writes_a_recipe_and_refuses_to_overwrite() {
+    let dir = scratch("import-cli");
+    let out = dir.join("locon.rhai");
+    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_sdtune")).args(args).output().unwrap();
+    let cfg = config("locon-AdamW.json");
+    let o = run(&["import", "kohya", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(text.contains("let network = lora(model, #{") && text.contains("conv_dim: 16"), "{text}");
+    assert!(dir.join("locon.prompts.txt").is_file());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("not carried over: xformers"));
+    let again = run(&["import", "kohya", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()]);
+    assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    // an unsupported config: the report, no recipe
+    let o = run(&[
+        "import",
+        "kohya",
+        config("loha-Prodigy.json").to_str().unwrap(),
+        "-o",
+        dir.join("loha.rhai").to_str().unwrap(),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("LyCORIS/LoHa is not supported yet"));
+    assert!(!dir.join("loha.rhai").exists());
+    // `sdtune train --kohya`: the config runs directly, flags win
+    let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 1, 2, 64, 0).unwrap();
+    let model = fixture("tiny-sd15/tiny-sd15.safetensors");
+    let o = run(&[
+        "train",
+        "--kohya",
+        cfg.to_str().unwrap(),
+        "--pretrained_model_name_or_path",
+        model.to_str().unwrap(),
+        "--train_data_dir",
+        data.to_str().unwrap(),
+        "--output_dir",
+        dir.join("trained").to_str().unwrap(),
+        "--resolution",
+        "64",
+        "--min_bucket_reso",
+        "64",
+        "--max_train_steps",
+        "1",
+        "--gradient_accumulation_steps",
+        "1",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(dir.join("trained/locon-AdamW.safetensors").is_file());
+    let meta = sdtune::io::tensors::read_metadata(&dir.join("trained/locon-AdamW.safetensors")).unwrap();
+    assert_eq!(
+        meta["ss_network_args"],
+        r#"{"conv_dim": "16", "conv_alpha": "8.0", "rank_dropout": "0.1", "module_dropout": "0.1"}"#
+    );
+    // sd-scripts TOML
+    let toml = dir.join("cfg.toml");
+    std::fs::write(
+        &toml,
+        "[model]\npretrained_model_name_or_path = \"m.safetensors\"\n[train]\nlearning_rate = 1e-4\nnetwork_dim = 8\n",
+    )
+    .unwrap();
+    let o = run(&["import", "sd-scripts", toml.to_str().unwrap(), "-o", dir.join("cfg.rhai").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let text = std::fs::read_to_string(dir.join("cfg.rhai")).unwrap();
+    assert!(text.contains("\"m.safetensors\"") && text.contains("learning_rate: 0.0001"), "{text}");
+}
