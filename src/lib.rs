@@ -5,10 +5,12 @@
 pub mod data;
 pub mod device;
 pub mod import;
+pub mod interrupt;
 pub mod io;
 pub mod models;
 pub mod networks;
 pub mod nn;
+pub mod repl;
 pub mod rng;
 pub mod sample;
 pub mod schedule;

@@ -21,6 +21,9 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// The script engine line by line: values are printed, variables persist, Tab completes, history is kept
+    /// (`$XDG_STATE_HOME/sdtune/history`), Ctrl-C stops what runs (a training saves its state), Ctrl-D exits.
+    Repl,
     /// Render every prompt of a prompt file (sd-scripts' .txt/.toml/.json syntax) to PNGs.
     Sample(SampleArgs),
     /// Train a LoRA with sd-scripts' option names: `--pretrained_model_name_or_path M --train_data_dir D
@@ -272,7 +275,7 @@ fn train(args: Vec<String>) -> anyhow::Result<()> {
     };
     let _ = ctrlc::set_handler(|| {
         eprintln!("\nstopping after this step (a resumable state will be saved)...");
-        sdtune::train::trainer::INTERRUPT.store(true, std::sync::atomic::Ordering::SeqCst);
+        sdtune::interrupt::request();
     });
     trainer.cfg.log_every_n_steps = 0;
     let bar = indicatif::ProgressBar::new(trainer.total_steps as u64);
@@ -307,7 +310,19 @@ fn main() -> ExitCode {
     }));
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { script, args } => sdtune::script::run_file(&script, &args),
+        Command::Run { script, args } => {
+            // Ctrl-C: the script (or its training, saving a state) stops gracefully; a second one exits at once
+            let _ = ctrlc::set_handler(|| {
+                static PRESSED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+                if PRESSED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    std::process::exit(130);
+                }
+                eprintln!("\nstopping (Ctrl-C again to quit at once)...");
+                sdtune::interrupt::request();
+            });
+            sdtune::script::run_file(&script, &args)
+        }
+        Command::Repl => sdtune::repl::run().map_err(|e| format!("{e:#}")),
         Command::Sample(a) => sample(a).map_err(|e| format!("{e:#}")),
         Command::Train { args } => train(args).map_err(|e| format!("{e:#}")),
         Command::Dataset { command: DatasetCommand::Inspect(a) } => inspect(a).map_err(|e| format!("{e:#}")),

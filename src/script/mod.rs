@@ -3,6 +3,7 @@
 mod data_api;
 pub use data_api::{from_json, to_json};
 mod errors;
+pub mod help;
 mod model_api;
 mod opts;
 mod sample_api;
@@ -26,7 +27,44 @@ pub fn engine() -> Engine {
     data_api::register(&mut engine);
     train_api::register(&mut engine);
     engine.register_fn("show", |x: Dynamic| errors::rt(show(x)));
+    help::register(&mut engine);
+    // Ctrl-C stops a running script at its next operation (a training loop stops first, saving its state)
+    engine.on_progress(|_| crate::interrupt::take().then(|| Dynamic::from("interrupted (Ctrl-C)")));
     engine
+}
+
+/// The fields an option table accepts (from its unknown-field error, so the table itself is the one list).
+fn field_names<T: serde::de::DeserializeOwned>() -> Vec<String> {
+    let Err(e) = serde_json::from_value::<T>(serde_json::json!({ "\u{1}": 0 })) else { return Vec::new() };
+    let msg = e.to_string();
+    let Some(list) = msg.split("expected one of ").nth(1) else { return Vec::new() };
+    list.split('`').skip(1).step_by(2).map(String::from).collect()
+}
+
+/// The option keys a function takes (for help and completion).
+pub fn option_keys_of(function: &str) -> Vec<String> {
+    let strs = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+    match function {
+        "train" | "trainer" => {
+            let mut k = strs(&["model", "network", "dataset", "optimizer", "lr_scheduler"]);
+            k.extend(field_names::<crate::train::config::TrainConfig>());
+            k
+        }
+        "lora" => field_names::<crate::train::build::NetworkOptions>(),
+        "dataset" => {
+            let mut k = field_names::<crate::data::config::General>();
+            k.extend(strs(&["reg_data_dir", "strict"]));
+            k
+        }
+        "load_model" => strs(model_api::LOAD_KEYS),
+        "Model" => strs(sample_api::SAMPLE_KEYS),
+        _ => Vec::new(),
+    }
+}
+
+/// Every option key of every function.
+pub fn option_keys() -> Vec<String> {
+    ["train", "lora", "dataset", "load_model", "Model"].iter().flat_map(|f| option_keys_of(f)).collect()
 }
 
 /// `show(x)`: an image tensor is saved as a PNG in a temporary folder and its path printed; anything else is printed.

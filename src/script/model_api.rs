@@ -13,7 +13,7 @@ use std::sync::Arc;
 /// A model as scripts hold it.
 pub type Model = Arc<StableDiffusion>;
 
-const LOAD_KEYS: &[&str] = &["family", "v_pred", "vae", "dtype", "device", "clip_skip", "config"];
+pub(crate) const LOAD_KEYS: &[&str] = &["family", "v_pred", "vae", "dtype", "device", "clip_skip", "config"];
 const ENCODE_KEYS: &[&str] = &["clip_skip", "final_ln", "pooled"];
 const SAVE_KEYS: &[&str] = &["format", "dtype", "overwrite"];
 

@@ -12,7 +12,7 @@ use candle_core::Tensor;
 use rhai::{Array, Dynamic, Engine, Map};
 use std::path::Path;
 
-const SAMPLE_KEYS: &[&str] = &[
+pub(crate) const SAMPLE_KEYS: &[&str] = &[
     "prompt",
     "negative",
     "width",

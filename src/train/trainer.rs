@@ -72,9 +72,6 @@ pub struct Trainer {
     epoch_losses: Vec<f64>,
 }
 
-/// Set by Ctrl-C handlers: every running loop stops gracefully (saving a state) at the next step.
-pub static INTERRUPT: AtomicBool = AtomicBool::new(false);
-
 fn seed_for(seed: u64, step: usize, salt: u64) -> Rng {
     Rng::new(seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ salt)
 }
@@ -474,8 +471,7 @@ impl Trainer {
                 bail!("the dataset has no batches");
             }
             while self.batch_in_epoch < plan.len() && self.step < self.total_steps {
-                if self.stop.load(Ordering::SeqCst) || INTERRUPT.load(Ordering::SeqCst) {
-                    INTERRUPT.store(false, Ordering::SeqCst);
+                if self.stop.load(Ordering::SeqCst) || crate::interrupt::take() {
                     self.stopped = true;
                     self.save_state_now()?;
                     return Ok(());

@@ -8,6 +8,7 @@ mod import;
 mod networks;
 mod optimizers;
 mod parity;
+mod repl;
 mod roundtrip;
 mod sampling;
 mod schedule;
