@@ -6,6 +6,7 @@ mod errors;
 pub mod help;
 mod model_api;
 mod opts;
+mod plot_api;
 mod sample_api;
 mod tensor_api;
 mod train_api;
@@ -26,6 +27,7 @@ pub fn engine() -> Engine {
     sample_api::register(&mut engine);
     data_api::register(&mut engine);
     train_api::register(&mut engine);
+    plot_api::register(&mut engine);
     engine.register_fn("show", |x: Dynamic| errors::rt(show(x)));
     help::register(&mut engine);
     // Ctrl-C stops a running script at its next operation (a training loop stops first, saving its state)
@@ -71,6 +73,9 @@ pub fn option_keys() -> Vec<String> {
 fn show(x: Dynamic) -> anyhow::Result<()> {
     if let Some(img) = x.clone().try_cast::<crate::io::png::Image>() {
         return show_image(&img);
+    }
+    if let Some(p) = x.clone().try_cast::<crate::io::plot::Plot>() {
+        return show_image(&p.image(800, 450)?);
     }
     if let Some(t) = x.clone().try_cast::<candle_core::Tensor>() {
         if let Ok(img) = crate::io::png::Image::from_tensor(&t) {

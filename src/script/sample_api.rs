@@ -55,17 +55,6 @@ fn options(map: &Map) -> Result<SampleOptions> {
     Ok(s)
 }
 
-fn series(values: &Array) -> Result<Vec<f64>> {
-    values
-        .iter()
-        .map(|v| {
-            v.as_float()
-                .or_else(|_| v.as_int().map(|i| i as f64))
-                .map_err(|t| anyhow::anyhow!("plot: expected numbers, got {t}"))
-        })
-        .collect()
-}
-
 fn from_line(line: &str) -> Result<SampleOptions> {
     Ok(SampleOptions::default().with_spec(&parse_line(line, "sample()")?))
 }
@@ -96,21 +85,4 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("to_string", |i: &mut Image| format!("Image({}x{})", i.width, i.height));
     engine.register_fn("to_debug", |i: &mut Image| format!("Image({}x{})", i.width, i.height));
     engine.register_fn("load_image", |p: &str| rt(Image::load(Path::new(p))));
-    // a first `plot`: a line chart of one series (array of numbers) or several (`#{ series: [...] }`) as an Image
-    engine.register_fn("plot", |values: Array| -> RhaiResult<Image> {
-        rt(series(&values).map(|s| crate::io::plot::line_plot(&[s], 640, 360)))
-    });
-    engine.register_fn("plot", |m: Map| -> RhaiResult<Image> {
-        rt((|| {
-            let all = m
-                .get("series")
-                .and_then(|v| v.read_lock::<Array>().map(|a| a.clone()))
-                .ok_or_else(|| anyhow::anyhow!("plot: `series` must be an array of arrays"))?;
-            let s: Vec<Vec<f64>> = all
-                .iter()
-                .map(|v| v.read_lock::<Array>().map(|a| series(&a)).unwrap_or_else(|| Ok(Vec::new())))
-                .collect::<Result<_>>()?;
-            Ok(crate::io::plot::line_plot(&s, 640, 360))
-        })())
-    });
 }
