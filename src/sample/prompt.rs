@@ -175,6 +175,23 @@ pub fn encode_prompt_pair(
     Ok((cond, uncond, p_trunc || n_trunc))
 }
 
+/// Conditioning for several prompts (A1111 weighting, 75-token chunks up to `max_chunks`, as sampling does),
+/// padded to a common number of chunks: `[N, 77·chunks, D]`.
+pub fn encode_prompts(
+    model: &StableDiffusion,
+    prompts: &[String],
+    max_chunks: usize,
+    clip_skip: Option<usize>,
+) -> Result<Tensor> {
+    let limit = USABLE * max_chunks;
+    let toks = prompts.iter().map(|p| tokens_with_weights(model, p, limit)).collect::<Result<Vec<_>>>()?;
+    let longest = toks.iter().map(|(t, _, _)| t.len()).max().unwrap_or(0);
+    let chunks = (longest.saturating_sub(1) / USABLE + 1).clamp(1, max_chunks.max(1));
+    let parts =
+        toks.iter().map(|(t, w, _)| encode_weighted(model, t, w, chunks, clip_skip)).collect::<Result<Vec<_>>>()?;
+    Ok(Tensor::cat(&parts, 0)?)
+}
+
 fn encode_weighted(
     model: &StableDiffusion,
     tokens: &[u32],

@@ -112,6 +112,19 @@ pub fn register(engine: &mut Engine) {
     engine.register_get("device", |m: &mut Model| crate::device::device_name(&m.device));
     engine.register_fn("to_string", |m: &mut Model| format!("Model({}, {})", m.family.name(), m.source.display()));
     engine.register_fn("to_debug", |m: &mut Model| format!("Model({}, {})", m.family.name(), m.source.display()));
+    // text → conditioning with A1111 weighting and long prompts, as sampling reads prompts (3 chunks at most)
+    engine.register_fn("encode_text", |m: &mut Model, p: &str| {
+        rt(crate::sample::prompt::encode_prompts(m, &[p.to_string()], 3, None))
+    });
+    engine.register_fn("encode_text", |m: &mut Model, ps: rhai::Array| {
+        rt((|| {
+            let texts = ps
+                .into_iter()
+                .map(|v| v.into_string().map_err(|t| anyhow::anyhow!("encode_text: expected strings, got {t}")))
+                .collect::<Result<Vec<_>>>()?;
+            crate::sample::prompt::encode_prompts(m, &texts, 3, None)
+        })())
+    });
     engine.register_fn("tokenize", |m: &mut Model, s: &str| rt(m.tokenize(s)));
     engine.register_fn("encode_ids", |m: &mut Model, ids: Tensor| rt(encode_ids(m, &ids, &Map::new())));
     engine.register_fn("encode_ids", |m: &mut Model, ids: Tensor, o: Map| rt(encode_ids(m, &ids, &o)));
