@@ -30,9 +30,34 @@ pub fn engine() -> Engine {
     plot_api::register(&mut engine);
     engine.register_fn("show", |x: Dynamic| errors::rt(show(x)));
     help::register(&mut engine);
+    let resolver = module_resolver(&engine);
+    engine.set_module_resolver(resolver);
     // Ctrl-C stops a running script at its next operation (a training loop stops first, saving its state)
     engine.on_progress(|_| crate::interrupt::take().then(|| Dynamic::from("interrupted (Ctrl-C)")));
     engine
+}
+
+/// The bundled Rhai modules (`stdlib/`), importable by name from any folder.
+pub const STDLIB: &[(&str, &str)] = &[("lora", include_str!("../../stdlib/lora.rhai"))];
+
+/// `import "name"`: a `.rhai` file next to the importing script (or the working folder) first, then the stdlib.
+fn module_resolver(engine: &Engine) -> rhai::module_resolvers::ModuleResolversCollection {
+    use rhai::module_resolvers::{FileModuleResolver, ModuleResolversCollection, StaticModuleResolver};
+    let mut stdlib = StaticModuleResolver::new();
+    for (name, source) in STDLIB {
+        let module = engine
+            .compile(*source)
+            .map_err(|e| e.to_string())
+            .and_then(|ast| rhai::Module::eval_ast_as_new(Scope::new(), &ast, engine).map_err(|e| e.to_string()));
+        match module {
+            Ok(m) => stdlib.insert(*name, m),
+            Err(e) => eprintln!("internal: stdlib module `{name}` does not load: {e}"),
+        }
+    }
+    let mut all = ModuleResolversCollection::new();
+    all.push(FileModuleResolver::new());
+    all.push(stdlib);
+    all
 }
 
 /// The fields an option table accepts (from its unknown-field error, so the table itself is the one list).
@@ -103,7 +128,8 @@ pub fn run_file(path: &Path, args: &[String]) -> Result<(), String> {
     let name = path.display().to_string();
     let source = std::fs::read_to_string(path).map_err(|e| format!("{name}: cannot read script: {e}"))?;
     let engine = engine();
-    let ast = engine.compile(&source).map_err(|e| format!("{}: syntax error: {}", locate(&name, e.1), e.0))?;
+    let mut ast = engine.compile(&source).map_err(|e| format!("{}: syntax error: {}", locate(&name, e.1), e.0))?;
+    ast.set_source(name.as_str());
     let mut scope = Scope::new();
     let argv: Array = args.iter().map(|a| Dynamic::from(a.clone())).collect();
     scope.push_constant("ARGS", argv);

@@ -242,3 +242,56 @@ fn sdtune_import_writes_a_recipe_and_refuses_to_overwrite() {
     let text = std::fs::read_to_string(dir.join("cfg.rhai")).unwrap();
     assert!(text.contains("\"m.safetensors\"") && text.contains("learning_rate: 0.0001"), "{text}");
 }
+
+#[test]
+fn the_stdlib_edg_preset_is_what_importing_kohya_ss_preset_gives() {
+    let v: rhai::Dynamic =
+        sdtune::script::engine().eval("import \"lora\" as lora; lora::sd15_edg_lora_opti()").unwrap();
+    let preset = sdtune::script::to_json(&v).unwrap();
+    let imp = import::kohya(&config("preset-sd15_-_EDG_LoraOptiSettings.json")).unwrap();
+    let o = &imp.options;
+    let same = |section: &str, key: &str, flat_key: &str| {
+        let a = &preset[section][key];
+        let b = &o[flat_key];
+        let num = |v: &Value| v.as_f64();
+        assert!(
+            a == b || (num(a).is_some() && num(a) == num(b)),
+            "{section}.{key} = {a} but the import gives {flat_key} = {b}"
+        );
+    };
+    same("model", "clip_skip", "clip_skip");
+    same("dataset", "resolution", "resolution");
+    same("dataset", "batch_size", "train_batch_size");
+    same("dataset", "caption_extension", "caption_extension");
+    same("network", "network_dim", "network_dim");
+    same("network", "network_alpha", "network_alpha");
+    for k in [
+        "optimizer_type",
+        "learning_rate",
+        "unet_lr",
+        "text_encoder_lr",
+        "lr_scheduler",
+        "noise_offset",
+        "max_train_epochs",
+        "seed",
+        "mixed_precision",
+        "save_precision",
+        "cache_latents",
+    ] {
+        same("train", k, k);
+    }
+    // and it runs through lora::train_with (a 64-pixel, 2-step version on tiny-sd15)
+    let dir = scratch("stdlib-run");
+    let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 1, 3, 64, 0).unwrap();
+    let script = format!(
+        "import \"lora\" as lora;\n\
+         let p = lora::adjust(lora::sd15_edg_lora_opti(), #{{ dataset: #{{ resolution: 64 }}, train: #{{ max_train_steps: 2, max_train_epochs: (), optimizer_type: \"AdamW\" }} }});\n\
+         let run = lora::train_with(p, \"{}\", \"{}\", \"{}\");\n\
+         if run.step != 2 {{ throw \"expected 2 steps\"; }}",
+        fixture("tiny-sd15/tiny-sd15.safetensors").display(),
+        data.display(),
+        dir.join("out").display()
+    );
+    sdtune::script::engine().run(&script).unwrap();
+    assert!(dir.join("out/last.safetensors").is_file());
+}
