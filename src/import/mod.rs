@@ -155,14 +155,66 @@ pub struct Imported {
     pub prompts: Option<String>,
 }
 
+/// The options that name files or folders.
+const PATH_KEYS: &[&str] =
+    &["pretrained_model_name_or_path", "train_data_dir", "reg_data_dir", "dataset_config", "network_weights", "vae"];
+
+/// Notes the paths that do not exist here (they are kept as given: the recipe takes replacements as arguments).
+fn check_paths(options: &Map<String, Value>, report: &mut Report) {
+    for k in PATH_KEYS {
+        if let Some(p) = options.get(*k).and_then(Value::as_str) {
+            if !Path::new(p).exists() {
+                let why =
+                    if *k == "pretrained_model_name_or_path" && !p.contains(['.', '\\']) && p.matches('/').count() == 1
+                    {
+                        format!("{p} is a Hugging Face model id, not a local file: pass a checkpoint path")
+                    } else {
+                        format!("{p} does not exist here (kept as given)")
+                    };
+                report.note(k, &why);
+            }
+        }
+    }
+}
+
 /// Reads a kohya_ss GUI JSON.
 pub fn kohya(path: &Path) -> Result<Imported> {
     let gui = read_kohya_json(path)?;
-    let (options, report, prompts) = kohya::to_sd_scripts(&gui).with_context(|| format!("{}", path.display()))?;
+    let (options, mut report, prompts) = kohya::to_sd_scripts(&gui).with_context(|| format!("{}", path.display()))?;
+    check_paths(&options, &mut report);
     Ok(Imported { options, report, prompts })
 }
 
-/// Reads an sd-scripts `--config_file` TOML.
+/// Reads an sd-scripts TOML: a `--config_file` (options), or a dataset config (`[[datasets]]`), which becomes a
+/// recipe training on it.
 pub fn sd_scripts(path: &Path) -> Result<Imported> {
-    Ok(Imported { options: read_sd_scripts_toml(path)?, report: Report::default(), prompts: None })
+    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let doc: toml::Table =
+        toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: invalid TOML: {}", path.display(), e.message()))?;
+    let mut report = Report::default();
+    let options = if doc.contains_key("datasets") {
+        report.note(
+            "datasets",
+            "a dataset config: the recipe trains on it (dataset_config); give the model as argument 1",
+        );
+        match crate::data::config::read_config_file(path, &Default::default()) {
+            Err(e) => report.note("datasets", &format!("it does not open here: {e:#}")),
+            Ok(configs) => {
+                for sub in configs.iter().flat_map(|c| &c.subsets) {
+                    for p in [&sub.image_dir, &sub.metadata_file].into_iter().flatten() {
+                        if !p.exists() {
+                            report.note("datasets", &format!("{} does not exist here (kept as given)", p.display()));
+                        }
+                    }
+                }
+            }
+        }
+        let mut m = Map::new();
+        m.insert("dataset_config".into(), Value::from(path.display().to_string()));
+        m
+    } else {
+        read_sd_scripts_toml(path)?
+    };
+    check_paths(&options, &mut report);
+    Ok(Imported { options, report, prompts: None })
 }

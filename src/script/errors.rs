@@ -25,6 +25,7 @@ pub fn describe_eval(file: &str, err: &EvalAltResult) -> String {
     }
     let msg = match inner {
         EvalAltResult::ErrorRuntime(v, _) => v.to_string(),
+        EvalAltResult::ErrorTerminated(token, _) if token.is_string() => token.to_string(),
         other => {
             let s = other.to_string();
             match s.rfind(" (line ") {

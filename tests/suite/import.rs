@@ -295,3 +295,30 @@ fn the_stdlib_edg_preset_is_what_importing_kohya_ss_preset_gives() {
     sdtune::script::engine().run(&script).unwrap();
     assert!(dir.join("out/last.safetensors").is_file());
 }
+
+#[test]
+fn sd_scripts_dataset_tomls_import_as_recipes_on_them() {
+    let dir = scratch("import-datasets");
+    for name in ["dataset.toml", "dataset-multires.toml", "dataset-finetune.toml"] {
+        let imp = import::sd_scripts(&config(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        assert!(imp.report.check_runnable(&config(name)).is_ok(), "{name}: {:?}", imp.report.lines());
+        assert_eq!(imp.options["dataset_config"], json!(config(name).display().to_string()));
+        let lines = imp.report.lines().join("\n");
+        assert!(lines.contains("a dataset config"), "{lines}");
+        // their image folders point into the kohya_ss tree: reported, kept as given
+        assert!(lines.contains("does not exist here"), "{name}: {lines}");
+        let (recipe, _) = build::recipe_from_flat(imp.options).unwrap();
+        let script = import::rhai::script(&recipe, &imp.report, name, "test");
+        assert!(script.contains("throw \"pass the model to train"), "{script}");
+        let out = dir.join(format!("{name}.rhai"));
+        std::fs::write(&out, &script).unwrap();
+        // it parses; run without arguments it asks for the model
+        let e = sdtune::script::run_file(&out, &[]).unwrap_err();
+        assert!(e.contains("pass the model to train"), "{e}");
+    }
+    // a GUI config's kohya_ss-tree paths and Hugging Face ids are reported
+    let imp = import::kohya(&config("locon-AdamW.json")).unwrap();
+    let lines = imp.report.lines().join("\n");
+    assert!(lines.contains("runwayml/stable-diffusion-v1-5 is a Hugging Face model id"), "{lines}");
+    assert!(lines.contains("./test/img does not exist here"), "{lines}");
+}

@@ -114,3 +114,18 @@ fn the_repl_evaluates_completes_remembers_and_survives_ctrl_c() {
     p.send_control('d').unwrap();
     p.exp_eof().unwrap();
 }
+
+#[test]
+fn ctrl_c_stops_a_runaway_script() {
+    let dir = scratch("runaway");
+    let script = dir.join("loop.rhai");
+    std::fs::write(&script, "print(\"looping\");\nlet i = 0;\nloop { i += 1; }\n").unwrap();
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_sdtune"));
+    cmd.arg("run").arg(&script);
+    let mut p = spawn_with_options(cmd, Options::new().timeout_ms(Some(30_000)).strip_ansi_escape_codes(true)).unwrap();
+    p.exp_string("looping").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    p.send_control('c').unwrap();
+    p.exp_string("interrupted").unwrap();
+    p.exp_eof().unwrap();
+}

@@ -148,7 +148,7 @@ fn every_optimizer_resumes_exactly() {
 
 #[test]
 fn fp16_runs_resume_exactly() {
-    // the dynamic loss scale travels in the state
+    // fp16: the dynamic loss scale travels in the state
     let (d, _) = stop_and_resume("fp16", 8, json!({ "mixed_precision": "fp16" }));
     assert!(d <= 1e-6, "fp16: max |Δw| = {d}");
 }
@@ -402,8 +402,9 @@ fn mixed_precision_trains_a_half_precision_base_with_f32_lora_weights() {
     // full_bf16 needs bf16 mixed precision, whose bf16 base runs on CUDA only (candle has no CPU bf16 conv)
     let e = build::build(&recipe(&dir, json!({ "full_bf16": true }))).err().unwrap();
     assert!(format!("{e:#}").contains("full_bf16 needs mixed_precision bf16"), "{e:#}");
+    // full_bf16's bf16 LoRA weights need a GPU (candle's CPU matmul has no bf16): a clear error here
     let e = build::build(&recipe(&dir, json!({ "mixed_precision": "bf16", "full_bf16": true }))).err().unwrap();
-    assert!(format!("{e:#}").contains("bf16 is not supported on the CPU"), "{e:#}");
+    assert!(format!("{e:#}").contains("full_bf16") && format!("{e:#}").contains("needs a GPU"), "{e:#}");
     // a bf16 network (what full_bf16 trains) with an f32 run is refused by name
     let model = std::sync::Arc::new(load(&fixture("tiny-sd15")));
     let cfg = sdtune::networks::NetworkConfig { dtype: candle_core::DType::BF16, ..Default::default() };
