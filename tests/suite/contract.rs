@@ -87,3 +87,13 @@ fn every_contract_function_works_from_a_script() {
         assert!(text.contains(name), "contract.rhai does not call {name}");
     }
 }
+
+#[test]
+fn the_ready_to_run_recipes_parse_and_explain_their_arguments() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let e = sdtune::script::run_file(&root.join("scripts/lora.rhai"), &[]).unwrap_err();
+    assert!(e.contains("usage: sdtune run scripts/lora.rhai MODEL TRAIN_DATA OUTPUT_DIR"), "{e}");
+    // the quickstart (run in full by .ci/run) compiles with the stdlib engine
+    let source = std::fs::read_to_string(root.join("scripts/quickstart.rhai")).unwrap();
+    sdtune::script::engine().compile(&source).unwrap();
+}
