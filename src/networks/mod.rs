@@ -163,6 +163,12 @@ fn layers(model: &StableDiffusion) -> Vec<(Component, LayerInfo)> {
 }
 
 impl Network {
+    /// Whether this network's modules sit on `model`'s layers (a network is made for one loaded model).
+    pub fn is_for(&self, model: &StableDiffusion) -> bool {
+        let Some((_, m)) = self.modules.first() else { return true };
+        layers(model).iter().any(|(_, l)| Arc::ptr_eq(&l.slot.0, &m.layer.slot.0))
+    }
+
     /// A new network for `model`: down Kaiming-uniform (a = √5, i.e. U(±1/√fan_in)) or, for LoRA-FA,
     /// N(0, 2/(in + rank)); up zero; in f32.
     pub fn create(model: &StableDiffusion, cfg: &NetworkConfig, seed: u64) -> Result<Self> {

@@ -114,6 +114,14 @@ fn make_trainer(opts: &Map) -> Result<Trainer> {
     Trainer::new(model, network, data, cfg, recipe)
 }
 
+/// A network acts on the model it was made for; another model is an error rather than a silent no-op.
+fn same_model(m: &Model, n: &Network) -> Result<()> {
+    if !n.is_for(m) {
+        bail!("this network was made for another loaded model: use load_network(path, model) or lora(model, ...) with this one");
+    }
+    Ok(())
+}
+
 fn network_json(n: &Network) -> Value {
     let c = &n.config;
     let mut v = serde_json::json!({
@@ -196,9 +204,13 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("lora", |m: Model, o: Map| rt(lora(&m, &o)));
     engine.register_fn("lora", |m: Model| rt(lora(&m, &Map::new())));
     engine.register_fn("load_network", |p: &str, m: Model| rt(file::load(Path::new(p), &m).map(Arc::new)));
-    engine.register_fn("apply_network", |_m: &mut Model, n: NetworkRef, mult: f64| n.apply(mult));
-    engine.register_fn("remove_network", |_m: &mut Model, n: NetworkRef| n.remove());
-    engine.register_fn("merge_network", |_m: &mut Model, n: NetworkRef, mult: f64| rt(n.merge(mult)));
+    engine.register_fn("apply_network", |m: &mut Model, n: NetworkRef, mult: f64| {
+        rt(same_model(m, &n).map(|_| n.apply(mult)))
+    });
+    engine.register_fn("remove_network", |m: &mut Model, n: NetworkRef| rt(same_model(m, &n).map(|_| n.remove())));
+    engine.register_fn("merge_network", |m: &mut Model, n: NetworkRef, mult: f64| {
+        rt(same_model(m, &n).and_then(|_| n.merge(mult)))
+    });
     engine.register_get("modules", |n: &mut NetworkRef| n.modules.len() as i64);
     engine.register_fn("save", |n: &mut NetworkRef, p: &str| rt(save_network(n, p, &Map::new())));
     engine.register_fn("save", |n: &mut NetworkRef, p: &str, extra: Map| rt(save_network(n, p, &extra)));
