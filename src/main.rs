@@ -27,7 +27,8 @@ enum Command {
     /// Render every prompt of a prompt file (sd-scripts' .txt/.toml/.json syntax) to PNGs.
     Sample(SampleArgs),
     /// Train a LoRA with sd-scripts' option names: `--pretrained_model_name_or_path M --train_data_dir D
-    /// --output_dir O --network_dim 8 ...`, optionally `--config_file cfg.toml` (flags win over the file).
+    /// --output_dir O --network_dim 8 ...`, optionally `--config_file cfg.toml` or `--kohya gui.json` (a kohya_ss
+    /// GUI config; flags win over either file).
     /// Ctrl-C stops after the current step and saves a resumable state; `--resume STATE_DIR` continues one.
     Train {
         /// sd-scripts options as `--name value` (lists: `--optimizer_args a=1 b=2`), flags as `--name`.
