@@ -4,9 +4,11 @@
 
 pub mod data;
 pub mod device;
+pub mod display;
 pub mod import;
 pub mod interrupt;
 pub mod io;
+pub mod kernel;
 pub mod models;
 pub mod networks;
 pub mod nn;

@@ -40,12 +40,77 @@ enum Command {
         #[command(subcommand)]
         command: DatasetCommand,
     },
+    /// The Jupyter kernel: `sdtune kernel install` registers it (kernelspec `sdtune`, "sdtune (Rhai)");
+    /// Jupyter runs it as `sdtune kernel --connection-file F`.
+    Kernel(KernelArgs),
     /// Bring a kohya_ss GUI config or an sd-scripts config as a `.rhai` recipe (with a report of what does not
     /// carry over).
     Import {
         #[command(subcommand)]
         command: ImportCommand,
     },
+}
+
+#[derive(clap::Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct KernelArgs {
+    /// The connection file Jupyter wrote (ports and signing key).
+    #[arg(long)]
+    connection_file: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Option<KernelCommand>,
+}
+
+#[derive(Subcommand)]
+enum KernelCommand {
+    /// Write the kernelspec (default: --user).
+    Install(SpecWhere),
+    /// Remove the kernelspec (default: --user).
+    Uninstall(SpecWhere),
+}
+
+#[derive(clap::Args)]
+#[group(multiple = false)]
+struct SpecWhere {
+    /// The user's Jupyter data folder ($JUPYTER_DATA_DIR, else ~/.local/share/jupyter on Linux).
+    #[arg(long)]
+    user: bool,
+    /// The active Python environment ($VIRTUAL_ENV, $CONDA_PREFIX, else python3's sys.prefix).
+    #[arg(long)]
+    sys_prefix: bool,
+    /// PREFIX/share/jupyter/kernels/sdtune.
+    #[arg(long)]
+    prefix: Option<PathBuf>,
+}
+
+impl SpecWhere {
+    fn location(&self) -> sdtune::kernel::spec::Location {
+        use sdtune::kernel::spec::Location;
+        match (&self.prefix, self.sys_prefix) {
+            (Some(p), _) => Location::Prefix(p.clone()),
+            (None, true) => Location::SysPrefix,
+            (None, false) => Location::User,
+        }
+    }
+}
+
+fn kernel(a: KernelArgs) -> anyhow::Result<()> {
+    use sdtune::kernel::spec;
+    match (a.command, a.connection_file) {
+        (Some(KernelCommand::Install(w)), _) => {
+            let dir = spec::install(&w.location())?;
+            println!("installed the kernelspec `{}` in {}", spec::NAME, dir.display());
+        }
+        (Some(KernelCommand::Uninstall(w)), _) => {
+            let dir = spec::uninstall(&w.location())?;
+            println!("removed the kernelspec `{}` from {}", spec::NAME, dir.display());
+        }
+        (None, Some(f)) => sdtune::kernel::run(&f)?,
+        (None, None) => {
+            anyhow::bail!("sdtune kernel needs --connection-file FILE (Jupyter passes it), or `install` / `uninstall`")
+        }
+    }
+    Ok(())
 }
 
 #[derive(Subcommand)]
@@ -286,7 +351,8 @@ fn train(args: Vec<String>) -> anyhow::Result<()> {
             .progress_chars("=> "),
     );
     bar.set_position(trainer.step as u64);
-    trainer.run(&mut |t, loss| {
+    trainer.run(&mut |t, event| {
+        let sdtune::train::Event::Step(loss) = event else { return };
         let avg = t.losses.iter().rev().take(100).sum::<f64>() / t.losses.len().clamp(1, 100) as f64;
         bar.set_message(format!("epoch {}/{} loss {loss:.4} avg {avg:.4}", t.epoch + 1, t.epochs));
         bar.set_position(t.step as u64);
@@ -328,6 +394,7 @@ fn main() -> ExitCode {
         Command::Train { args } => train(args).map_err(|e| format!("{e:#}")),
         Command::Dataset { command: DatasetCommand::Inspect(a) } => inspect(a).map_err(|e| format!("{e:#}")),
         Command::Import { command } => import(command).map_err(|e| format!("{e:#}")),
+        Command::Kernel(a) => kernel(a).map_err(|e| format!("{e:#}")),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

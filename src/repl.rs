@@ -24,28 +24,37 @@ pub fn history_path() -> Option<PathBuf> {
 }
 
 /// What Tab offers: function and method names, and option keys (completed inside `#{ ... }`).
-struct Completions {
+pub struct Completions {
     functions: Vec<String>,
     keys: Vec<String>,
+}
+
+impl Completions {
+    /// The start (byte offset) of the word before the cursor and its completions; `variables` are offered with
+    /// the functions.
+    pub fn candidates(&self, before: &str, variables: &[String]) -> (usize, Vec<String>) {
+        let start = before.rfind(|c: char| !(c.is_alphanumeric() || c == '_')).map_or(0, |i| i + 1);
+        let word = &before[start..];
+        // inside an open `#{`: option keys; otherwise functions, methods and variables
+        let in_map = before.rfind("#{").is_some_and(|i| !before[i..].contains('}'));
+        let pool: Vec<&String> = if in_map && !before[..start].ends_with('.') {
+            self.keys.iter().collect()
+        } else {
+            self.functions.iter().chain(variables).collect()
+        };
+        let mut out: Vec<String> = pool.into_iter().filter(|n| n.starts_with(word)).cloned().collect();
+        out.sort();
+        out.dedup();
+        (start, out)
+    }
 }
 
 impl Completer for Completions {
     type Candidate = Pair;
 
     fn complete(&self, line: &str, pos: usize, _: &Context<'_>) -> rustyline::Result<(usize, Vec<Pair>)> {
-        let before = &line[..pos];
-        let start = before.rfind(|c: char| !(c.is_alphanumeric() || c == '_')).map_or(0, |i| i + 1);
-        let word = &before[start..];
-        // inside an open `#{`: option keys; otherwise functions and methods
-        let in_map = before.rfind("#{").is_some_and(|i| !before[i..].contains('}'));
-        let pool = if in_map && !before[..start].ends_with('.') { &self.keys } else { &self.functions };
-        let mut out: Vec<Pair> = pool
-            .iter()
-            .filter(|n| n.starts_with(word))
-            .map(|n| Pair { display: n.clone(), replacement: n.clone() })
-            .collect();
-        out.dedup_by(|a, b| a.replacement == b.replacement);
-        Ok((start, out))
+        let (start, names) = self.candidates(&line[..pos], &[]);
+        Ok((start, names.into_iter().map(|n| Pair { display: n.clone(), replacement: n }).collect()))
     }
 }
 
@@ -93,7 +102,7 @@ pub fn incomplete(src: &str) -> bool {
 }
 
 /// The names Tab completes.
-fn completions(engine: &Engine) -> Completions {
+pub fn completions(engine: &Engine) -> Completions {
     let mut functions: Vec<String> = engine
         .gen_fn_signatures(false)
         .into_iter()
@@ -118,13 +127,57 @@ fn completions(engine: &Engine) -> Completions {
 }
 
 /// A value as the REPL echoes it (the script's `to_debug`).
-fn echo(engine: &Engine, scope: &mut Scope, v: Dynamic) -> String {
+pub fn echo(engine: &Engine, scope: &mut Scope, v: Dynamic) -> String {
     let n = scope.len();
     scope.push("__sdtune_repl_value", v.clone());
     let text =
         engine.eval_with_scope::<String>(scope, "to_debug(__sdtune_repl_value)").unwrap_or_else(|_| format!("{v:?}"));
     scope.rewind(n);
     text
+}
+
+/// Why an input failed.
+#[derive(Debug, PartialEq)]
+pub enum Failure {
+    /// It does not parse.
+    Syntax(String),
+    /// It stopped with an error.
+    Error(String),
+    /// An interrupt stopped it.
+    Interrupted(String),
+}
+
+impl Failure {
+    /// The message (with the position).
+    pub fn message(&self) -> &str {
+        match self {
+            Failure::Syntax(m) | Failure::Error(m) | Failure::Interrupted(m) => m,
+        }
+    }
+}
+
+/// Runs one input named `name` in errors; the functions it defines are kept in `functions`.
+pub fn eval_value(
+    engine: &Engine,
+    scope: &mut Scope,
+    functions: &mut AST,
+    src: &str,
+    name: &str,
+) -> std::result::Result<Dynamic, Failure> {
+    let ast = engine.compile_with_scope(scope, src).map_err(|e| {
+        let at = crate::script::locate(name, e.1);
+        Failure::Syntax(format!("{at}: syntax error: {}", e.0))
+    })?;
+    *functions = functions.merge(&ast.clone_functions_only());
+    let full = functions.merge(&ast.clone_statements_only());
+    crate::interrupt::clear();
+    engine.eval_ast_with_scope::<Dynamic>(scope, &full).map_err(|e| {
+        let msg = crate::script::describe_eval(name, &e);
+        match *e {
+            rhai::EvalAltResult::ErrorTerminated(..) => Failure::Interrupted(msg),
+            _ => Failure::Error(msg),
+        }
+    })
 }
 
 /// Runs one input; returns the text to print (value or error).
@@ -134,12 +187,7 @@ pub fn eval(
     functions: &mut AST,
     src: &str,
 ) -> std::result::Result<Option<String>, String> {
-    let ast = engine.compile_with_scope(scope, src).map_err(|e| format!("syntax error: {e}"))?;
-    *functions = functions.merge(&ast.clone_functions_only());
-    let full = functions.merge(&ast.clone_statements_only());
-    crate::interrupt::clear();
-    let v =
-        engine.eval_ast_with_scope::<Dynamic>(scope, &full).map_err(|e| crate::script::describe_eval("repl", &e))?;
+    let v = eval_value(engine, scope, functions, src, "repl").map_err(|f| f.message().to_string())?;
     Ok((!v.is_unit()).then(|| echo(engine, scope, v)))
 }
 

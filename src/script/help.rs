@@ -40,6 +40,11 @@ fn entry(name: &str) -> Option<&'static (&'static str, &'static str, &'static st
     ENTRIES.iter().find(|(n, _, _)| *n == name)
 }
 
+/// The help text of a function or object type, if it has one.
+pub fn lookup(name: &str) -> Option<String> {
+    entry(name).map(|_| describe(name))
+}
+
 fn describe(name: &str) -> String {
     match entry(name) {
         Some((n, forms, what)) => {

@@ -30,12 +30,20 @@ pub fn engine() -> Engine {
     plot_api::register(&mut engine);
     engine.register_fn("show", |x: Dynamic| errors::rt(show(x)));
     help::register(&mut engine);
+    // `debug(x)` writes to stderr, with where it was called
+    engine.on_debug(|text, source, pos| eprintln!("{}: {text}", locate(source.unwrap_or("script"), pos)));
     let resolver = module_resolver(&engine);
     engine.set_module_resolver(resolver);
-    // Ctrl-C stops a running script at its next operation (a training loop stops first, saving its state)
-    engine.on_progress(|_| crate::interrupt::take().then(|| Dynamic::from("interrupted (Ctrl-C)")));
+    // Ctrl-C stops a running script at its next operation (a training loop stops first, saving its state);
+    // an abort ends the script even after a training consumed the request
+    engine.on_progress(|_| {
+        (crate::interrupt::take() || crate::interrupt::aborting()).then(|| Dynamic::from(INTERRUPTED))
+    });
     engine
 }
+
+/// The message of a script stopped by an interrupt.
+pub const INTERRUPTED: &str = "interrupted";
 
 /// The bundled Rhai modules (`stdlib/`), importable by name from any folder.
 pub const STDLIB: &[(&str, &str)] = &[("lora", include_str!("../../stdlib/lora.rhai"))];
@@ -94,33 +102,27 @@ pub fn option_keys() -> Vec<String> {
     ["train", "lora", "dataset", "load_model", "Model"].iter().flat_map(|f| option_keys_of(f)).collect()
 }
 
-/// `show(x)`: an image tensor is saved as a PNG in a temporary folder and its path printed; anything else is printed.
-fn show(x: Dynamic) -> anyhow::Result<()> {
+/// The image a value shows as: an Image, a Plot (800×450) or an image tensor (`[1, 3, H, W]` in [-1, 1]).
+/// Anything else (a tensor of another shape included) is `None`.
+pub fn as_image(x: &Dynamic) -> anyhow::Result<Option<crate::io::png::Image>> {
     if let Some(img) = x.clone().try_cast::<crate::io::png::Image>() {
-        return show_image(&img);
+        return Ok(Some(img));
     }
     if let Some(p) = x.clone().try_cast::<crate::io::plot::Plot>() {
-        return show_image(&p.image(800, 450)?);
+        return Ok(Some(p.image(800, 450)?));
     }
-    if let Some(t) = x.clone().try_cast::<candle_core::Tensor>() {
-        if let Ok(img) = crate::io::png::Image::from_tensor(&t) {
-            return show_image(&img);
-        }
-    }
-    println!("{x}");
-    Ok(())
+    Ok(x.clone().try_cast::<candle_core::Tensor>().and_then(|t| crate::io::png::Image::from_tensor(&t).ok()))
 }
 
-/// Saves an image to the session's temporary folder and prints the path (the terminal's display).
-fn show_image(img: &crate::io::png::Image) -> anyhow::Result<()> {
-    static COUNT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let dir = std::env::temp_dir().join(format!("sdtune-show-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let n = COUNT.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    let path = dir.join(format!("show-{n:03}.png"));
-    img.save(&path)?;
-    println!("{}", path.display());
-    Ok(())
+/// `show(x)`: images, plots and image tensors go to the display; anything else is printed.
+fn show(x: Dynamic) -> anyhow::Result<()> {
+    match as_image(&x)? {
+        Some(img) => crate::display::image(&img),
+        None => {
+            println!("{x}");
+            Ok(())
+        }
+    }
 }
 
 /// Runs a script file with `ARGS`; the error is one line naming the file, the script position and the cause.

@@ -37,22 +37,6 @@ fn lora(model: &Model, opts: &Map) -> Result<NetworkRef> {
     Ok(Arc::new(Network::create(model, &o.config()?, o.seed.unwrap_or(0))?))
 }
 
-fn progress_line(tr: &Trainer, loss: f64, started: &std::time::Instant) {
-    let every = tr.cfg.log_every_n_steps;
-    if every == 0 || (tr.step % every != 0 && tr.step != tr.total_steps) {
-        return;
-    }
-    let avg = tr.losses.iter().rev().take(100).sum::<f64>() / tr.losses.len().clamp(1, 100) as f64;
-    let rate = tr.step as f64 / started.elapsed().as_secs_f64().max(1e-9);
-    let eta = (tr.total_steps - tr.step) as f64 / rate.max(1e-9);
-    eprintln!(
-        "step {}/{} epoch {} loss {loss:.4} avg {avg:.4} {rate:.2} it/s ETA {eta:.0}s",
-        tr.step,
-        tr.total_steps,
-        tr.epoch + 1
-    );
-}
-
 /// Splits `train` options into objects (model, network, dataset), optimizer / scheduler maps and loop options.
 fn make_trainer(opts: &Map) -> Result<Trainer> {
     let mut flat = Map::new();
@@ -142,9 +126,33 @@ fn network_json(n: &Network) -> Value {
 }
 
 fn run_trainer(tr: TrainerRef) -> Result<Run> {
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let id = format!("sdtune-train-{}-{}", std::process::id(), CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst));
     let started = std::time::Instant::now();
     let mut t = tr.lock().map_err(|_| anyhow::anyhow!("the trainer is in use"))?;
-    t.run(&mut |t, loss| progress_line(t, loss, &started))?;
+    let first_step = t.step;
+    let mut samples: Vec<std::path::PathBuf> = Vec::new();
+    let view = |t: &Trainer, samples: &[std::path::PathBuf], done: bool| {
+        crate::display::training(&crate::display::TrainView {
+            id: &id,
+            step: t.step,
+            total_steps: t.total_steps,
+            epoch: t.epoch + 1,
+            losses: &t.losses,
+            rate: (t.step - first_step) as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            samples,
+            log_every: t.cfg.log_every_n_steps,
+            done,
+        })
+    };
+    let result = t.run(&mut |t, event| {
+        if let crate::train::Event::Sampled(paths) = event {
+            samples = paths.to_vec();
+        }
+        view(t, &samples, false)
+    });
+    view(&t, &samples, true);
+    result?;
     if t.stopped {
         eprintln!("stopped at step {}: state saved to {}", t.step, t.state_dir().display());
     }

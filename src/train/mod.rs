@@ -10,4 +10,4 @@ pub mod scaler;
 pub mod state;
 pub mod trainer;
 
-pub use trainer::{Batch, Trainer};
+pub use trainer::{Batch, Event, Trainer};

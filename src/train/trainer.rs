@@ -36,6 +36,14 @@ pub struct Batch {
     pub timesteps: Option<Tensor>,
 }
 
+/// What a running training reports to its caller.
+pub enum Event<'a> {
+    /// An optimizer step was made, with this loss.
+    Step(f64),
+    /// Sample images were written (the prompt file's images, in order).
+    Sampled(&'a [PathBuf]),
+}
+
 /// A running (or resumable) training.
 pub struct Trainer {
     pub model: Arc<StableDiffusion>,
@@ -463,12 +471,13 @@ impl Trainer {
         plan
     }
 
-    /// Runs to the end (or until `stop`), saving as configured; `on_step(trainer, loss)` sees every optimizer step.
-    pub fn run(&mut self, on_step: &mut dyn FnMut(&Trainer, f64)) -> Result<()> {
+    /// Runs to the end (or until `stop`), saving as configured; `on_event` sees every optimizer step and every
+    /// set of sample images.
+    pub fn run(&mut self, on_event: &mut dyn FnMut(&Trainer, Event)) -> Result<()> {
         self.stopped = false;
         self.prepare_output()?;
         if self.cfg.sample_at_first && self.step == 0 {
-            self.sample_images()?;
+            self.sample_images(on_event)?;
         }
         while self.epoch < self.epochs && self.step < self.total_steps {
             let plan = self.epoch_plan(self.epoch);
@@ -488,7 +497,7 @@ impl Trainer {
                 self.batch_in_epoch += 1;
                 if self.step > before {
                     self.log_metrics(loss)?;
-                    on_step(self, loss);
+                    on_event(self, Event::Step(loss));
                     if self.cfg.save_every_n_steps.is_some_and(|n| n > 0 && self.step % n == 0) {
                         self.save_network(&format!("{}-step{:08}", self.cfg.output_name, self.step))?;
                         self.prune(true)?;
@@ -496,7 +505,7 @@ impl Trainer {
                     if self.cfg.sample_every_n_steps.is_some_and(|n| n > 0 && self.step % n == 0)
                         && self.cfg.sample_every_n_epochs.is_none()
                     {
-                        self.sample_images()?;
+                        self.sample_images(on_event)?;
                     }
                 }
             }
@@ -512,7 +521,7 @@ impl Trainer {
                 self.prune(false)?;
             }
             if self.cfg.sample_every_n_epochs.is_some_and(|n| n > 0 && self.epoch % n == 0) {
-                self.sample_images()?;
+                self.sample_images(on_event)?;
             }
         }
         self.save_network(&self.cfg.output_name.clone())?;
@@ -694,7 +703,7 @@ impl Trainer {
         Ok(())
     }
 
-    fn sample_images(&self) -> Result<()> {
+    fn sample_images(&self, on_event: &mut dyn FnMut(&Trainer, Event)) -> Result<()> {
         let Some(prompts) = &self.cfg.sample_prompts else { return Ok(()) };
         let out = self.output_dir().join("sample");
         let defaults = crate::sample::SampleOptions {
@@ -706,7 +715,9 @@ impl Trainer {
         let res =
             self.data.as_ref().and_then(|d| d.datasets.first()).map(|d| d.cfg.buckets.resolution).unwrap_or((512, 512));
         let defaults = crate::sample::SampleOptions { width: res.0, height: res.1, ..defaults };
-        crate::sample::batch::sample_prompt_file(&self.model, prompts, &defaults, &out, &mut |_, _, _, _| {})?;
+        let written =
+            crate::sample::batch::sample_prompt_file(&self.model, prompts, &defaults, &out, &mut |_, _, _, _| {})?;
+        on_event(self, Event::Sampled(&written));
         Ok(())
     }
 

@@ -6,6 +6,7 @@ mod contract;
 mod datasets;
 mod gradients;
 mod import;
+mod kernel;
 mod networks;
 mod optimizers;
 mod parity;
