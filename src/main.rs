@@ -318,19 +318,20 @@ fn train(args: Vec<String>) -> anyhow::Result<()> {
         };
         if let Some(k) = flags.remove("kohya") {
             let path = std::path::PathBuf::from(k.as_str().ok_or_else(|| anyhow::anyhow!("--kohya needs a path"))?);
-            let imported = sdtune::import::kohya(&path)?;
+            let mut imported = sdtune::import::kohya(&path)?;
             for line in imported.report.lines() {
                 eprintln!("{line}");
             }
             imported.report.check_runnable(&path)?;
+            let out = flags
+                .get("output_dir")
+                .or(flat.get("output_dir"))
+                .or(imported.options.get("output_dir"))
+                .and_then(|v| v.as_str())
+                .unwrap_or(".")
+                .to_string();
+            imported.write_prompts(&std::path::Path::new(&out).join("sample_prompts.txt"), false)?;
             flat.extend(imported.options);
-            if let Some(text) = imported.prompts {
-                let out = flags.get("output_dir").or(flat.get("output_dir")).and_then(|v| v.as_str()).unwrap_or(".");
-                let file = std::path::Path::new(out).join("sample_prompts.txt");
-                std::fs::create_dir_all(out)?;
-                sdtune::io::tensors::write_atomic(&file, |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))?;
-                flat.insert("sample_prompts".into(), file.display().to_string().into());
-            }
         }
         flat.extend(flags);
         let (recipe, notes) = sdtune::train::build::recipe_from_flat(flat)?;
@@ -412,7 +413,7 @@ fn import(command: ImportCommand) -> anyhow::Result<()> {
         ImportCommand::Kohya(a) => (a, "kohya"),
         ImportCommand::SdScripts(a) => (a, "sd-scripts"),
     };
-    let imported = if kind == "kohya" { import::kohya(&args.config)? } else { import::sd_scripts(&args.config)? };
+    let mut imported = if kind == "kohya" { import::kohya(&args.config)? } else { import::sd_scripts(&args.config)? };
     for line in imported.report.lines() {
         eprintln!("{line}");
     }
@@ -426,14 +427,8 @@ fn import(command: ImportCommand) -> anyhow::Result<()> {
         Ok(())
     };
     refuse(&out)?;
-    let mut options = imported.options;
-    if let Some(text) = &imported.prompts {
-        let file = out.with_extension("prompts.txt");
-        refuse(&file)?;
-        sdtune::io::tensors::write_atomic(&file, |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))?;
-        options.insert("sample_prompts".into(), file.display().to_string().into());
-    }
-    let (recipe, notes) = sdtune::train::build::recipe_from_flat(options)?;
+    imported.write_prompts(&out.with_extension("prompts.txt"), args.force)?;
+    let (recipe, notes) = sdtune::train::build::recipe_from_flat(imported.options)?;
     let mut report = imported.report;
     for n in notes {
         let (k, why) = n.split_once(": ").unwrap_or(("", n.as_str()));

@@ -312,6 +312,20 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// GUI keys passed on as `network_args` (`key=value`) when present.
+const NETWORK_ARGS: [&str; 10] = [
+    "down_lr_weight",
+    "mid_lr_weight",
+    "up_lr_weight",
+    "block_lr_zero_threshold",
+    "block_dims",
+    "block_alphas",
+    "conv_block_dims",
+    "conv_block_alphas",
+    "rank_dropout",
+    "module_dropout",
+];
+
 /// Translates a kohya_ss GUI config to sd-scripts options; the sample prompts the GUI keeps as text come back
 /// separately (sd-scripts reads them from a file).
 pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Report, Option<String>)> {
@@ -364,18 +378,7 @@ pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Re
             }
         }
     }
-    for k in [
-        "down_lr_weight",
-        "mid_lr_weight",
-        "up_lr_weight",
-        "block_lr_zero_threshold",
-        "block_dims",
-        "block_alphas",
-        "conv_block_dims",
-        "conv_block_alphas",
-        "rank_dropout",
-        "module_dropout",
-    ] {
+    for k in NETWORK_ARGS {
         if let Some(v) = get(k) {
             network_args.push(format!("{k}={}", text(v)));
         }
@@ -434,16 +437,7 @@ fn special(
                 report.ignored(key, "used only by LoRA_type Kohya LoCon");
             }
         }
-        "rank_dropout"
-        | "module_dropout"
-        | "block_dims"
-        | "block_alphas"
-        | "conv_block_dims"
-        | "conv_block_alphas"
-        | "down_lr_weight"
-        | "mid_lr_weight"
-        | "up_lr_weight"
-        | "block_lr_zero_threshold" => {}
+        k if NETWORK_ARGS.contains(&k) => {}
         "max_token_length" => {
             if present && num(key) > 75.0 {
                 report.unsupported(key, "prompts longer than 75 tokens in training are not supported yet");

@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use std::path::Path;
 
 /// How a key fared.
-#[derive(Clone, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Outcome {
     /// Taken over, with a remark.
     Note,
@@ -39,34 +39,22 @@ impl Report {
         self.entries.push((key.into(), Outcome::Unsupported, why.into()));
     }
 
-    /// The keys that block running the config.
-    pub fn unsupported_keys(&self) -> Vec<&str> {
-        self.entries.iter().filter(|(_, o, _)| *o == Outcome::Unsupported).map(|(k, _, _)| k.as_str()).collect()
+    /// `(key, why)` of the entries with outcome `want`, in order.
+    fn of(&self, want: Outcome) -> impl Iterator<Item = (&str, &str)> {
+        self.entries.iter().filter(move |(_, o, _)| *o == want).map(|(k, _, why)| (k.as_str(), why.as_str()))
     }
 
     /// One line per entry, unsupported first.
     pub fn lines(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (want, label) in
-            [(Outcome::Unsupported, "not supported"), (Outcome::Ignored, "not carried over"), (Outcome::Note, "note")]
-        {
-            for (k, o, why) in &self.entries {
-                if *o == want {
-                    out.push(format!("{label}: {k}: {why}"));
-                }
-            }
-        }
-        out
+        [(Outcome::Unsupported, "not supported"), (Outcome::Ignored, "not carried over"), (Outcome::Note, "note")]
+            .into_iter()
+            .flat_map(|(want, label)| self.of(want).map(move |(k, why)| format!("{label}: {k}: {why}")))
+            .collect()
     }
 
     /// An error listing the unsupported keys, if any.
     pub fn check_runnable(&self, source: &Path) -> Result<()> {
-        let bad: Vec<String> = self
-            .entries
-            .iter()
-            .filter(|(_, o, _)| *o == Outcome::Unsupported)
-            .map(|(k, _, why)| format!("  {k}: {why}"))
-            .collect();
+        let bad: Vec<String> = self.of(Outcome::Unsupported).map(|(k, why)| format!("  {k}: {why}")).collect();
         if !bad.is_empty() {
             bail!("{}: cannot run as given:\n{}", source.display(), bad.join("\n"));
         }
@@ -155,6 +143,23 @@ pub struct Imported {
     pub prompts: Option<String>,
 }
 
+impl Imported {
+    /// Writes the config's sample prompts (if it has any) to `file` and points `sample_prompts` at it. An existing
+    /// file with the same text is reused; with other text it is replaced only when `force` is given.
+    pub fn write_prompts(&mut self, file: &Path, force: bool) -> Result<()> {
+        let Some(text) = &self.prompts else { return Ok(()) };
+        if file.exists() && !force && std::fs::read_to_string(file).ok().as_deref() != Some(text.as_str()) {
+            bail!("{}: already exists with other prompts; remove it, or choose another output", file.display());
+        }
+        if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create the folder", dir.display()))?;
+        }
+        crate::io::tensors::write_atomic(file, |f| Ok(std::io::Write::write_all(f, text.as_bytes())?))?;
+        self.options.insert("sample_prompts".into(), file.display().to_string().into());
+        Ok(())
+    }
+}
+
 /// The options that name files or folders.
 const PATH_KEYS: &[&str] =
     &["pretrained_model_name_or_path", "train_data_dir", "reg_data_dir", "dataset_config", "network_weights", "vae"];
@@ -217,4 +222,27 @@ pub fn sd_scripts(path: &Path) -> Result<Imported> {
     };
     check_paths(&options, &mut report);
     Ok(Imported { options, report, prompts: None })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompts_are_written_once_and_never_replace_other_text_unasked() {
+        let dir = std::env::temp_dir().join(format!("sdtune-prompts-{}", std::process::id()));
+        let file = dir.join("sub/sample_prompts.txt");
+        let mut imp = Imported { options: Map::new(), report: Report::default(), prompts: Some("a cat".into()) };
+        imp.write_prompts(&file, false).unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "a cat");
+        assert_eq!(imp.options["sample_prompts"], file.display().to_string());
+        imp.write_prompts(&file, false).unwrap(); // the same text: reused
+        std::fs::write(&file, "the user's own prompts").unwrap();
+        let err = imp.write_prompts(&file, false).unwrap_err().to_string();
+        assert!(err.contains("sample_prompts.txt") && err.contains("already exists"), "{err}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "the user's own prompts");
+        imp.write_prompts(&file, true).unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "a cat");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

@@ -29,7 +29,6 @@ pub fn save(tr: &Trainer, dir: &Path) -> Result<()> {
         "step": tr.step,
         "epoch": tr.epoch,
         "batch_in_epoch": tr.batch_in_epoch,
-        "optimizer_steps": o.step_count,
         "optimizer_scalars": o.scalars,
         "optimizer_param_steps": o.param_steps,
         "loss_scaler": tr.scaler.as_ref().map(|s| serde_json::json!({
@@ -88,8 +87,6 @@ pub fn load_into(tr: &mut Trainer, dir: &Path) -> Result<()> {
             }
         }
     }
-    let num = |k: &str| info.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
-    o.step_count = num("optimizer_steps");
     let scalars: Vec<f64> = info
         .get("optimizer_scalars")
         .and_then(|v| v.as_array())
@@ -117,6 +114,7 @@ pub fn load_into(tr: &mut Trainer, dir: &Path) -> Result<()> {
         s.good_steps = n("good_steps") as usize;
         s.skipped = n("skipped") as usize;
     }
+    let num = |k: &str| info.get(k).and_then(|v| v.as_u64()).unwrap_or(0) as usize;
     tr.step = num("step");
     tr.epoch = num("epoch");
     tr.batch_in_epoch = num("batch_in_epoch");

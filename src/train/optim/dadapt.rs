@@ -74,6 +74,48 @@ fn bias_correction(on: bool, (b1, b2): (f64, f64), k: f64) -> f64 {
     }
 }
 
+/// The base LR and the step size d·lr (bias-corrected at step `k` when asked).
+fn step_size(groups: &[ParamGroup], multiplier: f64, d: f64, bias: (bool, (f64, f64)), k: f64) -> Result<(f64, f64)> {
+    let lr = one_lr(groups, multiplier)?;
+    Ok((lr, d * lr * bias_correction(bias.0, bias.1, k)))
+}
+
+/// Each parameter's gradient with coupled (L2) weight decay added; `None` where it got no gradient.
+fn effective_grads(groups: &[ParamGroup], grads: &[Vec<Option<Tensor>>], l2: f64) -> Result<Vec<Vec<Option<Tensor>>>> {
+    let mut out = Vec::with_capacity(groups.len());
+    for (group, gs) in groups.iter().zip(grads) {
+        let mut row = Vec::with_capacity(gs.len());
+        for (p, g) in group.params.iter().zip(gs) {
+            row.push(match g {
+                Some(g) if l2 != 0.0 => Some((g + (p.as_tensor() * l2)?)?),
+                g => g.clone(),
+            });
+        }
+        out.push(row);
+    }
+    Ok(out)
+}
+
+/// Sets every parameter that has a gradient to `w − decoupled·w − step(gi, pi, g)`.
+fn apply(
+    groups: &[ParamGroup],
+    grads: &[Vec<Option<Tensor>>],
+    decoupled: f64,
+    step: impl Fn(usize, usize, &Tensor) -> Result<Tensor>,
+) -> Result<()> {
+    for (gi, group) in groups.iter().enumerate() {
+        for (pi, p) in group.params.iter().enumerate() {
+            let Some(g) = &grads[gi][pi] else { continue };
+            let mut w = p.as_tensor().clone();
+            if decoupled != 0.0 {
+                w = (&w + (&w * (-decoupled))?)?;
+            }
+            p.set(&(w - step(gi, pi, g)?)?)?;
+        }
+    }
+    Ok(())
+}
+
 impl Prodigy {
     pub fn from_args(a: &Args) -> Result<Self> {
         Ok(Self {
@@ -106,36 +148,23 @@ impl Prodigy {
         let (mut d, mut d_max, d_numerator, k) = (scalars[0], scalars[1], scalars[2], scalars[3]);
         let (b1, b2) = self.betas;
         let beta3 = self.beta3.unwrap_or(b2.sqrt());
-        let lr = one_lr(groups, multiplier)?;
-        let dlr = d * lr * bias_correction(self.use_bias_correction, self.betas, k);
+        let (lr, dlr) = step_size(groups, multiplier, d, (self.use_bias_correction, self.betas), k)?;
         let d_numerator = d_numerator * beta3;
+        let grads = effective_grads(groups, grads, if self.decouple { 0.0 } else { self.weight_decay })?;
         let (mut delta_numerator, mut d_denom) = (0.0, 0.0);
-        let mut used = Vec::new();
-        for (gi, group) in groups.iter().enumerate() {
-            let mut gs = Vec::new();
+        for (gi, group) in groups.iter().enumerate().filter(|(_, g)| g.lr * multiplier > 0.0) {
             for (pi, p) in group.params.iter().enumerate() {
-                let w = p.as_tensor();
-                let Some(mut g) = grads[gi][pi].clone() else {
-                    gs.push(None);
-                    continue;
-                };
-                if self.weight_decay != 0.0 && !self.decouple {
-                    g = (g + (w * self.weight_decay)?)?;
+                let Some(g) = &grads[gi][pi] else { continue };
+                let st = &mut state[gi][pi];
+                delta_numerator += (d / self.d0) * dlr * dot(g, &(&st[1] - p.as_tensor())?)?;
+                if b1 > 0.0 {
+                    st[2] = ((&st[2] * b1)? + (g * (d * (1.0 - b1)))?)?;
                 }
-                if group.lr * multiplier > 0.0 {
-                    let st = &mut state[gi][pi];
-                    delta_numerator += (d / self.d0) * dlr * dot(&g, &(&st[1] - w)?)?;
-                    if b1 > 0.0 {
-                        st[2] = ((&st[2] * b1)? + (&g * (d * (1.0 - b1)))?)?;
-                    }
-                    st[3] = ((&st[3] * b2)? + (g.sqr()? * (d * d * (1.0 - b2)))?)?;
-                    let s_rate = if self.safeguard_warmup { (d / self.d0) * d } else { (d / self.d0) * dlr };
-                    st[0] = ((&st[0] * beta3)? + (&g * s_rate)?)?;
-                    d_denom += abs_sum(&st[0])?;
-                }
-                gs.push(Some(g));
+                st[3] = ((&st[3] * b2)? + (g.sqr()? * (d * d * (1.0 - b2)))?)?;
+                let s_rate = if self.safeguard_warmup { (d / self.d0) * d } else { (d / self.d0) * dlr };
+                st[0] = ((&st[0] * beta3)? + (g * s_rate)?)?;
+                d_denom += abs_sum(&st[0])?;
             }
-            used.push(gs);
         }
         if d_denom == 0.0 {
             return Ok(());
@@ -150,20 +179,12 @@ impl Prodigy {
             d = d_max.min(d * self.growth_rate);
         }
         scalars.copy_from_slice(&[d, d_max, numerator, k + 1.0]);
-        for (gi, group) in groups.iter().enumerate() {
-            for (pi, p) in group.params.iter().enumerate() {
-                let Some(g) = &used[gi][pi] else { continue };
-                let st = &state[gi][pi];
-                let denom = (st[3].sqrt()? + d * self.eps)?;
-                let mut w = p.as_tensor().clone();
-                if self.weight_decay != 0.0 && self.decouple {
-                    w = (&w + (&w * (-self.weight_decay * dlr))?)?;
-                }
-                let step = if b1 > 0.0 { (st[2].div(&denom)? * dlr)? } else { (g.div(&denom)? * (dlr * d))? };
-                p.set(&(w - step)?)?;
-            }
-        }
-        Ok(())
+        let decoupled = if self.decouple { self.weight_decay * dlr } else { 0.0 };
+        apply(groups, &grads, decoupled, |gi, pi, g| {
+            let st = &state[gi][pi];
+            let denom = (st[3].sqrt()? + d * self.eps)?;
+            Ok(if b1 > 0.0 { (st[2].div(&denom)? * dlr)? } else { (g.div(&denom)? * (dlr * d))? })
+        })
     }
 }
 
@@ -195,26 +216,20 @@ impl DAdaptAdam {
     ) -> Result<()> {
         let (mut d, numerator_weighted, k) = (scalars[0], scalars[1], scalars[2]);
         let (b1, b2) = self.betas;
-        let lr = one_lr(groups, multiplier)?;
-        let dlr = d * lr * bias_correction(self.use_bias_correction, self.betas, k);
+        let (lr, dlr) = step_size(groups, multiplier, d, (self.use_bias_correction, self.betas), k)?;
         let sqrt_beta2 = b2.sqrt();
+        let grads = effective_grads(groups, grads, if self.decouple { 0.0 } else { self.weight_decay })?;
         let (mut numerator_acum, mut sk_l1) = (0.0, 0.0);
-        for (gi, group) in groups.iter().enumerate() {
-            for (pi, p) in group.params.iter().enumerate() {
-                let w = p.as_tensor();
-                let Some(mut g) = grads[gi][pi].clone() else { continue };
-                if self.weight_decay != 0.0 && !self.decouple {
-                    g = (g + (w * self.weight_decay)?)?;
-                }
-                if group.lr * multiplier > 0.0 {
-                    let st = &mut state[gi][pi];
-                    let denom = (st[2].sqrt()? + self.eps)?;
-                    numerator_acum += dlr * dot(&g, &st[0].div(&denom)?)?;
-                    st[1] = ((&st[1] * b1)? + (&g * (dlr * (1.0 - b1)))?)?;
-                    st[2] = ((&st[2] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-                    st[0] = ((&st[0] * sqrt_beta2)? + (&g * (dlr * (1.0 - sqrt_beta2)))?)?;
-                    sk_l1 += abs_sum(&st[0])?;
-                }
+        for (gi, group) in groups.iter().enumerate().filter(|(_, g)| g.lr * multiplier > 0.0) {
+            for pi in 0..group.params.len() {
+                let Some(g) = &grads[gi][pi] else { continue };
+                let st = &mut state[gi][pi];
+                let denom = (st[2].sqrt()? + self.eps)?;
+                numerator_acum += dlr * dot(g, &st[0].div(&denom)?)?;
+                st[1] = ((&st[1] * b1)? + (g * (dlr * (1.0 - b1)))?)?;
+                st[2] = ((&st[2] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+                st[0] = ((&st[0] * sqrt_beta2)? + (g * (dlr * (1.0 - sqrt_beta2)))?)?;
+                sk_l1 += abs_sum(&st[0])?;
             }
         }
         let numerator_weighted = sqrt_beta2 * numerator_weighted + (1.0 - sqrt_beta2) * numerator_acum;
@@ -226,20 +241,10 @@ impl DAdaptAdam {
             d = d.max(d_hat.min(d * self.growth_rate));
         }
         scalars.copy_from_slice(&[d, numerator_weighted, k + 1.0]);
-        for (gi, group) in groups.iter().enumerate() {
-            for (pi, p) in group.params.iter().enumerate() {
-                if grads[gi][pi].is_none() {
-                    continue;
-                }
-                let st = &state[gi][pi];
-                let denom = (st[2].sqrt()? + self.eps)?;
-                let mut w = p.as_tensor().clone();
-                if self.weight_decay != 0.0 && self.decouple {
-                    w = (&w + (&w * (-self.weight_decay * dlr))?)?;
-                }
-                p.set(&(w - st[1].div(&denom)?)?)?;
-            }
-        }
-        Ok(())
+        let decoupled = if self.decouple { self.weight_decay * dlr } else { 0.0 };
+        apply(groups, &grads, decoupled, |gi, pi, _| {
+            let st = &state[gi][pi];
+            Ok(st[1].div(&(st[2].sqrt()? + self.eps)?)?)
+        })
     }
 }

@@ -267,7 +267,6 @@ fn py_literal(v: &str) -> String {
 pub struct Optimizer {
     pub kind: Kind,
     pub groups: Vec<ParamGroup>,
-    pub step_count: usize,
     /// Per group, per parameter: the state tensors of the update rule.
     pub state: Vec<Vec<Vec<Tensor>>>,
     /// Per group, per parameter: the updates it received (a parameter without a gradient in a step is skipped,
@@ -307,7 +306,7 @@ impl Optimizer {
             dadapt::one_lr(&groups, 1.0)?;
         }
         let param_steps = groups.iter().map(|g| vec![0; g.params.len()]).collect();
-        Ok(Self { kind, groups, step_count: 0, state, scalars, param_steps })
+        Ok(Self { kind, groups, state, scalars, param_steps })
     }
 
     /// One update with each group's lr × `lr_multiplier` (from the LR scheduler). Parameters without a gradient
@@ -322,7 +321,6 @@ impl Optimizer {
         if grads.iter().flatten().all(Option::is_none) {
             bail!("no parameter received a gradient: nothing the loss depends on is being trained");
         }
-        self.step_count += 1;
         let Self { kind, groups, state, scalars, param_steps, .. } = self;
         match kind {
             Kind::Prodigy(c) => return c.step(groups, state, scalars, &grads, lr_multiplier),
