@@ -1,0 +1,47 @@
+"""Prints the GPU check's table from the files scripts/gpu-check.sh wrote to a folder: torch.jsonl, sdtune.jsonl,
+mem-*.txt (nvidia-smi samples, MiB), mem-idle.txt and parity.rc.   usage: python3 benches/gpu/table.py FOLDER"""
+import json, os, sys
+
+d = sys.argv[1]
+
+
+def last_json(name):
+    try:
+        lines = [l for l in open(os.path.join(d, name)) if l.strip().startswith("{")]
+        return json.loads(lines[-1]) if lines else None
+    except OSError:
+        return None
+
+
+def peak_gib(name):
+    try:
+        idle = min(int(x) for x in open(os.path.join(d, "mem-idle.txt")) if x.strip())
+        used = [int(x) for x in open(os.path.join(d, name)) if x.strip().isdigit()]
+        return (max(used) - idle) / 1024 if used else None
+    except (OSError, ValueError):
+        return None
+
+
+t, s = last_json("torch.jsonl"), last_json("sdtune.jsonl")
+parity = open(os.path.join(d, "parity.rc")).read().strip() if os.path.exists(os.path.join(d, "parity.rc")) else "?"
+print()
+print(f"GPU: {(t or {}).get('device', '?')}; torch {(t or {}).get('torch', '?')}; sdtune {(s or {}).get('dtype', '?')}")
+print(f"parity on the GPU (benches/gpu/parity.rhai): {'passed' if parity == '0' else 'FAILED (rc ' + parity + ')'}")
+print("| SD 1.5-size UNet, batch 4, 64x64 latents, bf16 | sdtune ms | PyTorch ms | sdtune / PyTorch | sdtune TFLOP/s | PyTorch TFLOP/s |")
+print("|---|---|---|---|---|---|")
+flop = (t or {}).get("step_tflop")
+for key, label in [("step_ms", "LoRA training step (rank 16, UNet only, AdamW)"),
+                   ("forward_ms", "UNet forward (with the text encoder)"),
+                   ("sample20_ms", "20-step Euler sampling with CFG (UNet calls)")]:
+    a, b = (s or {}).get(key), (t or {}).get(key)
+    ratio = f"{a / b:.2f}" if a and b else "-"
+    tf = lambda ms: f"{flop / (ms / 1e3):.1f}" if (flop and ms and key == "step_ms") else "-"
+    ms = lambda x: f"{x:.1f}" if x is not None else "failed"
+    print(f"| {label} | {ms(a)} | {ms(b)} | {ratio} | {tf(a)} | {tf(b)} |")
+ps, pt = peak_gib("mem-sdtune.txt"), peak_gib("mem-torch.txt")
+fmt = lambda x: f"{x:.2f}" if x is not None else "-"
+print(f"| peak GPU memory, GiB (nvidia-smi, above idle) | {fmt(ps)} | {fmt(pt)} | "
+      f"{(f'{ps / pt:.2f}' if ps and pt else '-')} | | |")
+if t:
+    print(f"PyTorch: {t['step_tflop']:.2f} TFLOP per step (FlopCounterMode), max_memory_allocated {t['peak_allocated_gib']} GiB, "
+          f"{t['lora_params']} LoRA parameters")

@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The GPU machine's one check (no Rust, no network there): GPU parity on the tiny fixtures, then sdtune against
+# PyTorch on the same card and the same random SD 1.5-size weights (LoRA step, UNet forward, 20-step sampling);
+# prints a table last. Carry target/gpu (built here by scripts/build-cuda.sh). Finishes in under 8 minutes.
+# usage (on the GPU machine, from the repository root): bash scripts/gpu-check.sh
+set -u
+cd "$(dirname "$0")/.."
+R="${OUT:-/tmp/gpu-check}"
+mkdir -p "$R"
+exec > >(tee -a "$R/gpu-check.log") 2>&1
+echo "=== $(date -u +%FT%TZ) $(uname -srm)"
+nvidia-smi --query-gpu=name,compute_cap,driver_version,memory.total --format=csv || echo "nvidia-smi failed"
+
+# the CUDA 13 libraries: the torch install's wheels, the driver's folder, the system's
+LIBDIRS=""
+for lib in libcuda.so.1 libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libnvrtc.so.13; do
+  found=""
+  for d in /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/lib /opt/torch/.venv/lib/python3*/site-packages/nvidia/*/*/lib \
+           /usr/local/nvidia/lib64 /usr/local/cuda*/lib64 /usr/lib/x86_64-linux-gnu; do
+    [ -e "$d/$lib" ] && { found="$d"; break; }
+  done
+  [ -z "$found" ] && found="$(ldconfig -p 2>/dev/null | awk -v l="$lib" '$1==l {print $NF; exit}' | xargs -r dirname)"
+  echo "  $lib: ${found:-MISSING}"
+  [ -n "$found" ] && case ":$LIBDIRS:" in *":$found:"*) ;; *) LIBDIRS="$LIBDIRS:$found";; esac
+done
+export LD_LIBRARY_PATH="${LIBDIRS#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+PY=python3
+[ -x /opt/torch/.venv/bin/python3 ] && PY=/opt/torch/.venv/bin/python3
+
+BIN=/tmp/sdtune-cuda
+xz -dc target/gpu/sdtune.xz > "$BIN" && chmod +x "$BIN" || { echo "target/gpu/sdtune.xz missing: run scripts/build-cuda.sh first"; exit 2; }
+ldd "$BIN" | grep -E 'not found' && echo "DIAGNOSTIC: a library above is missing"
+$PY -m pip install --quiet --no-index --no-deps --target /tmp/site target/gpu/wheels/*.whl || echo "diffusers wheel not installed"
+
+nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits > "$R/mem-idle.txt" 2>/dev/null
+sample_memory() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 > "$R/$1" 2>/dev/null & echo $!; }
+
+echo "=== 1. parity on the GPU"
+timeout 150 "$BIN" run benches/gpu/parity.rhai cuda
+echo $? > "$R/parity.rc"
+
+echo "=== 2. PyTorch (and the shared random SD 1.5-size model)"
+m=$(sample_memory mem-torch.txt)
+timeout 240 $PY benches/gpu/torch_bench.py /tmp/sd15-random --steps 10 | tee "$R/torch.jsonl"
+kill "$m" 2>/dev/null
+
+echo "=== 3. sdtune"
+m=$(sample_memory mem-sdtune.txt)
+timeout 240 "$BIN" run benches/gpu/step.rhai /tmp/sd15-random cuda bf16 5 | tee "$R/sdtune.jsonl"
+echo "sdtune exit code ${PIPESTATUS[0]}"
+kill "$m" 2>/dev/null
+
+$PY benches/gpu/table.py "$R"
