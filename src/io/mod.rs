@@ -7,3 +7,4 @@ pub mod png;
 pub mod py;
 pub mod tensorboard;
 pub mod tensors;
+pub mod time;

@@ -199,29 +199,12 @@ pub fn base_metadata(
     m.insert("modelspec.title".into(), title.into());
     m.insert("modelspec.resolution".into(), format!("{}x{}", resolution.0, resolution.1));
     m.insert("modelspec.prediction_type".into(), if net.base.v_pred { "v" } else { "epsilon" }.into());
-    m.insert("modelspec.date".into(), iso_now());
+    m.insert("modelspec.date".into(), crate::io::time::iso8601(crate::io::time::now().as_secs() as i64));
     m.insert("modelspec.encoder_layer".into(), net.base.clip_skip.to_string());
     for (k, v) in extra {
         m.insert(k.clone(), v.clone());
     }
     m
-}
-
-fn iso_now() -> String {
-    let secs =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    let (days, rem) = (secs.div_euclid(86400), secs.rem_euclid(86400));
-    // civil date from days since 1970-01-01 (Howard Hinnant's algorithm)
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
 /// Writes the network in kohya's format (atomically), adding the `sshs_*` hashes; refuses to replace a file
