@@ -42,6 +42,23 @@ ps, pt = peak_gib("mem-sdtune.txt"), peak_gib("mem-torch.txt")
 fmt = lambda x: f"{x:.2f}" if x is not None else "-"
 print(f"| peak GPU memory, GiB (nvidia-smi, above idle) | {fmt(ps)} | {fmt(pt)} | "
       f"{(f'{ps / pt:.2f}' if ps and pt else '-')} | | |")
+prof = None
+try:
+    prof = next((json.loads(l) for l in open(os.path.join(d, "sdtune.jsonl")) if '"sdtune-profile"' in l), None)
+except OSError:
+    pass
+if prof:
+    for part in ("step", "forward"):
+        p = prof[part]
+        total = p["total"]["ms"]
+        print(f"\nsdtune {part}, by layer kind (forward ops timed with the device synchronised around each; {total:.1f} ms in all):")
+        print("| kind | calls | ms | share |")
+        print("|---|---|---|---|")
+        rows = sorted(((k, v) for k, v in p.items() if k != "total"), key=lambda kv: -kv[1]["ms"])
+        for k, v in rows:
+            print(f"| {k} | {v['calls']} | {v['ms']:.1f} | {100 * v['ms'] / total:.0f}% |")
+        rest = total - sum(v["ms"] for _, v in rows)
+        print(f"| everything else ({'backward, optimizer, ' if part == 'step' else ''}elementwise glue) | | {rest:.1f} | {100 * rest / total:.0f}% |")
 if t:
     print(f"PyTorch: {t['step_tflop']:.2f} TFLOP per step (FlopCounterMode), max_memory_allocated {t['peak_allocated_gib']} GiB, "
           f"{t['lora_params']} LoRA parameters")

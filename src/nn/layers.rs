@@ -49,12 +49,14 @@ impl Linear {
 
     /// Applies the layer over the last dimension of `x`.
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = x.broadcast_matmul(&self.weight().t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
-        self.slot.add_adapters(x, y)
+        super::profile::time("linear (+ adapters)", x.device(), || {
+            let y = x.broadcast_matmul(&self.weight().t()?)?;
+            let y = match &self.bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            };
+            self.slot.add_adapters(x, y)
+        })
     }
 }
 
@@ -84,12 +86,14 @@ impl Conv2d {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = conv2d(x, &self.slot.weight(), self.padding, self.stride)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?)?,
-            None => y,
-        };
-        self.slot.add_adapters(x, y)
+        super::profile::time("conv2d (+ adapters)", x.device(), || {
+            let y = conv2d(x, &self.slot.weight(), self.padding, self.stride)?;
+            let y = match &self.bias {
+                Some(b) => y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?)?,
+                None => y,
+            };
+            self.slot.add_adapters(x, y)
+        })
     }
 }
 
@@ -131,6 +135,10 @@ impl GroupNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        super::profile::time("group_norm", x.device(), || self.forward_inner(x))
+    }
+
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (b, c) = (dims[0], dims[1]);
         let dtype = x.dtype();
@@ -161,6 +169,10 @@ impl LayerNorm {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        super::profile::time("layer_norm", x.device(), || self.forward_inner(x))
+    }
+
+    fn forward_inner(&self, x: &Tensor) -> Result<Tensor> {
         let dtype = x.dtype();
         let x32 = x.to_dtype(stat_dtype(dtype))?;
         let mean = x32.mean_keepdim(D::Minus1)?;
@@ -179,6 +191,10 @@ pub fn quick_gelu(x: &Tensor) -> Result<Tensor> {
 /// Multi-head scaled dot-product attention over `[B, S, C]` inputs, softmax in f32.
 /// `causal` masks future positions (CLIP).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
+    super::profile::time("attention (scores, softmax, values)", q.device(), || attention_inner(q, k, v, heads, causal))
+}
+
+fn attention_inner(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
     let (b, sq, c) = q.dims3()?;
     let sk = k.dim(1)?;
     if heads == 0 || c % heads != 0 {

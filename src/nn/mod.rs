@@ -2,6 +2,7 @@
 
 pub mod adapter;
 mod layers;
+pub mod profile;
 mod weights;
 
 pub use layers::{attention, conv2d, quick_gelu, Conv2d, GroupNorm, LayerNorm, Linear};

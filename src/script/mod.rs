@@ -7,6 +7,7 @@ pub mod help;
 mod model_api;
 mod opts;
 mod plot_api;
+mod profile_api;
 mod sample_api;
 mod tensor_api;
 mod train_api;
@@ -28,6 +29,7 @@ pub fn engine() -> Engine {
     data_api::register(&mut engine);
     train_api::register(&mut engine);
     plot_api::register(&mut engine);
+    profile_api::register(&mut engine);
     engine.register_fn("show", |x: Dynamic| errors::rt(show(x)));
     help::register(&mut engine);
     // `debug(x)` writes to stderr, with where it was called
