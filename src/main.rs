@@ -29,7 +29,9 @@ enum Command {
     /// Train a LoRA with sd-scripts' option names: `--pretrained_model_name_or_path M --train_data_dir D
     /// --output_dir O --network_dim 8 ...`, optionally `--config_file cfg.toml` or `--kohya gui.json` (a kohya_ss
     /// GUI config; flags win over either file).
-    /// Ctrl-C stops after the current step and saves a resumable state; `--resume STATE_DIR` continues one.
+    /// `--device cpu|cuda|cuda:N` picks the device (default: the first GPU when built with CUDA, else the CPU).
+    /// Ctrl-C stops after the current step and saves a resumable state; `--resume STATE_DIR [--device D]`
+    /// continues one.
     Train {
         /// sd-scripts options as `--name value` (lists: `--optimizer_args a=1 b=2`), flags as `--name`.
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -309,7 +311,12 @@ fn train(args: Vec<String>) -> anyhow::Result<()> {
     let mut flags = sdtune::import::parse_flags(&args)?;
     let mut trainer = if let Some(state) = flags.remove("resume") {
         let dir = state.as_str().ok_or_else(|| anyhow::anyhow!("--resume needs a state folder"))?.to_string();
-        sdtune::train::build::resume(std::path::Path::new(&dir))?
+        let device = match flags.remove("device") {
+            Some(serde_json::Value::String(d)) => Some(d),
+            Some(_) => anyhow::bail!("--device needs a name (cpu, cuda, cuda:N)"),
+            None => None,
+        };
+        sdtune::train::build::resume(std::path::Path::new(&dir), device.as_deref())?
     } else {
         let mut flat = match flags.remove("config_file") {
             Some(serde_json::Value::String(p)) => sdtune::import::read_sd_scripts_toml(std::path::Path::new(&p))?,

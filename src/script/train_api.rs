@@ -89,7 +89,10 @@ fn make_trainer(opts: &Map) -> Result<Trainer> {
     let cfg = TrainConfig::from_json(train_json.clone())?;
     let recipe = serde_json::json!({
         "model": crate::train::trainer::absolute(&model.source),
-        "model_options": { "dtype": crate::device::dtype_name(model.dtype), "v_pred": model.v_pred, "clip_skip": model.clip_skip },
+        "model_options": {
+            "dtype": crate::device::dtype_name(model.dtype), "v_pred": model.v_pred, "clip_skip": model.clip_skip,
+            "device": crate::device::device_name(&model.device),
+        },
         "dataset": data.as_ref().map(|d| crate::train::trainer::absolute(&d.source)),
         "dataset_options": data.as_ref().map(|d| d.options.clone()).unwrap_or(Value::Null),
         "network": network_json(&network),
@@ -277,7 +280,7 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("train", |o: Map| rt(make_trainer(&o).and_then(|t| run_trainer(Arc::new(Mutex::new(t))))));
     engine.register_fn("trainer", |o: Map| rt(make_trainer(&o).map(|t| Arc::new(Mutex::new(t)))));
     engine.register_fn("resume", |p: &str| {
-        rt(crate::train::build::resume(Path::new(p)).and_then(|t| run_trainer(Arc::new(Mutex::new(t)))))
+        rt(crate::train::build::resume(Path::new(p), None).and_then(|t| run_trainer(Arc::new(Mutex::new(t)))))
     });
     engine.register_fn("step", |t: &mut TrainerRef| -> RhaiResult<f64> {
         rt((|| {

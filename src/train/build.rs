@@ -144,10 +144,19 @@ fn obj(v: &Value) -> serde_json::Map<String, Value> {
     v.as_object().cloned().unwrap_or_default()
 }
 
+/// The device a recipe trains on: its `device` model option, else the default (the first GPU when built with
+/// CUDA and one is there, else the CPU).
+pub fn device(r: &Recipe) -> Result<candle_core::Device> {
+    match r.model_options.get("device").and_then(Value::as_str) {
+        Some(d) => crate::device::parse_device(d),
+        None => Ok(crate::device::default_device()),
+    }
+}
+
 /// Loads the model a recipe names.
 pub fn load_model(r: &Recipe) -> Result<StableDiffusion> {
     let o = obj(&r.model_options);
-    let mut lo = LoadOptions { device: crate::device::default_device(), ..Default::default() };
+    let mut lo = LoadOptions { device: device(r)?, ..Default::default() };
     if let Some(d) = o.get("dtype").and_then(Value::as_str) {
         lo.dtype = crate::device::parse_dtype(d)?;
     }
@@ -181,7 +190,7 @@ pub fn build(recipe: &Value) -> Result<Trainer> {
         TrainConfig::from_json(if r.train.is_null() { Value::Object(Default::default()) } else { r.train.clone() })?;
     // mixed_precision loads the frozen model in half precision unless the recipe names a dtype
     let mut r = r;
-    if let Some(d) = cfg.base_dtype_for(&crate::device::default_device()) {
+    if let Some(d) = cfg.base_dtype_for(&device(&r)?) {
         match r.model_options.as_object_mut() {
             Some(o) => {
                 o.entry("dtype").or_insert(Value::from(crate::device::dtype_name(d)));
@@ -208,9 +217,19 @@ pub fn build(recipe: &Value) -> Result<Trainer> {
 }
 
 /// Continues a saved state.
-pub fn resume(dir: &std::path::Path) -> Result<Trainer> {
+/// `device` (`"cpu"`, `"cuda"`, `"cuda:N"`) replaces the one the run was started on.
+pub fn resume(dir: &std::path::Path, device: Option<&str>) -> Result<Trainer> {
     let info = super::state::read_info(dir)?;
-    let recipe = info.get("recipe").cloned().context("state.json has no recipe")?;
+    let mut recipe = info.get("recipe").cloned().context("state.json has no recipe")?;
+    if let Some(d) = device {
+        crate::device::parse_device(d)?;
+        match recipe.get_mut("model_options").and_then(Value::as_object_mut) {
+            Some(o) => {
+                o.insert("device".into(), Value::from(d));
+            }
+            None => recipe["model_options"] = serde_json::json!({ "device": d }),
+        }
+    }
     let mut tr = build(&recipe).with_context(|| format!("{}: rebuilding the run", dir.display()))?;
     super::state::load_into(&mut tr, dir)?;
     Ok(tr)
@@ -258,7 +277,8 @@ const NETWORK_KEYS: &[&str] = &[
     "up_lr_weight",
     "block_lr_zero_threshold",
 ];
-const MODEL_KEYS: &[(&str, &str)] = &[("v_parameterization", "v_pred"), ("clip_skip", "clip_skip")];
+const MODEL_KEYS: &[(&str, &str)] =
+    &[("v_parameterization", "v_pred"), ("clip_skip", "clip_skip"), ("device", "device")];
 /// Keys that only make sense in sd-scripts' own launcher and are accepted without effect, each with why.
 const IGNORED: &[(&str, &str)] = &[
     ("v2", "the family is detected from the weights"),

@@ -112,7 +112,7 @@ fn stop_and_resume(name: &str, dim: usize, extra: serde_json::Value) -> (f32, Ve
     let mut dtypes: Vec<candle_core::DType> = saved.tensors.values().map(|t| t.dtype()).collect();
     dtypes.dedup();
     drop(first);
-    let mut resumed = build::resume(&state).unwrap();
+    let mut resumed = build::resume(&state, None).unwrap();
     assert_eq!(resumed.step, 5);
     resumed.run(&mut |_, _| {}).unwrap();
     assert_eq!(resumed.step, 12);
@@ -261,6 +261,8 @@ fn sdtune_train_takes_sd_scripts_flags_and_config_files() {
         "--optimizer_args",
         "weight_decay=0.1",
         "betas=0.9,0.99",
+        "--device",
+        "cpu",
     ]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let meta = sdtune::io::tensors::read_metadata(&out.join("cli.safetensors")).unwrap();
@@ -270,6 +272,9 @@ fn sdtune_train_takes_sd_scripts_flags_and_config_files() {
     let o = run(&["--max_train_steps", "3", "--output_dir", out.to_str().unwrap(), "--output_name", "cli"]);
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
+    let o = run(&["--max_train_steps", "3", "--output_dir", out.to_str().unwrap(), "--device", "gpu0"]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && e.contains("unknown device \"gpu0\"") && e.lines().count() == 1, "{e}");
     let o = run(&["--max_train_steps", "3", "--output_dir", out.to_str().unwrap(), "--lr_schedulr", "cosine"]);
     let e = String::from_utf8_lossy(&o.stderr);
     assert!(!o.status.success() && e.contains("lr_schedulr") && e.lines().count() == 1, "{e}");
@@ -369,8 +374,17 @@ fn ctrl_c_saves_a_state_that_resumes() {
     assert!((3..400).contains(&stopped_at));
     assert!(!out.join("int.safetensors").exists(), "no final file for a stopped run");
     // resume for a few steps only would need a different max; here just check the state rebuilds
-    let tr = build::resume(&state).unwrap();
+    let tr = build::resume(&state, None).unwrap();
     assert_eq!(tr.step as u64, stopped_at);
+    // another device on resume: named, and checked
+    let tr = build::resume(&state, Some("cpu")).unwrap();
+    assert!(tr.model.device.is_cpu());
+    let e = format!("{:#}", build::resume(&state, Some("tpu")).err().unwrap());
+    assert!(e.contains("unknown device \"tpu\""), "{e}");
+    if !cfg!(feature = "cuda") {
+        let e = format!("{:#}", build::resume(&state, Some("cuda")).err().unwrap());
+        assert!(e.contains("built without CUDA"), "{e}");
+    }
 }
 
 #[test]
@@ -482,7 +496,7 @@ fn a_script_run_resumes_with_its_dataset_and_network_options() {
         out = dir.join("out").display()
     );
     sdtune::script::engine().run(&script).unwrap();
-    let tr = build::resume(&dir.join("out/s-state")).unwrap();
+    let tr = build::resume(&dir.join("out/s-state"), None).unwrap();
     assert_eq!(tr.data.as_ref().unwrap().datasets[0].cfg.buckets.resolution, (64, 64), "dataset options kept");
     assert!(tr.network.config.lora_fa, "network module kept");
 }
