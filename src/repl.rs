@@ -73,8 +73,23 @@ impl Validator for Completions {
 
 impl Helper for Completions {}
 
+/// How far an input is from running.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Completeness {
+    Complete,
+    /// It needs more lines: open brackets or strings, or the parser wanted more input.
+    Incomplete,
+    /// It does not parse.
+    Invalid,
+}
+
 /// Whether `src` needs more lines: open brackets or strings, or the parser wanted more input.
 pub fn incomplete(src: &str) -> bool {
+    completeness(src) == Completeness::Incomplete
+}
+
+/// Whether `src` parses, needs more lines, or cannot parse.
+pub fn completeness(src: &str) -> Completeness {
     let (mut depth, mut in_str, mut esc) = (0i64, None::<char>, false);
     for c in src.chars() {
         match in_str {
@@ -96,9 +111,13 @@ pub fn incomplete(src: &str) -> bool {
         }
     }
     if depth > 0 || in_str.is_some() {
-        return true;
+        return Completeness::Incomplete;
     }
-    matches!(Engine::new_raw().compile(src).map_err(|e| *e.0), Err(rhai::ParseErrorType::UnexpectedEOF))
+    match Engine::new_raw().compile(src).map_err(|e| *e.0) {
+        Ok(_) => Completeness::Complete,
+        Err(rhai::ParseErrorType::UnexpectedEOF) => Completeness::Incomplete,
+        Err(_) => Completeness::Invalid,
+    }
 }
 
 /// The names Tab completes.

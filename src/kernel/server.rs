@@ -26,6 +26,13 @@ const SESSION_REQUESTS: &[&str] =
 /// How long a shutdown waits for a running cell (a training saving its state) before the process ends.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
+/// The two request channels: shell (handed to the session in order) and control (answered at once).
+#[derive(Clone, Copy, PartialEq)]
+enum Channel {
+    Shell,
+    Control,
+}
+
 /// What the socket tasks share.
 #[derive(Clone)]
 pub struct Server {
@@ -68,8 +75,8 @@ impl Server {
         tokio::spawn(heartbeat(s.heartbeat));
         tokio::spawn(drain(s.stdin));
         tokio::spawn(publish(s.iopub, self.codec.clone(), iopub_rx));
-        tokio::spawn(self.clone().control(s.control));
-        self.shell(s.shell).await;
+        tokio::spawn(self.clone().channel(s.control, Channel::Control));
+        self.channel(s.shell, Channel::Shell).await;
         Ok(())
     }
 
@@ -98,60 +105,47 @@ impl Server {
         }
     }
 
-    async fn shell(self, mut socket: RouterSocket) {
+    /// One channel's loop: each request is answered between busy and idle statuses.
+    async fn channel(self, mut socket: RouterSocket, channel: Channel) {
+        let name = if channel == Channel::Shell { "shell" } else { "control" };
         loop {
-            let msg = self.next(&mut socket, "shell").await;
+            let msg = self.next(&mut socket, name).await;
             self.out.status(&msg, "busy");
-            let content = match msg.msg_type() {
-                "kernel_info_request" => Some(kernel_info()),
-                "comm_info_request" => Some(json!({ "status": "ok", "comms": {} })),
-                "shutdown_request" => self.shutdown(&mut socket, &msg).await,
-                t if SESSION_REQUESTS.contains(&t) => {
-                    let (tx, rx) = tokio::sync::oneshot::channel();
-                    let job = Job { request: msg.clone(), reply: tx };
-                    match self.jobs.send(job) {
-                        Ok(()) => rx.await.ok().flatten(),
-                        Err(_) => Some(
-                            json!({ "status": "error", "ename": "KernelError", "evalue": "the session has ended", "traceback": [] }),
-                        ),
-                    }
-                }
-                // widgets' comms are not supported: ignored, as kernels without comms do
-                "comm_open" | "comm_msg" | "comm_close" => None,
-                other => {
-                    self.capture.log(&format!("shell: `{other}` is not supported (ignored)"));
-                    None
-                }
-            };
-            if let Some(content) = content {
+            if let Some(content) = self.answer(&mut socket, &msg, channel).await {
                 self.reply(&mut socket, &msg, content).await;
             }
             self.out.status(&msg, "idle");
         }
     }
 
-    async fn control(self, mut socket: RouterSocket) {
-        loop {
-            let msg = self.next(&mut socket, "control").await;
-            self.out.status(&msg, "busy");
-            let content = match msg.msg_type() {
-                "kernel_info_request" => Some(kernel_info()),
-                "interrupt_request" => {
-                    if self.running.load(Ordering::SeqCst) {
-                        crate::interrupt::request_abort();
-                    }
-                    Some(json!({ "status": "ok" }))
+    /// The reply content to a request on `channel` (`None`: no reply).
+    async fn answer(&self, socket: &mut RouterSocket, msg: &Message, channel: Channel) -> Option<Value> {
+        match (channel, msg.msg_type()) {
+            (_, "kernel_info_request") => Some(kernel_info()),
+            (_, "shutdown_request") => self.shutdown(socket, msg).await,
+            (Channel::Control, "interrupt_request") => {
+                if self.running.load(Ordering::SeqCst) {
+                    crate::interrupt::request_abort();
                 }
-                "shutdown_request" => self.shutdown(&mut socket, &msg).await,
-                other => {
-                    self.capture.log(&format!("control: `{other}` is not supported (ignored)"));
-                    None
-                }
-            };
-            if let Some(content) = content {
-                self.reply(&mut socket, &msg, content).await;
+                Some(json!({ "status": "ok" }))
             }
-            self.out.status(&msg, "idle");
+            (Channel::Shell, "comm_info_request") => Some(json!({ "status": "ok", "comms": {} })),
+            (Channel::Shell, t) if SESSION_REQUESTS.contains(&t) => {
+                let (tx, rx) = tokio::sync::oneshot::channel();
+                match self.jobs.send(Job { request: msg.clone(), reply: tx }) {
+                    Ok(()) => rx.await.ok().flatten(),
+                    Err(_) => Some(
+                        json!({ "status": "error", "ename": "KernelError", "evalue": "the session has ended", "traceback": [] }),
+                    ),
+                }
+            }
+            // widgets' comms are not supported: ignored, as kernels without comms do
+            (Channel::Shell, "comm_open" | "comm_msg" | "comm_close") => None,
+            (_, other) => {
+                let name = if channel == Channel::Shell { "shell" } else { "control" };
+                self.capture.log(&format!("{name}: `{other}` is not supported (ignored)"));
+                None
+            }
         }
     }
 

@@ -245,12 +245,10 @@ fn cursor(content: &Value, code: &str) -> usize {
 
 /// `complete`, `incomplete` (open brackets or strings, or the parser wanting more) or `invalid`.
 fn is_complete(code: &str) -> Value {
-    if repl::incomplete(code) {
-        return json!({ "status": "incomplete", "indent": "" });
-    }
-    match Engine::new_raw().compile(code) {
-        Ok(_) => json!({ "status": "complete" }),
-        Err(_) => json!({ "status": "invalid" }),
+    match repl::completeness(code) {
+        repl::Completeness::Complete => json!({ "status": "complete" }),
+        repl::Completeness::Incomplete => json!({ "status": "incomplete", "indent": "" }),
+        repl::Completeness::Invalid => json!({ "status": "invalid" }),
     }
 }
 

@@ -87,33 +87,33 @@ class SdtuneKernelTests(jkt.KernelTests):
         self.assertIn("[1, 2, 3]", reply["content"]["data"]["text/plain"])
 
 
-def drain_until_idle(kc, msg_id, timeout=TIMEOUT):
-    """The IOPub messages of one request, up to its idle status."""
-    got = []
+def poll(get, accept, timeout, what):
+    """Messages from `get` until `accept(msg)` is true; returns all it saw, that one last."""
+    seen = []
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            msg = kc.get_iopub_msg(timeout=1)
+            msg = get(timeout=1)
         except queue.Empty:
             continue
-        if msg["parent_header"].get("msg_id") != msg_id:
-            continue
-        got.append(msg)
-        if msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
-            return got
-    raise AssertionError(f"no idle status for {msg_id}; got {[m['msg_type'] for m in got]}")
+        seen.append(msg)
+        if accept(msg):
+            return seen
+    raise AssertionError(f"{what}; got {[m['msg_type'] for m in seen]}")
+
+
+def drain_until_idle(kc, msg_id, timeout=TIMEOUT):
+    """The IOPub messages of one request, up to its idle status."""
+    ours = lambda m: m["parent_header"].get("msg_id") == msg_id
+    seen = poll(kc.get_iopub_msg, lambda m: ours(m) and m["msg_type"] == "status"
+                and m["content"]["execution_state"] == "idle", timeout, f"no idle status for {msg_id}")
+    return [m for m in seen if ours(m)]
 
 
 def shell_reply(kc, msg_id, timeout=TIMEOUT):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            msg = kc.get_shell_msg(timeout=1)
-        except queue.Empty:
-            continue
-        if msg["parent_header"].get("msg_id") == msg_id:
-            return msg
-    raise AssertionError(f"no reply to {msg_id}")
+    seen = poll(kc.get_shell_msg, lambda m: m["parent_header"].get("msg_id") == msg_id, timeout,
+                f"no reply to {msg_id}")
+    return seen[-1]
 
 
 class ProtocolTests(unittest.TestCase):
