@@ -193,7 +193,7 @@ impl Vae {
             }
         }
         let x = self.enc_mid.forward(&x)?;
-        let x = self.enc_conv_out.forward(&self.enc_norm_out.forward(&x)?.silu()?)?;
+        let x = self.enc_conv_out.forward(&self.enc_norm_out.forward_silu(&x)?)?;
         let moments = self.quant_conv.forward(&x)?;
         let l = self.cfg.latent_channels;
         let mean = moments.narrow(1, 0, l)?;
@@ -217,6 +217,6 @@ impl Vae {
                 x = us.forward(&x, None)?;
             }
         }
-        self.dec_conv_out.forward(&self.dec_norm_out.forward(&x)?.silu()?)
+        self.dec_conv_out.forward(&self.dec_norm_out.forward_silu(&x)?)
     }
 }

@@ -67,7 +67,7 @@ impl LoraModule {
         let (d, u) = (self.down.as_tensor(), self.up.as_tensor());
         let training = self.state.training.load(Ordering::Relaxed);
         let mut h = match &self.layer.kind {
-            LayerKind::Linear { .. } => x.broadcast_matmul(&d.t()?)?,
+            LayerKind::Linear { .. } => crate::nn::grad::matmul_t(x, d, d.dtype())?,
             LayerKind::Conv { stride, padding, .. } => crate::nn::conv2d(x, d, *padding, *stride)?,
         };
         let mut scale = self.scale();
@@ -92,12 +92,13 @@ impl LoraModule {
                 scale /= 1.0 - p;
             }
         }
-        let y = match &self.layer.kind {
-            LayerKind::Linear { .. } => h.broadcast_matmul(&u.t()?)?,
-            LayerKind::Conv { .. } => h.conv2d(u, 0, 1, 1, 1)?,
-        };
+        // multiplier · scale on the rank-sized activation, before `up`
         let m = *self.state.multiplier.read().expect("multiplier lock");
-        Ok((y * (m * scale))?)
+        let h = (h * (m * scale))?;
+        Ok(match &self.layer.kind {
+            LayerKind::Linear { .. } => crate::nn::grad::matmul_t(&h, u, u.dtype())?,
+            LayerKind::Conv { .. } => crate::nn::conv2d(&h, u, 0, 1)?,
+        })
     }
 
     /// Inverted dropout: zero with probability p, scale the rest by 1/(1−p).
@@ -125,7 +126,11 @@ impl Adapter for LoraAdapter {
                 }
             }
         }
-        let x = x.to_dtype(m.down.as_tensor().dtype())?;
+        // Linear adapters cast inside their GEMM (the graph keeps no f32 copy of x); convolutions take x cast.
+        let x = match m.layer.kind {
+            LayerKind::Linear { .. } => x.clone(),
+            LayerKind::Conv { .. } => x.to_dtype(m.down.as_tensor().dtype())?,
+        };
         Ok(Some(m.project(&x)?))
     }
 

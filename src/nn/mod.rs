@@ -1,9 +1,16 @@
 //! Neural-network building blocks shared by the models: weight views and differentiable layers.
 
 pub mod adapter;
+mod attention;
+mod conv;
+pub mod grad;
 mod layers;
+mod norm;
 pub mod profile;
 mod weights;
 
-pub use layers::{attention, conv2d, quick_gelu, Conv2d, GroupNorm, LayerNorm, Linear};
+pub use attention::attention;
+pub use conv::conv2d;
+pub use layers::{quick_gelu, Conv2d, Linear};
+pub use norm::{GroupNorm, LayerNorm};
 pub use weights::Weights;

@@ -35,12 +35,12 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(t)) = (&self.time_emb_proj, temb) {
             let t = proj.forward(&t.silu()?)?;
             h = h.broadcast_add(&t.unsqueeze(2)?.unsqueeze(3)?)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -212,9 +212,16 @@ impl Upsample2D {
     pub fn forward(&self, x: &Tensor, size: Option<(usize, usize)>) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let (th, tw) = size.unwrap_or((2 * h, 2 * w));
-        let up = if th % h == 0 && tw % w == 0 { x.upsample_nearest2d(th, tw)? } else { nearest_to(x, th, tw)? };
+        let up = if th % h == 0 && tw % w == 0 { nearest_by(x, th / h, tw / w)? } else { nearest_to(x, th, tw)? };
         self.conv.forward(&up)
     }
+}
+
+/// Nearest-neighbour upsampling by integer factors, as one broadcast copy: its backward is a sum over the copies
+/// (candle's `upsample_nearest2d` backward is a grouped convolution with one group per channel).
+fn nearest_by(x: &Tensor, fh: usize, fw: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    Ok(x.reshape((b, c, h, 1, w, 1))?.broadcast_as((b, c, h, fh, w, fw))?.reshape((b, c, h * fh, w * fw))?)
 }
 
 /// PyTorch's `interpolate(mode="nearest")` to any size (source index ⌊i·in/out⌋), by gathering rows and columns:
@@ -232,7 +239,7 @@ fn nearest_to(x: &Tensor, th: usize, tw: usize) -> Result<Tensor> {
 
 #[cfg(test)]
 mod nearest_tests {
-    use super::nearest_to;
+    use super::{nearest_by, nearest_to};
     use candle_core::{Device, Var};
 
     #[test]
@@ -242,13 +249,17 @@ mod nearest_tests {
         let y = nearest_to(x.as_tensor(), 3, 5).unwrap();
         let want = [[1f32, 1., 2., 2., 3.], [1., 1., 2., 2., 3.], [4., 4., 5., 5., 6.]];
         assert_eq!(y.squeeze(0).unwrap().squeeze(0).unwrap().to_vec2::<f32>().unwrap(), want);
-        // integer factors agree with candle's upsample
-        let a = nearest_to(x.as_tensor(), 4, 6).unwrap();
+        // integer factors agree with candle's upsample, both ways
         let b = x.as_tensor().upsample_nearest2d(4, 6).unwrap();
-        assert_eq!(
-            a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
-            b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
-        );
+        for a in [nearest_to(x.as_tensor(), 4, 6).unwrap(), nearest_by(x.as_tensor(), 2, 2).unwrap()] {
+            assert_eq!(
+                a.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                b.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+        let g = nearest_by(x.as_tensor(), 2, 3).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx: Vec<f32> = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        assert_eq!(gx, vec![6.; 6]);
         // each source pixel's gradient counts its copies
         let g = y.sum_all().unwrap().backward().unwrap();
         let gx: Vec<f32> = g.get(x.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();

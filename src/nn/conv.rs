@@ -1,0 +1,226 @@
+//! 2-D convolution (NCHW) as im2col + one batched GEMM per pass — forward, grad-input and grad-weight — written with
+//! candle tensor ops, so on CUDA every pass is a cuBLAS GEMM plus memory-bound copies (candle's own convolution
+//! backward runs a naive transposed-convolution kernel). The backward computes only the gradients something needs:
+//! a frozen kernel (LoRA training) gets none.
+//!
+//! Columns are "wide": a stride-1 convolution over a zero-padded input of width `Wq` is a GEMM against the flat
+//! input shifted by `i·Wq + j` for tap `(i, j)`, so each tap's columns are one strided block copy; the `Wq − Wo`
+//! extra output columns per row are dropped. Stride `s` first regroups the padded input by position mod `s` (one
+//! copy), after which every tap is again a shifted read of one phase image.
+
+use super::grad;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor};
+
+/// Which convolution implementation runs: ours, or candle's (`SDTUNE_CONV=candle`, for comparisons).
+fn use_candle() -> Result<bool> {
+    match std::env::var("SDTUNE_CONV").as_deref() {
+        Err(_) | Ok("") | Ok("sdtune") => Ok(false),
+        Ok("candle") => Ok(true),
+        Ok(other) => bail!("SDTUNE_CONV={other:?}: expected \"sdtune\" or \"candle\""),
+    }
+}
+
+/// `x ⋆ w` with `padding` on every side and `stride`; `x`: `[B, C, H, W]`, `w`: `[O, C, kh, kw]`.
+pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    let (_, c, h, wd) = x.dims4().context("conv2d input")?;
+    let (_, wc, kh, kw) = w.dims4().context("conv2d kernel")?;
+    if c != wc {
+        bail!("conv2d: input has {c} channels, the kernel expects {wc}");
+    }
+    if stride == 0 || h + 2 * padding < kh || wd + 2 * padding < kw {
+        bail!("conv2d: a {kh}×{kw} kernel (stride {stride}) does not fit a {h}×{wd} input with padding {padding}");
+    }
+    if use_candle()? {
+        return candle_conv(x, w, padding, stride);
+    }
+    let y = forward(&x.detach(), &w.detach(), (padding, padding), stride)?;
+    let dtype = y.dtype();
+    grad::attach(&[x, w], y, dtype, move |inp, _, g, need| {
+        let (x, w) = (&inp[0], &inp[1]);
+        let gx = if need[0] { Some(grad_input(g, w, x.dims(), padding, stride)?) } else { None };
+        let gw = if need[1] { Some(grad_weight(x, g, w.dims(), padding, stride)?) } else { None };
+        Ok(vec![gx, gw])
+    })
+}
+
+/// Geometry of one im2col: output size, phase image width.
+struct Cols {
+    /// `[B, C·kh·kw, Ho·Wq]`
+    cols: Tensor,
+    ho: usize,
+    wo: usize,
+    wq: usize,
+}
+
+/// The wide columns of `x` for a `kh×kw` kernel, padding `(ph, pw)`, stride `s`.
+fn im2col(x: &Tensor, (kh, kw): (usize, usize), (ph, pw): (usize, usize), s: usize) -> Result<Cols> {
+    let (b, c, h, w) = x.dims4()?;
+    let (ho, wo) = ((h + 2 * ph - kh) / s + 1, (w + 2 * pw - kw) / s + 1);
+    if kh == 1 && kw == 1 && s == 1 && ph == 0 && pw == 0 {
+        return Ok(Cols { cols: x.reshape((b, c, h * w))?, ho, wo, wq: w });
+    }
+    // Phase images of `hq × wq`: the last tap's shifted read stays inside, one spare row for the wide overrun.
+    let (hq, wq) = (ho + (kh - 1) / s + 1, wo + (kw - 1) / s);
+    let xp = pad_or_crop(x, 2, ph, hq * s)?;
+    let xp = pad_or_crop(&xp, 3, pw, wq * s)?;
+    let phases = if s == 1 {
+        xp.reshape((b, c, 1, hq * wq))?
+    } else {
+        xp.reshape((b, c, hq, s, wq, s))?.permute((0, 1, 3, 5, 2, 4))?.contiguous()?.reshape((b, c, s * s, hq * wq))?
+    };
+    let mut taps = Vec::with_capacity(kh * kw);
+    for i in 0..kh {
+        for j in 0..kw {
+            let phase = (i % s) * s + j % s;
+            let offset = (i / s) * wq + j / s;
+            taps.push(phases.narrow(2, phase, 1)?.narrow(3, offset, ho * wq)?);
+        }
+    }
+    let cols = Tensor::cat(&taps, 2)?.reshape((b, c * kh * kw, ho * wq))?;
+    Ok(Cols { cols, ho, wo, wq })
+}
+
+/// `x` along `dim` with `before` zeros in front, then zero-padded or cut at the end to `len`.
+fn pad_or_crop(x: &Tensor, dim: usize, before: usize, len: usize) -> Result<Tensor> {
+    let n = x.dim(dim)? + before;
+    let x = x.pad_with_zeros(dim, before, len.saturating_sub(n))?;
+    Ok(if n > len { x.narrow(dim, 0, len)? } else { x })
+}
+
+/// The convolution without a graph.
+fn forward(x: &Tensor, w: &Tensor, pad: (usize, usize), s: usize) -> Result<Tensor> {
+    let (o, c, kh, kw) = w.dims4()?;
+    let b = x.dim(0)?;
+    let Cols { cols, ho, wo, wq } = im2col(x, (kh, kw), pad, s)?;
+    let y = w.reshape((o, c * kh * kw))?.broadcast_matmul(&cols)?.reshape((b, o, ho, wq))?;
+    Ok(if wq == wo { y } else { y.narrow(3, 0, wo)?.contiguous()? })
+}
+
+/// The gradient of the input: the output gradient, spread by the stride, correlated at full padding with the
+/// flipped, transposed kernel, then cut to the input (rows and columns the convolution never read get zeros).
+fn grad_input(g: &Tensor, w: &Tensor, x_dims: &[usize], p: usize, s: usize) -> Result<Tensor> {
+    let (o, c, kh, kw) = w.dims4()?;
+    let (h, wd) = (x_dims[2], x_dims[3]);
+    let g = g.to_dtype(w.dtype())?;
+    let g = if s == 1 { g } else { spread(&g, s)? };
+    let flip: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
+    let flip = Tensor::from_vec(flip, kh * kw, w.device())?;
+    let wt =
+        w.reshape((o, c, kh * kw))?.index_select(&flip, 2)?.reshape((o, c, kh, kw))?.transpose(0, 1)?.contiguous()?;
+    // the gradient of the padded input's first rows/columns
+    let gp = forward(&g, &wt, (kh - 1, kw - 1), 1)?;
+    let gp = pad_or_crop(&gp, 2, 0, h + 2 * p)?.narrow(2, p, h)?;
+    Ok(pad_or_crop(&gp, 3, 0, wd + 2 * p)?.narrow(3, p, wd)?.contiguous()?)
+}
+
+/// `g` with `s − 1` zeros between neighbouring elements of each row and column.
+fn spread(g: &Tensor, s: usize) -> Result<Tensor> {
+    let (b, o, ho, wo) = g.dims4()?;
+    let g = g.reshape((b, o, ho, 1, wo, 1))?.pad_with_zeros(5, 0, s - 1)?.pad_with_zeros(3, 0, s - 1)?;
+    Ok(g.reshape((b, o, ho * s, wo * s))?.narrow(2, 0, (ho - 1) * s + 1)?.narrow(3, 0, (wo - 1) * s + 1)?)
+}
+
+/// The gradient of the kernel: the output gradient (widened with zero columns) times the columns, summed over the
+/// batch.
+fn grad_weight(x: &Tensor, g: &Tensor, w_dims: &[usize], p: usize, s: usize) -> Result<Tensor> {
+    let (o, c, kh, kw) = (w_dims[0], w_dims[1], w_dims[2], w_dims[3]);
+    let Cols { cols, ho, wo, wq } = im2col(x, (kh, kw), (p, p), s)?;
+    let g = g.to_dtype(x.dtype())?;
+    let g = if wq == wo { g } else { g.pad_with_zeros(3, 0, wq - wo)? };
+    let b = g.dim(0)?;
+    let gw = g.reshape((b, o, ho * wq))?.matmul(&cols.t()?)?;
+    let gw = if gw.dtype() == DType::F64 { gw.sum(0)? } else { gw.to_dtype(DType::F32)?.sum(0)? };
+    Ok(gw.reshape((o, c, kh, kw))?)
+}
+
+/// candle's convolution, with its backward made to work for strided convolutions over sides of different
+/// remainders: candle derives the transposed convolution's output padding from the height alone and applies it to
+/// the width too, so padding the side with the smaller remainder with zeros at its end evens them out without
+/// changing any output value.
+fn candle_conv(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if stride > 1 {
+        let (_, _, h, wd) = x.dims4()?;
+        let (kh, kw) = (w.dim(2)?, w.dim(3)?);
+        let rem = |n: usize, k: usize| (n + 2 * padding).saturating_sub(k) % stride;
+        let (rh, rw) = (rem(h, kh), rem(wd, kw));
+        if rh != rw {
+            let x = if rh < rw { x.pad_with_zeros(2, 0, rw - rh)? } else { x.pad_with_zeros(3, 0, rh - rw)? };
+            return Ok(x.conv2d(w, padding, stride, 1, 1)?);
+        }
+    }
+    Ok(x.conv2d(w, padding, stride, 1, 1)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        let d = (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+        d.to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// Output and both gradients against candle's convolution (checked against PyTorch on the CPU), f64.
+    fn check(x: (usize, usize, usize, usize), w: (usize, usize, usize, usize), p: usize, s: usize) {
+        let dev = Device::Cpu;
+        let xv = Var::from_tensor(&Tensor::randn(0f64, 1., x, &dev).unwrap()).unwrap();
+        let wv = Var::from_tensor(&Tensor::randn(0f64, 1., w, &dev).unwrap()).unwrap();
+        let ours = conv2d(xv.as_tensor(), wv.as_tensor(), p, s).unwrap();
+        let reference = candle_conv(xv.as_tensor(), wv.as_tensor(), p, s).unwrap();
+        assert_eq!(ours.dims(), reference.dims(), "{x:?} {w:?} p{p} s{s}");
+        assert!(max_diff(&ours, &reference) < 1e-10, "{x:?} {w:?} p{p} s{s}: forward");
+        let r = Tensor::randn(0f64, 1., ours.dims(), &dev).unwrap();
+        let go = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (reference * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        for (v, what) in [(&xv, "grad input"), (&wv, "grad kernel")] {
+            let (a, b) = (go.get(v.as_tensor()).unwrap(), gr.get(v.as_tensor()).unwrap());
+            assert_eq!(a.dims(), b.dims());
+            assert!(max_diff(a, b) < 1e-10, "{x:?} {w:?} p{p} s{s}: {what} differs by {}", max_diff(a, b));
+        }
+    }
+
+    #[test]
+    fn matches_candle_forward_and_backward() {
+        check((2, 3, 8, 8), (4, 3, 3, 3), 1, 1); // 3×3 same
+        check((2, 3, 8, 8), (4, 3, 3, 3), 1, 2); // SD downsampler, even
+        check((1, 2, 9, 7), (3, 2, 3, 3), 1, 2); // odd sides
+        check((2, 5, 6, 6), (3, 5, 1, 1), 0, 1); // pointwise
+        check((1, 2, 6, 6), (3, 2, 3, 3), 0, 1); // no padding
+        check((1, 2, 5, 7), (3, 2, 1, 3), 1, 1); // 1×3 kernel
+        check((1, 2, 10, 11), (2, 2, 3, 3), 2, 3); // stride 3, padding 2
+        check((1, 2, 9, 9), (3, 2, 3, 3), 0, 2); // the VAE's stride-2 (after its own asymmetric pad)
+    }
+
+    #[test]
+    fn strided_conv_over_uneven_sides() {
+        // candle's own backward fails here; ours and the padded candle path agree.
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1., (1, 2, 4, 5), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f64, 1., (3, 2, 3, 3), &dev).unwrap();
+        assert!(x.as_tensor().conv2d(&w, 1, 2, 1, 1).unwrap().sum_all().unwrap().backward().is_err());
+        check((1, 2, 4, 5), (3, 2, 3, 3), 1, 2);
+    }
+
+    #[test]
+    fn frozen_kernel_gets_no_gradient_and_inference_builds_no_graph() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (1, 2, 6, 6), &dev).unwrap()).unwrap();
+        let w = Tensor::randn(0f32, 1., (3, 2, 3, 3), &dev).unwrap();
+        let g = conv2d(x.as_tensor(), &w, 1, 1).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(&w).is_none());
+        assert_eq!(g.get(x.as_tensor()).unwrap().dims(), &[1, 2, 6, 6]);
+        assert!(!conv2d(&x.as_tensor().detach(), &w, 1, 1).unwrap().track_op());
+    }
+
+    #[test]
+    fn bad_shapes_are_one_line_errors() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 2, 4, 4), DType::F32, &dev).unwrap();
+        let e = conv2d(&x, &Tensor::zeros((3, 4, 3, 3), DType::F32, &dev).unwrap(), 1, 1).unwrap_err();
+        assert!(format!("{e:#}").contains("2 channels, the kernel expects 4"), "{e:#}");
+        let e = conv2d(&x, &Tensor::zeros((3, 2, 7, 7), DType::F32, &dev).unwrap(), 1, 1).unwrap_err();
+        assert!(format!("{e:#}").contains("does not fit"), "{e:#}");
+    }
+}

@@ -1,0 +1,181 @@
+//! GroupNorm and LayerNorm, statistics in f32 (f64 for f64 inputs). While their affine parameters are frozen
+//! (every LoRA training), each is one op with its own backward — GroupNorm optionally fused with the SiLU that
+//! follows it in every resnet half — so the graph keeps only the input; trained affine parameters (full
+//! fine-tuning) take the composed, differentiable path of the same maths.
+
+use super::{grad, Weights};
+use anyhow::{bail, Result};
+use candle_core::{DType, Tensor, D};
+
+/// The dtype statistics are computed in.
+pub(crate) fn stat_dtype(d: DType) -> DType {
+    if d == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// Group normalisation over `[B, C, ...]`.
+#[derive(Clone)]
+pub struct GroupNorm {
+    pub groups: usize,
+    pub eps: f64,
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl GroupNorm {
+    pub fn new(w: &Weights, groups: usize, eps: f64) -> Result<Self> {
+        let weight = w.get("weight")?;
+        let c = weight.dims1()?;
+        if groups == 0 || c % groups != 0 {
+            bail!("`{}`: {c} channels cannot be split into {groups} groups", w.key("weight"));
+        }
+        Ok(Self { groups, eps, weight, bias: w.get("bias")? })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        super::profile::time("group_norm", x.device(), || self.norm(x, false))
+    }
+
+    /// `silu(group_norm(x))`.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        super::profile::time("group_norm", x.device(), || self.norm(x, true))
+    }
+
+    fn norm(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let mut affine = vec![1usize; dims.len()];
+        affine[1] = dims[1];
+        let groups = (dims[0] * self.groups, x.elem_count() / (dims[0] * self.groups));
+        norm_affine(x, groups, &self.weight, &self.bias, &affine, self.eps, silu)
+    }
+}
+
+/// Layer normalisation over the last dimension.
+#[derive(Clone)]
+pub struct LayerNorm {
+    pub eps: f64,
+    pub weight: Tensor,
+    pub bias: Tensor,
+}
+
+impl LayerNorm {
+    pub fn new(w: &Weights, eps: f64) -> Result<Self> {
+        Ok(Self { eps, weight: w.get("weight")?, bias: w.get("bias")? })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        super::profile::time("layer_norm", x.device(), || {
+            let c = x.dim(D::Minus1)?;
+            norm_affine(x, (x.elem_count() / c, c), &self.weight, &self.bias, &[c], self.eps, false)
+        })
+    }
+}
+
+/// `x` normalised over the rows of its `(rows, len)` view, times `weight` plus `bias` (both reshaped to `affine`),
+/// then SiLU if `silu`; in `x`'s dtype. Frozen parameters → one attached op; trained ones → composed ops.
+fn norm_affine(
+    x: &Tensor,
+    rows: (usize, usize),
+    weight: &Tensor,
+    bias: &Tensor,
+    affine: &[usize],
+    eps: f64,
+    silu: bool,
+) -> Result<Tensor> {
+    let sd = stat_dtype(x.dtype());
+    if grad::tracked(weight) || grad::tracked(bias) {
+        let y = composed_norm(x, rows, &weight.reshape(affine)?, &bias.reshape(affine)?, eps)?;
+        return Ok(if silu { y.silu()? } else { y });
+    }
+    let (w, b) = (weight.detach().to_dtype(sd)?.reshape(affine)?, bias.detach().to_dtype(sd)?.reshape(affine)?);
+    let y = normalize(&x.detach().to_dtype(sd)?, rows, eps)?.0.broadcast_mul(&w)?.broadcast_add(&b)?;
+    let y = if silu { y.silu()? } else { y };
+    grad::attach(&[x], y, x.dtype(), move |inp, _, g, _| {
+        let x = inp[0].to_dtype(sd)?;
+        let (xhat, rstd) = normalize(&x, rows, eps)?;
+        let mut gy = g.to_dtype(sd)?;
+        if silu {
+            // silu'(y) = σ(y)·(1 + y·(1 − σ(y)))
+            let y = xhat.broadcast_mul(&w)?.broadcast_add(&b)?;
+            let s = candle_nn::ops::sigmoid(&y)?;
+            gy = (gy * (&s * ((y * (1.0 - &s)?)? + 1.0)?)?)?;
+        }
+        let gxhat = gy.broadcast_mul(&w)?.reshape(rows)?;
+        let xhat = xhat.reshape(rows)?;
+        let m1 = gxhat.mean_keepdim(1)?;
+        let m2 = (&gxhat * &xhat)?.mean_keepdim(1)?;
+        let gx = gxhat.broadcast_sub(&m1)?.sub(&xhat.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?;
+        Ok(vec![Some(gx.reshape(x.dims())?)])
+    })
+}
+
+/// `(x − mean) / √(var + eps)` over the rows of `x`'s `(rows, len)` view (in `x`'s shape), and `1/√(var + eps)`.
+fn normalize(x: &Tensor, rows: (usize, usize), eps: f64) -> Result<(Tensor, Tensor)> {
+    let xr = x.reshape(rows)?;
+    let mean = xr.mean_keepdim(1)?;
+    let xc = xr.broadcast_sub(&mean)?;
+    let rstd = (xc.sqr()?.mean_keepdim(1)? + eps)?.sqrt()?.recip()?;
+    Ok((xc.broadcast_mul(&rstd)?.reshape(x.dims())?, rstd))
+}
+
+/// The same normalisation as differentiable composed ops (statistics in f32, affine in `x`'s dtype).
+fn composed_norm(x: &Tensor, rows: (usize, usize), w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xr = x.to_dtype(stat_dtype(dtype))?.reshape(rows)?;
+    let mean = xr.mean_keepdim(1)?;
+    let xc = xr.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(1)?;
+    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(x.dims())?.to_dtype(dtype)?;
+    Ok(xn.broadcast_mul(&w.to_dtype(dtype)?)?.broadcast_add(&b.to_dtype(dtype)?)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
+    }
+
+    /// The attached op and its gradient against the composed ops (candle's differentiable ops), f64.
+    fn check(dims: &[usize], rows: (usize, usize), affine: &[usize], silu: bool) {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f64, 1., dims, &dev).unwrap()).unwrap();
+        let n: usize = affine.iter().product();
+        let w = (Tensor::randn(0f64, 1., n, &dev).unwrap() + 1.0).unwrap();
+        let b = Tensor::randn(0f64, 1., n, &dev).unwrap();
+        let ours = norm_affine(x.as_tensor(), rows, &w, &b, affine, 1e-5, silu).unwrap();
+        let reference =
+            composed_norm(x.as_tensor(), rows, &w.reshape(affine).unwrap(), &b.reshape(affine).unwrap(), 1e-5).unwrap();
+        let reference = if silu { reference.silu().unwrap() } else { reference };
+        assert!(max_diff(&ours, &reference) < 1e-12);
+        let r = Tensor::randn(0f64, 1., dims, &dev).unwrap();
+        let go = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (reference * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let d = max_diff(go.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap());
+        assert!(d < 1e-10, "{dims:?} silu {silu}: {d}");
+        assert!(go.get(&w).is_none());
+    }
+
+    #[test]
+    fn group_norm_silu_and_layer_norm_match_the_composed_ops() {
+        check(&[2, 6, 3, 4], (2 * 3, 2 * 12), &[1, 6, 1, 1], false); // GroupNorm, 3 groups
+        check(&[2, 6, 3, 4], (2 * 3, 2 * 12), &[1, 6, 1, 1], true); // GroupNorm + SiLU
+        check(&[2, 5, 8], (10, 8), &[8], false); // LayerNorm
+    }
+
+    #[test]
+    fn trained_affine_parameters_still_get_gradients() {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1., (1, 4, 2, 2), &dev).unwrap();
+        let w = Var::from_tensor(&Tensor::ones(4, DType::F32, &dev).unwrap()).unwrap();
+        let b = Var::from_tensor(&Tensor::zeros(4, DType::F32, &dev).unwrap()).unwrap();
+        let gn = GroupNorm { groups: 2, eps: 1e-5, weight: w.as_tensor().clone(), bias: b.as_tensor().clone() };
+        let g = gn.forward_silu(&x).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g.get(w.as_tensor()).is_some() && g.get(b.as_tensor()).is_some());
+    }
+}
