@@ -180,7 +180,10 @@ fn imported_lora_recipes_resolve_like_the_direct_route_and_run_on_tiny_sd15() {
 fn sdtune_import_writes_a_recipe_and_refuses_to_overwrite() {
     let dir = scratch("import-cli");
     let out = dir.join("locon.rhai");
-    let run = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_sdtune")).args(args).output().unwrap();
+    // in the scratch folder: the config's relative paths (logging_dir = ./test/logs) land there, not in the source tree
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_sdtune")).args(args).current_dir(&dir).output().unwrap()
+    };
     let cfg = config("locon-AdamW.json");
     let o = run(&["import", "kohya", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
