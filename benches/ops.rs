@@ -75,6 +75,7 @@ fn attention_rows(name: &str, b: usize, sq: usize, sk: usize, c: usize, heads: u
 
 fn main() {
     sdtune::device::use_all_cores();
+    sdtune::device::keep_freed_memory();
     println!("| op (f32, CPU) | candle fwd ms | sdtune fwd ms | candle fwd+bwd ms | sdtune fwd+bwd ms |");
     println!("|---|---|---|---|---|");
     conv_rows("conv 3×3, 64→64 ch, [2,64,32,32]", (2, 64, 32, 32), (64, 64, 3, 3), 1, 1);

@@ -8,6 +8,7 @@ use std::time::Instant;
 
 fn main() {
     sdtune::device::use_all_cores();
+    sdtune::device::keep_freed_memory();
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("target/bench-train");
     let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 1, 16, 64, 0).unwrap();

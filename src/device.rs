@@ -81,3 +81,16 @@ pub fn use_all_cores() {
         }
     }
 }
+
+/// Keeps freed memory in the process for reuse: candle allocates a fresh buffer for every op's result, and glibc
+/// serves blocks above its (adaptive) mmap threshold with fresh pages, paying a page fault per 4 KiB at first write
+/// and returning them at free. Blocks up to 32 MiB now come from the heap, which keeps freed memory (measured: a
+/// 3×3 convolution over [2, 64, 32, 32] on the CPU 5.3 → 2.6 ms). Call first thing in `main`.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before other threads allocate.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}

@@ -380,6 +380,7 @@ fn train(args: Vec<String>) -> anyhow::Result<()> {
 
 fn main() -> ExitCode {
     sdtune::device::use_all_cores();
+    sdtune::device::keep_freed_memory();
     std::panic::set_hook(Box::new(|info| {
         eprintln!("error: internal error (please report it): {info}");
     }));

@@ -74,7 +74,9 @@ fn im2col(x: &Tensor, (kh, kw): (usize, usize), (ph, pw): (usize, usize), s: usi
         for j in 0..kw {
             let phase = (i % s) * s + j % s;
             let offset = (i / s) * wq + j / s;
-            taps.push(phases.narrow(2, phase, 1)?.narrow(3, offset, ho * wq)?);
+            // a contiguous copy (one block per row) first: candle concatenates contiguous tensors with 2-D block
+            // copies, strided views element by element
+            taps.push(phases.narrow(2, phase, 1)?.narrow(3, offset, ho * wq)?.contiguous()?);
         }
     }
     let cols = Tensor::cat(&taps, 2)?.reshape((b, c * kh * kw, ho * wq))?;
@@ -84,7 +86,7 @@ fn im2col(x: &Tensor, (kh, kw): (usize, usize), (ph, pw): (usize, usize), s: usi
 /// `x` along `dim` with `before` zeros in front, then zero-padded or cut at the end to `len`.
 fn pad_or_crop(x: &Tensor, dim: usize, before: usize, len: usize) -> Result<Tensor> {
     let n = x.dim(dim)? + before;
-    let x = x.pad_with_zeros(dim, before, len.saturating_sub(n))?;
+    let x = x.contiguous()?.pad_with_zeros(dim, before, len.saturating_sub(n))?;
     Ok(if n > len { x.narrow(dim, 0, len)? } else { x })
 }
 
@@ -102,7 +104,7 @@ fn forward(x: &Tensor, w: &Tensor, pad: (usize, usize), s: usize) -> Result<Tens
 fn grad_input(g: &Tensor, w: &Tensor, x_dims: &[usize], p: usize, s: usize) -> Result<Tensor> {
     let (o, c, kh, kw) = w.dims4()?;
     let (h, wd) = (x_dims[2], x_dims[3]);
-    let g = g.to_dtype(w.dtype())?;
+    let g = g.to_dtype(w.dtype())?.contiguous()?;
     let g = if s == 1 { g } else { spread(&g, s)? };
     let flip: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
     let flip = Tensor::from_vec(flip, kh * kw, w.device())?;
@@ -126,7 +128,7 @@ fn spread(g: &Tensor, s: usize) -> Result<Tensor> {
 fn grad_weight(x: &Tensor, g: &Tensor, w_dims: &[usize], p: usize, s: usize) -> Result<Tensor> {
     let (o, c, kh, kw) = (w_dims[0], w_dims[1], w_dims[2], w_dims[3]);
     let Cols { cols, ho, wo, wq } = im2col(x, (kh, kw), (p, p), s)?;
-    let g = g.to_dtype(x.dtype())?;
+    let g = g.to_dtype(x.dtype())?.contiguous()?;
     let g = if wq == wo { g } else { g.pad_with_zeros(3, 0, wq - wo)? };
     let b = g.dim(0)?;
     let gw = g.reshape((b, o, ho * wq))?.matmul(&cols.t()?)?;
