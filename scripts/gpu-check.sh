@@ -54,7 +54,16 @@ timeout "$(left 150)" "$BIN" run benches/gpu/step.rhai /tmp/sd15-random cuda bf1
 echo "sdtune exit code ${PIPESTATUS[0]}"
 kill "$m" 2>/dev/null
 
-echo "=== 4. sdtune with candle's convolution (the column before sdtune's own)"
+echo "=== 4. convolution and attention alone at SD 1.5's shapes, bf16: candle, sdtune (benches/ops.rs), PyTorch"
+if xz -dc target/gpu/ops-bench.xz > /tmp/ops-bench 2>/dev/null && chmod +x /tmp/ops-bench; then
+  timeout "$(left 90)" /tmp/ops-bench cuda bf16 sd15 | tee "$R/ops-sdtune.md"
+else
+  echo "target/gpu/ops-bench.xz missing"
+fi
+timeout "$(left 60)" $PY benches/ops_reference.py cuda bf16 sd15 | tee "$R/ops-torch.md"
+
+echo "=== 5. sdtune with candle's convolution (the column before sdtune's own)"
 SDTUNE_CONV=candle timeout "$(left 120)" "$BIN" run benches/gpu/step.rhai /tmp/sd15-random cuda bf16 3 | tee "$R/sdtune-candle-conv.jsonl"
 
 $PY benches/gpu/table.py "$R"
+echo; cat "$R/ops-sdtune.md" "$R/ops-torch.md" 2>/dev/null

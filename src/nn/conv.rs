@@ -99,28 +99,36 @@ fn forward(x: &Tensor, w: &Tensor, pad: (usize, usize), s: usize) -> Result<Tens
     Ok(if wq == wo { y } else { y.narrow(3, 0, wo)?.contiguous()? })
 }
 
-/// The gradient of the input: the output gradient, spread by the stride, correlated at full padding with the
-/// flipped, transposed kernel, then cut to the input (rows and columns the convolution never read get zeros).
+/// The gradient of the input, one stride phase at a time: the padded input's rows `s·a + r` and columns `s·b + q`
+/// receive the output gradient correlated at full padding with the kernel's taps `(r + s·m, q + s·n)`, flipped and
+/// transposed — `s²` stride-1 convolutions with `kh·kw` taps in all (spreading the gradient with zeros instead would
+/// do `s²` times the work). The phases are interleaved, then cut to the input.
 fn grad_input(g: &Tensor, w: &Tensor, x_dims: &[usize], p: usize, s: usize) -> Result<Tensor> {
-    let (o, c, kh, kw) = w.dims4()?;
-    let (h, wd) = (x_dims[2], x_dims[3]);
+    let (_, c, kh, kw) = w.dims4()?;
+    let (b, h, wd) = (x_dims[0], x_dims[2], x_dims[3]);
     let g = g.to_dtype(w.dtype())?.contiguous()?;
-    let g = if s == 1 { g } else { spread(&g, s)? };
-    let flip: Vec<u32> = (0..(kh * kw) as u32).rev().collect();
-    let flip = Tensor::from_vec(flip, kh * kw, w.device())?;
-    let wt =
-        w.reshape((o, c, kh * kw))?.index_select(&flip, 2)?.reshape((o, c, kh, kw))?.transpose(0, 1)?.contiguous()?;
-    // the gradient of the padded input's first rows/columns
-    let gp = forward(&g, &wt, (kh - 1, kw - 1), 1)?;
-    let gp = pad_or_crop(&gp, 2, 0, h + 2 * p)?.narrow(2, p, h)?;
-    Ok(pad_or_crop(&gp, 3, 0, wd + 2 * p)?.narrow(3, p, wd)?.contiguous()?)
-}
-
-/// `g` with `s − 1` zeros between neighbouring elements of each row and column.
-fn spread(g: &Tensor, s: usize) -> Result<Tensor> {
-    let (b, o, ho, wo) = g.dims4()?;
-    let g = g.reshape((b, o, ho, 1, wo, 1))?.pad_with_zeros(5, 0, s - 1)?.pad_with_zeros(3, 0, s - 1)?;
-    Ok(g.reshape((b, o, ho * s, wo * s))?.narrow(2, 0, (ho - 1) * s + 1)?.narrow(3, 0, (wo - 1) * s + 1)?)
+    let (a, bw) = ((h + 2 * p).div_ceil(s), (wd + 2 * p).div_ceil(s));
+    // the taps r, r + s, ... of a side of k, last first
+    let taps = |r: usize, k: usize| -> Vec<u32> { (r..k).step_by(s).rev().map(|i| i as u32).collect() };
+    let mut phases = Vec::with_capacity(s * s);
+    for r in 0..s {
+        for q in 0..s {
+            let (ti, tj) = (taps(r, kh), taps(q, kw));
+            if ti.is_empty() || tj.is_empty() {
+                phases.push(Tensor::zeros((b, c, a, bw), g.dtype(), g.device())?);
+                continue;
+            }
+            let (mh, mw) = (ti.len(), tj.len());
+            let wi = Tensor::from_vec(ti, mh, w.device())?;
+            let wj = Tensor::from_vec(tj, mw, w.device())?;
+            let sub = w.index_select(&wi, 2)?.index_select(&wj, 3)?.transpose(0, 1)?.contiguous()?;
+            let full = forward(&g, &sub, (mh - 1, mw - 1), 1)?;
+            phases.push(pad_or_crop(&pad_or_crop(&full, 2, 0, a)?, 3, 0, bw)?);
+        }
+    }
+    let gp = Tensor::stack(&phases, 2)?.reshape((b, c, s, s, a, bw))?.permute((0, 1, 4, 2, 5, 3))?;
+    let gp = gp.reshape((b, c, a * s, bw * s))?;
+    Ok(gp.narrow(2, p, h)?.narrow(3, p, wd)?.contiguous()?)
 }
 
 /// The gradient of the kernel: the output gradient (widened with zero columns) times the columns, summed over the
