@@ -223,6 +223,12 @@ pub fn register(engine: &mut Engine) {
         rt(same_model(m, &n).and_then(|_| n.merge(mult)))
     });
     engine.register_get("modules", |n: &mut NetworkRef| n.modules.len() as i64);
+    engine.register_get("tensors", |n: &mut NetworkRef| -> RhaiResult<Map> {
+        let sd = rt(n.state_dict(candle_core::DType::F32))?;
+        // copies: the network's own tensors change in place as it trains
+        let cpu = |t: Tensor| rt(t.to_device(&candle_core::Device::Cpu).and_then(|t| t.copy()).map_err(Into::into));
+        sd.into_iter().map(|(k, v)| Ok((k.into(), Dynamic::from(cpu(v)?)))).collect()
+    });
     engine.register_fn("save", |n: &mut NetworkRef, p: &str| rt(save_network(n, p, &Map::new())));
     engine.register_fn("save", |n: &mut NetworkRef, p: &str, extra: Map| rt(save_network(n, p, &extra)));
     engine.register_fn("optimizer", |name: &str, o: Map| -> RhaiResult<Map> {
