@@ -163,7 +163,14 @@ impl CustomOp3 for Attached {
 /// no GEMM in backward.
 pub fn matmul_t(x: &Tensor, w: &Tensor, out_dtype: DType) -> Result<Tensor> {
     let (xd, wd) = (x.detach().to_dtype(out_dtype)?, w.detach().to_dtype(out_dtype)?);
-    let y = xd.broadcast_matmul(&wd.t()?)?;
+    let (o, i) = wd.dims2()?;
+    let mut dims = x.dims().to_vec();
+    if dims.last() != Some(&i) {
+        anyhow::bail!("linear: input {:?} does not end in the weight's {i} input features", x.dims());
+    }
+    *dims.last_mut().expect("checked above") = o;
+    // one GEMM over every row (a batch of GEMMs over a broadcast weight is slower on both devices)
+    let y = xd.reshape(((), i))?.matmul(&wd.t()?)?.reshape(dims)?;
     attach(&[x, w], y, out_dtype, |inp, _, g, need| {
         let (x, w) = (&inp[0], &inp[1]);
         let (o, i) = w.dims2()?;
@@ -226,5 +233,7 @@ mod tests {
         let y = matmul_t(&x.as_tensor().detach(), &frozen, DType::F32).unwrap();
         assert!(!tracked(&y));
         assert_eq!(y.dtype(), DType::F32);
+        let e = matmul_t(&Tensor::zeros((2, 3), DType::F64, &dev).unwrap(), &frozen, DType::F64).unwrap_err();
+        assert!(format!("{e:#}").contains("does not end in the weight's 5 input features"), "{e:#}");
     }
 }
