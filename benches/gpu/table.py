@@ -51,14 +51,14 @@ if prof:
     for part in ("step", "forward"):
         p = prof[part]
         total = p["total"]["ms"]
-        print(f"\nsdtune {part}, by layer kind (forward ops timed with the device synchronised around each; {total:.1f} ms in all):")
+        print(f"\nsdtune {part}, by layer kind (forwards and sdtune's own backward passes, the device synchronised around each; {total:.1f} ms in all):")
         print("| kind | calls | ms | share |")
         print("|---|---|---|---|")
         rows = sorted(((k, v) for k, v in p.items() if k != "total"), key=lambda kv: -kv[1]["ms"])
         for k, v in rows:
             print(f"| {k} | {v['calls']} | {v['ms']:.1f} | {100 * v['ms'] / total:.0f}% |")
         rest = total - sum(v["ms"] for _, v in rows)
-        print(f"| everything else ({'backward, optimizer, ' if part == 'step' else ''}elementwise glue) | | {rest:.1f} | {100 * rest / total:.0f}% |")
+        print(f"| everything else ({'candle backward ops, optimizer, ' if part == 'step' else ''}elementwise glue) | | {rest:.1f} | {100 * rest / total:.0f}% |")
 if t:
     print(f"PyTorch: {t['step_tflop']:.2f} TFLOP per step (FlopCounterMode), max_memory_allocated {t['peak_allocated_gib']} GiB, "
           f"{t['lora_params']} LoRA parameters")

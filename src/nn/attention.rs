@@ -36,7 +36,7 @@ fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: b
     let shape = Shape { b, sq, sk, heads, d: c / heads, causal, rows };
     let dtype = q.dtype();
     let y = shape.forward(&q.detach(), &k.detach(), &v.detach())?;
-    grad::attach(&[q, k, v], y, dtype, move |inp, out, g, need| {
+    grad::attach("attention backward", &[q, k, v], y, dtype, move |inp, out, g, need| {
         let (gq, gk, gv) = shape.backward(&inp[0], &inp[1], &inp[2], out, g)?;
         Ok(vec![need[0].then_some(gq), need[1].then_some(gk), need[2].then_some(gv)])
     })

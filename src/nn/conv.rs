@@ -36,7 +36,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
     }
     let y = forward(&x.detach(), &w.detach(), (padding, padding), stride)?;
     let dtype = y.dtype();
-    grad::attach(&[x, w], y, dtype, move |inp, _, g, need| {
+    grad::attach("conv2d (+ adapters) backward", &[x, w], y, dtype, move |inp, _, g, need| {
         let (x, w) = (&inp[0], &inp[1]);
         let gx = if need[0] { Some(grad_input(g, w, x.dims(), padding, stride)?) } else { None };
         let gw = if need[1] { Some(grad_weight(x, g, w.dims(), padding, stride)?) } else { None };

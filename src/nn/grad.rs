@@ -17,8 +17,10 @@ pub fn tracked(t: &Tensor) -> bool {
 }
 
 /// Joins `y` (computed from detached copies of `inputs`) to `inputs`, with `backward` as its gradient; `y` is cast
-/// to `dtype`. With no tracked input, `y` is returned cast, and no graph is built. At most 3 inputs.
+/// to `dtype`. With no tracked input, `y` is returned cast, and no graph is built. At most 3 inputs. The backward
+/// is timed under `kind` while `profile_ops` records.
 pub fn attach(
+    kind: &'static str,
     inputs: &[&Tensor],
     y: Tensor,
     dtype: DType,
@@ -27,7 +29,7 @@ pub fn attach(
     if !inputs.iter().any(|t| tracked(t)) {
         return Ok(y.to_dtype(dtype)?);
     }
-    let op = Attached { y, dtype, backward: Arc::new(backward) };
+    let op = Attached { kind, y, dtype, backward: Arc::new(backward) };
     Ok(match inputs {
         [a] => a.apply_op1(op)?,
         [a, b] => a.apply_op2(b, op)?,
@@ -37,6 +39,7 @@ pub fn attach(
 }
 
 struct Attached {
+    kind: &'static str,
     y: Tensor,
     dtype: DType,
     backward: Arc<Backward>,
@@ -62,8 +65,10 @@ impl Attached {
     fn bwd(&self, args: &[&Tensor], res: &Tensor, grad: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
         let needed: Vec<bool> = args.iter().map(|t| tracked(t)).collect();
         let detached: Vec<Tensor> = args.iter().map(|t| t.detach()).collect();
-        let grads = (self.backward)(&detached, &res.detach(), &grad.detach(), &needed)
-            .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
+        let grads = super::profile::time(self.kind, grad.device(), || {
+            (self.backward)(&detached, &res.detach(), &grad.detach(), &needed)
+        })
+        .map_err(|e| candle_core::Error::Msg(format!("{e:#}")))?;
         grads.into_iter().zip(args).map(|(g, a)| g.map(|g| g.to_dtype(a.dtype())).transpose()).collect()
     }
 }
@@ -171,7 +176,7 @@ pub fn matmul_t(x: &Tensor, w: &Tensor, out_dtype: DType) -> Result<Tensor> {
     *dims.last_mut().expect("checked above") = o;
     // one GEMM over every row (a batch of GEMMs over a broadcast weight is slower on both devices)
     let y = xd.reshape(((), i))?.matmul(&wd.t()?)?.reshape(dims)?;
-    attach(&[x, w], y, out_dtype, |inp, _, g, need| {
+    attach("linear (+ adapters) backward", &[x, w], y, out_dtype, |inp, _, g, need| {
         let (x, w) = (&inp[0], &inp[1]);
         let (o, i) = w.dims2()?;
         let g2 = g.reshape(((), o))?;

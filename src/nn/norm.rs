@@ -49,7 +49,8 @@ impl GroupNorm {
         let mut affine = vec![1usize; dims.len()];
         affine[1] = dims[1];
         let groups = (dims[0] * self.groups, x.elem_count() / (dims[0] * self.groups));
-        norm_affine(x, groups, &self.weight, &self.bias, &affine, self.eps, silu)
+        let op = NormOp { kind: "group_norm backward", eps: self.eps, silu };
+        norm_affine(x, groups, &self.weight, &self.bias, &affine, op)
     }
 }
 
@@ -69,9 +70,18 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         super::profile::time("layer_norm", x.device(), || {
             let c = x.dim(D::Minus1)?;
-            norm_affine(x, (x.elem_count() / c, c), &self.weight, &self.bias, &[c], self.eps, false)
+            let op = NormOp { kind: "layer_norm backward", eps: self.eps, silu: false };
+            norm_affine(x, (x.elem_count() / c, c), &self.weight, &self.bias, &[c], op)
         })
     }
+}
+
+/// What follows the normalisation, and the profile kind of its backward.
+#[derive(Clone, Copy)]
+struct NormOp {
+    kind: &'static str,
+    eps: f64,
+    silu: bool,
 }
 
 /// `x` normalised over the rows of its `(rows, len)` view, times `weight` plus `bias` (both reshaped to `affine`),
@@ -82,9 +92,9 @@ fn norm_affine(
     weight: &Tensor,
     bias: &Tensor,
     affine: &[usize],
-    eps: f64,
-    silu: bool,
+    op: NormOp,
 ) -> Result<Tensor> {
+    let NormOp { kind, eps, silu } = op;
     let sd = stat_dtype(x.dtype());
     if grad::tracked(weight) || grad::tracked(bias) {
         let y = composed_norm(x, rows, &weight.reshape(affine)?, &bias.reshape(affine)?, eps)?;
@@ -93,7 +103,7 @@ fn norm_affine(
     let (w, b) = (weight.detach().to_dtype(sd)?.reshape(affine)?, bias.detach().to_dtype(sd)?.reshape(affine)?);
     let y = normalize(&x.detach().to_dtype(sd)?, rows, eps)?.0.broadcast_mul(&w)?.broadcast_add(&b)?;
     let y = if silu { y.silu()? } else { y };
-    grad::attach(&[x], y, x.dtype(), move |inp, _, g, _| {
+    grad::attach(kind, &[x], y, x.dtype(), move |inp, _, g, _| {
         let x = inp[0].to_dtype(sd)?;
         let (xhat, rstd) = normalize(&x, rows, eps)?;
         let mut gy = g.to_dtype(sd)?;
@@ -148,7 +158,8 @@ mod tests {
         let n: usize = affine.iter().product();
         let w = (Tensor::randn(0f64, 1., n, &dev).unwrap() + 1.0).unwrap();
         let b = Tensor::randn(0f64, 1., n, &dev).unwrap();
-        let ours = norm_affine(x.as_tensor(), rows, &w, &b, affine, 1e-5, silu).unwrap();
+        let op = NormOp { kind: "test", eps: 1e-5, silu };
+        let ours = norm_affine(x.as_tensor(), rows, &w, &b, affine, op).unwrap();
         let reference =
             composed_norm(x.as_tensor(), rows, &w.reshape(affine).unwrap(), &b.reshape(affine).unwrap(), 1e-5).unwrap();
         let reference = if silu { reference.silu().unwrap() } else { reference };

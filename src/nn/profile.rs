@@ -1,5 +1,6 @@
-//! Op-kind timing of a forward pass: while enabled, each layer kind's forward (Linear with its adapters, Conv2d,
-//! GroupNorm, LayerNorm, attention) waits for the device before and after itself and adds the time to its kind.
+//! Op-kind timing: while enabled, each layer kind's forward (Linear with its adapters, Conv2d, GroupNorm, LayerNorm,
+//! attention) and each of sdtune's own backward passes (`nn::grad::attach`: "… backward") waits for the device
+//! before and after itself and adds the time to its kind; candle's own backward ops and the optimizer are not split.
 //! Synchronising costs a little, so profiled runs are slightly slower than plain ones; off, it costs one atomic
 //! load per layer.
 
@@ -44,18 +45,30 @@ pub fn time<T>(kind: &'static str, device: &Device, f: impl FnOnce() -> Result<T
 
 #[cfg(test)]
 mod tests {
+    use candle_core::{DType, Device, Tensor, Var};
+
+    /// Other tests run layers in parallel while this one records: only its own kinds are compared exactly.
+    fn own(t: &[(&'static str, usize, std::time::Duration)]) -> Vec<(&'static str, usize)> {
+        t.iter().filter(|(k, _, _)| k.starts_with("test ")).map(|(k, n, _)| (*k, *n)).collect()
+    }
+
     #[test]
-    fn records_only_while_on() {
-        let dev = candle_core::Device::Cpu;
-        super::time("conv2d", &dev, || Ok(())).unwrap();
+    fn records_only_while_on_and_times_backward_passes() {
+        let dev = Device::Cpu;
+        super::time("test conv2d", &dev, || Ok(())).unwrap();
         super::start();
-        super::time("conv2d", &dev, || Ok(())).unwrap();
-        super::time("conv2d", &dev, || Ok(())).unwrap();
-        super::time("linear", &dev, || Ok(())).unwrap();
+        super::time("test conv2d", &dev, || Ok(())).unwrap();
+        super::time("test conv2d", &dev, || Ok(())).unwrap();
+        super::time("test linear", &dev, || Ok(())).unwrap();
+        // sdtune's own backward pass of a layer op is timed under its kind
+        let x = Var::from_tensor(&Tensor::ones((2, 3), DType::F32, &dev).unwrap()).unwrap();
+        let w = Tensor::ones((4, 3), DType::F32, &dev).unwrap();
+        super::super::grad::matmul_t(x.as_tensor(), &w, DType::F32).unwrap().sum_all().unwrap().backward().unwrap();
         let t = super::stop();
-        assert_eq!(t.iter().map(|(k, n, _)| (*k, *n)).collect::<Vec<_>>(), [("conv2d", 2), ("linear", 1)]);
-        super::time("linear", &dev, || Ok(())).unwrap();
+        assert_eq!(own(&t), [("test conv2d", 2), ("test linear", 1)]);
+        assert!(t.iter().any(|(k, n, _)| *k == "linear (+ adapters) backward" && *n >= 1), "{t:?}");
+        super::time("test linear", &dev, || Ok(())).unwrap();
         super::start();
-        assert!(super::stop().is_empty());
+        assert!(own(&super::stop()).is_empty());
     }
 }
