@@ -1,6 +1,7 @@
 //! Multi-head scaled dot-product attention, computed in query chunks (at most `CHUNK_BYTES` of f32 scores at a
 //! time) with candle's fused softmax, and a backward that recomputes each chunk's probabilities (FlashAttention's
 //! scheme, written with GEMMs): the graph keeps only q, k, v and the output, never the `[B, H, Sq, Sk]` scores.
+//! Scores and softmax are f32; on CUDA with half-precision inputs the f32 GEMMs run as TF32 (`Tf32`).
 
 use super::grad;
 use anyhow::{bail, Result};
@@ -93,6 +94,7 @@ impl Shape {
     }
 
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+        let _tf32 = Tf32::for_inputs(q);
         let (dtype, sd) = (q.dtype(), stat_dtype(q.dtype()));
         let (q, k, v) = (self.split(q)?.to_dtype(sd)?, self.split(k)?.to_dtype(sd)?, self.split(v)?);
         let mut outs = Vec::new();
@@ -112,6 +114,7 @@ impl Shape {
         out: &Tensor,
         g: &Tensor,
     ) -> Result<(Tensor, Tensor, Tensor)> {
+        let _tf32 = Tf32::for_inputs(q);
         let sd = stat_dtype(q.dtype());
         let f = |t: &Tensor| -> Result<Tensor> { self.split(&t.to_dtype(sd)?) };
         let (q, k, v, out, g) = (f(q)?, f(k)?, f(v)?, f(out)?, f(g)?);
@@ -139,6 +142,31 @@ impl Shape {
             self.merge(&gk.map_or_else(zero, Ok)?)?,
             self.merge(&gv.map_or_else(zero, Ok)?)?,
         ))
+    }
+}
+
+/// While alive, lets CUDA's f32 GEMMs use TF32 when the attention's inputs are f16/bf16: their values are exact in
+/// TF32's 10-bit mantissa, so the score GEMMs (QKᵀ, dO·Vᵀ) lose nothing, and the others round f32 probabilities
+/// and score gradients to 10 bits — finer than the bf16 probabilities the forward multiplies V with. f32 inputs
+/// keep full f32 GEMMs; the CPU never reads the switch. Restores the previous setting on drop.
+struct Tf32(Option<bool>);
+
+impl Tf32 {
+    fn for_inputs(t: &Tensor) -> Self {
+        if !t.device().is_cuda() || !matches!(t.dtype(), DType::BF16 | DType::F16) {
+            return Self(None);
+        }
+        let before = candle_core::cuda::gemm_reduced_precision_f32();
+        candle_core::cuda::set_gemm_reduced_precision_f32(true);
+        Self(Some(before))
+    }
+}
+
+impl Drop for Tf32 {
+    fn drop(&mut self) {
+        if let Some(before) = self.0 {
+            candle_core::cuda::set_gemm_reduced_precision_f32(before);
+        }
     }
 }
 
