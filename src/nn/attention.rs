@@ -79,10 +79,11 @@ impl Shape {
         1.0 / (self.d as f64).sqrt()
     }
 
-    /// Softmax probabilities of query rows `r0..r0+n` (`qc`: those rows, in the statistics dtype).
+    /// Softmax probabilities of query rows `r0..r0+n` (`qc`: those rows, already scaled by `1/√d`, in the
+    /// statistics dtype).
     fn probs(&self, qc: &Tensor, k: &Tensor, r0: usize) -> Result<Tensor> {
         let n = qc.dim(2)?;
-        let mut scores = (qc.matmul(&k.t()?)? * self.scale())?;
+        let mut scores = qc.matmul(&k.t()?)?;
         if self.causal {
             scores = scores.broadcast_add(&causal_mask(r0, n, self.sk, scores.dtype(), qc.device())?)?;
         }
@@ -93,14 +94,16 @@ impl Shape {
         (0..self.sq).step_by(self.rows).map(|r0| (r0, self.rows.min(self.sq - r0)))
     }
 
+    /// The output in the statistics dtype. The scale is applied to q (not to the scores), and the probabilities
+    /// multiply V in the statistics dtype: each pass over the `[rows, Sk]` scores is a GEMM or the softmax.
     fn forward(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         let _tf32 = Tf32::for_inputs(q);
-        let (dtype, sd) = (q.dtype(), stat_dtype(q.dtype()));
-        let (q, k, v) = (self.split(q)?.to_dtype(sd)?, self.split(k)?.to_dtype(sd)?, self.split(v)?);
+        let sd = stat_dtype(q.dtype());
+        let f = |t: &Tensor| -> Result<Tensor> { self.split(&t.to_dtype(sd)?) };
+        let (q, k, v) = ((f(q)? * self.scale())?, f(k)?, f(v)?);
         let mut outs = Vec::new();
         for (r0, n) in self.chunks() {
-            let p = self.probs(&q.narrow(2, r0, n)?, &k, r0)?.to_dtype(dtype)?;
-            outs.push(p.matmul(&v)?);
+            outs.push(self.probs(&q.narrow(2, r0, n)?, &k, r0)?.matmul(&v)?);
         }
         self.merge(&Tensor::cat(&outs, 2)?)
     }
@@ -117,7 +120,7 @@ impl Shape {
         let _tf32 = Tf32::for_inputs(q);
         let sd = stat_dtype(q.dtype());
         let f = |t: &Tensor| -> Result<Tensor> { self.split(&t.to_dtype(sd)?) };
-        let (q, k, v, out, g) = (f(q)?, f(k)?, f(v)?, f(out)?, f(g)?);
+        let (q, k, v, out, g) = ((f(q)? * self.scale())?, f(k)?, f(v)?, f(out)?, f(g)?);
         let (mut gq, mut gk, mut gv) = (Vec::new(), None::<Tensor>, None::<Tensor>);
         let add = |acc: Option<Tensor>, t: Tensor| -> Result<Option<Tensor>> {
             Ok(Some(match acc {
@@ -129,11 +132,10 @@ impl Shape {
             let (qc, gc) = (q.narrow(2, r0, n)?, g.narrow(2, r0, n)?);
             let p = self.probs(&qc, &k, r0)?;
             gv = add(gv, p.t()?.matmul(&gc)?)?;
-            // dS = P ⊙ (dP − rowsum(dO ⊙ O)), with dP = dO·Vᵀ
+            // dS = P ⊙ (dP − rowsum(dO ⊙ O)), with dP = dO·Vᵀ; S = (q/√d)·Kᵀ, so dq = dS·K/√d, dK = dSᵀ·(q/√d)
             let delta = (&gc * out.narrow(2, r0, n)?)?.sum_keepdim(D::Minus1)?;
             let ds = (p * gc.matmul(&v.t()?)?.broadcast_sub(&delta)?)?;
-            let ds = (ds * self.scale())?;
-            gq.push(ds.matmul(&k)?);
+            gq.push((ds.matmul(&k)? * self.scale())?);
             gk = add(gk, ds.t()?.matmul(&qc)?)?;
         }
         let zero = || Tensor::zeros((self.b, self.heads, self.sk, self.d), sd, q.device());
@@ -145,9 +147,9 @@ impl Shape {
     }
 }
 
-/// While alive, lets CUDA's f32 GEMMs use TF32 when the attention's inputs are f16/bf16: their values are exact in
-/// TF32's 10-bit mantissa, so the score GEMMs (QKᵀ, dO·Vᵀ) lose nothing, and the others round f32 probabilities
-/// and score gradients to 10 bits — finer than the bf16 probabilities the forward multiplies V with. f32 inputs
+/// While alive, lets CUDA's f32 GEMMs use TF32 when the attention's inputs are f16/bf16: K, V and dO are exact in
+/// TF32's 10-bit mantissa; q/√d (exact when √d is a power of two, as for 64-wide heads), the probabilities and the
+/// score gradients are rounded to 10 bits, 8× finer than bf16's rounding of the inputs themselves. f32 inputs
 /// keep full f32 GEMMs; the CPU never reads the switch. Restores the previous setting on drop.
 struct Tf32(Option<bool>);
 

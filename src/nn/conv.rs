@@ -74,9 +74,9 @@ fn im2col(x: &Tensor, (kh, kw): (usize, usize), (ph, pw): (usize, usize), s: usi
         for j in 0..kw {
             let phase = (i % s) * s + j % s;
             let offset = (i / s) * wq + j / s;
-            // a contiguous copy (one block per row) first: candle concatenates contiguous tensors with 2-D block
-            // copies, strided views element by element
-            taps.push(phases.narrow(2, phase, 1)?.narrow(3, offset, ho * wq)?.contiguous()?);
+            // `[B, C, Ho·Wq]` rows of one stride each: candle concatenates such views along the last dimension
+            // with one 2-D block copy each, into `[B, C, kh·kw·Ho·Wq]` = the columns
+            taps.push(phases.narrow(2, phase, 1)?.squeeze(2)?.narrow(2, offset, ho * wq)?);
         }
     }
     let cols = Tensor::cat(&taps, 2)?.reshape((b, c * kh * kw, ho * wq))?;
