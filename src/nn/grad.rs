@@ -6,7 +6,7 @@
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// `backward(inputs, output, grad_output, needed)` → one gradient per input (`None` where not needed).
 pub type Backward = dyn Fn(&[Tensor], &Tensor, &Tensor, &[bool]) -> Result<Vec<Option<Tensor>>> + Send + Sync;
@@ -29,7 +29,7 @@ pub fn attach(
     if !inputs.iter().any(|t| tracked(t)) {
         return Ok(y.to_dtype(dtype)?);
     }
-    let op = Attached { kind, y, dtype, backward: Arc::new(backward) };
+    let op = Attached { kind, y: Mutex::new(Some(y)), dtype, backward: Arc::new(backward) };
     Ok(match inputs {
         [a] => a.apply_op1(op)?,
         [a, b] => a.apply_op2(b, op)?,
@@ -40,14 +40,21 @@ pub fn attach(
 
 struct Attached {
     kind: &'static str,
-    y: Tensor,
+    /// The precomputed result, handed over (and dropped here) by the forward: the graph keeps only the op's output.
+    y: Mutex<Option<Tensor>>,
     dtype: DType,
     backward: Arc<Backward>,
 }
 
 impl Attached {
+    fn take_y(&self) -> candle_core::Result<Tensor> {
+        let taken = self.y.lock().map(|mut y| y.take()).ok().flatten();
+        taken.ok_or_else(|| candle_core::Error::Msg("grad::attach: the result was already handed over".into()))
+    }
+
     fn cpu(&self) -> candle_core::Result<(CpuStorage, Shape)> {
-        let (storage, layout) = self.y.storage_and_layout();
+        let y = self.take_y()?;
+        let (storage, layout) = y.storage_and_layout();
         match &*storage {
             Storage::Cpu(s) => Ok((s.to_dtype(layout, self.dtype)?, layout.shape().clone())),
             _ => Err(candle_core::Error::Msg("grad::attach: result is not on the CPU".into())),
@@ -55,7 +62,8 @@ impl Attached {
     }
 
     fn cuda(&self) -> candle_core::Result<(CudaStorage, Shape)> {
-        let (storage, layout) = self.y.storage_and_layout();
+        let y = self.take_y()?;
+        let (storage, layout) = y.storage_and_layout();
         match &*storage {
             Storage::Cuda(s) => Ok((s.to_dtype(layout, self.dtype)?, layout.shape().clone())),
             _ => Err(candle_core::Error::Msg("grad::attach: result is not on the CUDA device".into())),
