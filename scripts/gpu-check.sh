@@ -6,7 +6,8 @@
 # usage (on the GPU machine, from the repository root): bash scripts/gpu-check.sh
 set -u
 cd "$(dirname "$0")/.."
-R="${OUT:-/tmp/gpu-check}"
+# results gather in R; $OUT (the device tool's folder, at most 8 files come back) gets the log and one archive
+R=/tmp/gpu-check
 mkdir -p "$R"
 exec > >(tee -a "$R/gpu-check.log") 2>&1
 echo "=== $(date -u +%FT%TZ) $(uname -srm)"
@@ -67,3 +68,6 @@ SDTUNE_CONV=candle timeout "$(left 120)" "$BIN" run benches/gpu/step.rhai /tmp/s
 
 $PY benches/gpu/table.py "$R"
 echo; cat "$R/ops-sdtune.md" "$R/ops-torch.md" 2>/dev/null
+if [ -n "${OUT:-}" ]; then
+  tar czf "$OUT/gpu-check.tgz" -C "$R" . && cp "$R/gpu-check.log" "$OUT/" && echo "results: \$OUT/gpu-check.tgz"
+fi
