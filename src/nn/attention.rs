@@ -4,6 +4,7 @@
 //! Scores and softmax are f32; on CUDA with half-precision inputs the f32 GEMMs run as TF32 (`Tf32`).
 
 use super::grad;
+use super::norm::stat_dtype;
 use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor, D};
 
@@ -52,14 +53,6 @@ struct Shape {
     d: usize,
     causal: bool,
     rows: usize,
-}
-
-fn stat_dtype(d: DType) -> DType {
-    if d == DType::F64 {
-        DType::F64
-    } else {
-        DType::F32
-    }
 }
 
 impl Shape {

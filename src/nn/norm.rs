@@ -7,7 +7,7 @@ use super::{grad, Weights};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 
-/// The dtype statistics are computed in.
+/// The dtype statistics (norms, softmax) are computed in: f32, or f64 for f64 inputs.
 pub(crate) fn stat_dtype(d: DType) -> DType {
     if d == DType::F64 {
         DType::F64
