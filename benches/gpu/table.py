@@ -58,7 +58,7 @@ if prof:
         for k, v in rows:
             print(f"| {k} | {v['calls']} | {v['ms']:.1f} | {100 * v['ms'] / total:.0f}% |")
         rest = total - sum(v["ms"] for _, v in rows)
-        print(f"| everything else ({'candle backward ops, optimizer, ' if part == 'step' else ''}elementwise glue) | | {rest:.1f} | {100 * rest / total:.0f}% |")
+        print(f"| everything else ({'candle backward ops, ' if part == 'step' else ''}elementwise glue) | | {rest:.1f} | {100 * rest / total:.0f}% |")
 if t:
     print(f"PyTorch: {t['step_tflop']:.2f} TFLOP per step (FlopCounterMode), max_memory_allocated {t['peak_allocated_gib']} GiB, "
           f"{t['lora_params']} LoRA parameters")

@@ -1,6 +1,7 @@
 //! Op-kind timing: while enabled, each layer kind's forward (Linear with its adapters, Conv2d, GroupNorm, LayerNorm,
 //! attention) and each of sdtune's own backward passes (`nn::grad::attach`: "… backward") waits for the device
-//! before and after itself and adds the time to its kind; candle's own backward ops and the optimizer are not split.
+//! before and after itself and adds the time to its kind; so does a training step's optimizer. candle's own
+//! backward ops are not split.
 //! Synchronising costs a little, so profiled runs are slightly slower than plain ones; off, it costs one atomic
 //! load per layer.
 

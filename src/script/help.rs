@@ -33,7 +33,7 @@ pub const ENTRIES: &[(&str, &str, &str)] = &[
     ("Run", "run.losses, run.step, run.epoch, run.stopped, run.output", "the outcome of train() / trainer.run()"),
     ("resume", "resume(state_dir)", "continues a saved training state to the end"),
     ("synthetic_dataset", "synthetic_dataset(folder, #{ concept, repeats, count, size, seed })", "writes a small captioned shapes dataset (for trying things out)"),
-    ("profile_ops", "profile_ops(|| ...)", "runs the function with each layer kind's forward and sdtune's own backward passes timed (device synchronised around each): #{ kind: #{ calls, ms }, total: ... }; the rest of total is everything else (candle's backward ops, optimizer, glue)"),
+    ("profile_ops", "profile_ops(|| ...)", "runs the function with each layer kind's forward and sdtune's own backward passes timed (device synchronised around each): #{ kind: #{ calls, ms }, total: ... }; a training step also shows its optimizer (+ clipping); the rest of total is everything else (candle's backward ops, glue)"),
     ("plot", "plot(values) / plot(#{ series: #{ name: values }, title, x_label, y_label })", "a line plot; p.save(\"x.png\" or \"x.svg\"), show(p)"),
 ];
 

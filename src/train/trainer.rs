@@ -334,6 +334,7 @@ impl Trainer {
             );
         }
         let accum = self.cfg.gradient_accumulation_steps.max(1);
+        let device = loss.device().clone();
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
         let grads = (loss * (scale / accum as f64))?.backward()?;
         match &mut self.accum {
@@ -360,13 +361,17 @@ impl Trainer {
             };
             self.stop_text_encoder_if_due();
             if !overflow {
-                if self.cfg.max_grad_norm > 0.0 {
-                    self.optimizer.clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
-                }
-                self.optimizer.step(&grads, self.lr.factor(self.lr_step()))?;
-                if let Some(n) = self.cfg.scale_weight_norms.filter(|&n| n > 0.0) {
-                    self.network.apply_max_norm(n)?;
-                }
+                let factor = self.lr.factor(self.lr_step());
+                crate::nn::profile::time("optimizer (+ clipping)", &device, || {
+                    if self.cfg.max_grad_norm > 0.0 {
+                        self.optimizer.clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
+                    }
+                    self.optimizer.step(&grads, factor)?;
+                    if let Some(n) = self.cfg.scale_weight_norms.filter(|&n| n > 0.0) {
+                        self.network.apply_max_norm(n)?;
+                    }
+                    Ok(())
+                })?;
             }
             if let Some(s) = &mut self.scaler {
                 s.update(overflow);
