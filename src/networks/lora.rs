@@ -126,12 +126,8 @@ impl Adapter for LoraAdapter {
                 }
             }
         }
-        // Linear adapters cast inside their GEMM (the graph keeps no f32 copy of x); convolutions take x cast.
-        let x = match m.layer.kind {
-            LayerKind::Linear { .. } => x.clone(),
-            LayerKind::Conv { .. } => x.to_dtype(m.down.as_tensor().dtype())?,
-        };
-        Ok(Some(m.project(&x)?))
+        // x goes in as it is: linear and conv adapters cast it inside their op (the graph keeps no f32 copy of x)
+        Ok(Some(m.project(x)?))
     }
 
     fn owner(&self) -> usize {

@@ -14,14 +14,21 @@ use candle_core::{DType, Tensor};
 
 /// Which convolution implementation runs: ours, or candle's (`SDTUNE_CONV=candle`, for comparisons).
 fn use_candle() -> Result<bool> {
-    match std::env::var("SDTUNE_CONV").as_deref() {
-        Err(_) | Ok("") | Ok("sdtune") => Ok(false),
-        Ok("candle") => Ok(true),
-        Ok(other) => bail!("SDTUNE_CONV={other:?}: expected \"sdtune\" or \"candle\""),
+    candle_chosen(std::env::var("SDTUNE_CONV").ok().as_deref())
+}
+
+/// Whether the value of `SDTUNE_CONV` chooses candle's convolution.
+fn candle_chosen(value: Option<&str>) -> Result<bool> {
+    match value {
+        None | Some("") | Some("sdtune") => Ok(false),
+        Some("candle") => Ok(true),
+        Some(other) => bail!("SDTUNE_CONV={other:?}: expected \"sdtune\" or \"candle\""),
     }
 }
 
-/// `x ⋆ w` with `padding` on every side and `stride`; `x`: `[B, C, H, W]`, `w`: `[O, C, kh, kw]`.
+/// `x ⋆ w` with `padding` on every side and `stride`; `x`: `[B, C, H, W]`, `w`: `[O, C, kh, kw]`. Computed and
+/// returned in the kernel's dtype (`x` is cast inside the op: an f32 adapter on a bf16 model keeps no f32 copy of
+/// its input in the graph); `x`'s gradient comes back in `x`'s dtype.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let (_, c, h, wd) = x.dims4().context("conv2d input")?;
     let (_, wc, kh, kw) = w.dims4().context("conv2d kernel")?;
@@ -34,12 +41,12 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
     if use_candle()? {
         return candle_conv(x, w, padding, stride);
     }
-    let y = forward(&x.detach(), &w.detach(), (padding, padding), stride)?;
+    let y = forward(&x.detach().to_dtype(w.dtype())?, &w.detach(), (padding, padding), stride)?;
     let dtype = y.dtype();
     grad::attach("conv2d (+ adapters) backward", &[x, w], y, dtype, move |inp, _, g, need| {
         let (x, w) = (&inp[0], &inp[1]);
         let gx = if need[0] { Some(grad_input(g, w, x.dims(), padding, stride)?) } else { None };
-        let gw = if need[1] { Some(grad_weight(x, g, w.dims(), padding, stride)?) } else { None };
+        let gw = if need[1] { Some(grad_weight(&x.to_dtype(w.dtype())?, g, w.dims(), padding, stride)?) } else { None };
         Ok(vec![gx, gw])
     })
 }
@@ -222,6 +229,32 @@ mod tests {
         assert!(g.get(&w).is_none());
         assert_eq!(g.get(x.as_tensor()).unwrap().dims(), &[1, 2, 6, 6]);
         assert!(!conv2d(&x.as_tensor().detach(), &w, 1, 1).unwrap().track_op());
+    }
+
+    #[test]
+    fn sdtune_conv_chooses_the_implementation() {
+        assert!(!candle_chosen(None).unwrap() && !candle_chosen(Some("sdtune")).unwrap());
+        assert!(candle_chosen(Some("candle")).unwrap());
+        let e = candle_chosen(Some("cudnn")).unwrap_err();
+        assert_eq!(format!("{e:#}"), r#"SDTUNE_CONV="cudnn": expected "sdtune" or "candle""#);
+    }
+
+    #[test]
+    fn an_f32_kernel_on_a_half_input_computes_in_f32() {
+        let dev = Device::Cpu;
+        let x = Var::from_tensor(&Tensor::randn(0f32, 1., (1, 2, 5, 5), &dev).unwrap().to_dtype(DType::F16).unwrap())
+            .unwrap();
+        let w = Var::from_tensor(&Tensor::randn(0f32, 1., (3, 2, 3, 3), &dev).unwrap()).unwrap();
+        let y = conv2d(x.as_tensor(), w.as_tensor(), 1, 1).unwrap();
+        assert_eq!(y.dtype(), DType::F32);
+        let x32 = x.as_tensor().to_dtype(DType::F32).unwrap();
+        assert!(max_diff(&y, &candle_conv(&x32, w.as_tensor(), 1, 1).unwrap()) < 1e-5);
+        let g = y.sum_all().unwrap().backward().unwrap();
+        assert_eq!(g.get(x.as_tensor()).unwrap().dtype(), DType::F16);
+        let gw = g.get(w.as_tensor()).unwrap();
+        assert_eq!(gw.dtype(), DType::F32);
+        let want = candle_conv(&x32, w.as_tensor(), 1, 1).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(max_diff(gw, want.get(w.as_tensor()).unwrap()) < 1e-4);
     }
 
     #[test]
