@@ -97,13 +97,14 @@ fn pad_or_crop(x: &Tensor, dim: usize, before: usize, len: usize) -> Result<Tens
     Ok(if n > len { x.narrow(dim, 0, len)? } else { x })
 }
 
-/// The convolution without a graph.
+/// The convolution without a graph; a strided view when the wide columns were wider than the output (whoever
+/// copies it next — `grad::attach`'s hand-over, a padding — makes it contiguous in the same pass).
 fn forward(x: &Tensor, w: &Tensor, pad: (usize, usize), s: usize) -> Result<Tensor> {
     let (o, c, kh, kw) = w.dims4()?;
     let b = x.dim(0)?;
     let Cols { cols, ho, wo, wq } = im2col(x, (kh, kw), pad, s)?;
     let y = w.reshape((o, c * kh * kw))?.broadcast_matmul(&cols)?.reshape((b, o, ho, wq))?;
-    Ok(if wq == wo { y } else { y.narrow(3, 0, wo)?.contiguous()? })
+    Ok(if wq == wo { y } else { y.narrow(3, 0, wo)? })
 }
 
 /// The gradient of the input, one stride phase at a time: the padded input's rows `s·a + r` and columns `s·b + q`
