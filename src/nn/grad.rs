@@ -1,11 +1,11 @@
 //! Custom backward passes: a forward computed outside candle's graph (on detached inputs) is joined to its inputs
-//! by one custom op whose forward hands back that result (cast to the output dtype) and whose backward is a given
-//! function. The backward is asked only for the gradients that something needs: an input that is neither a
-//! variable nor computed from one (a frozen weight) gets none.
+//! by one custom op (a CustomOp3 for 1 to 3 inputs) whose forward hands back that result (cast to the output dtype)
+//! and whose backward is a given function. The backward is asked only for the gradients that something needs: an
+//! input that is neither a variable nor computed from one (a frozen weight) gets none.
 
 use anyhow::Result;
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Shape, Storage, Tensor};
 use std::sync::{Arc, Mutex};
 
 /// `backward(inputs, output, grad_output, needed)` → one gradient per input (`None` where not needed).
@@ -29,17 +29,20 @@ pub fn attach(
     if !inputs.iter().any(|t| tracked(t)) {
         return Ok(y.to_dtype(dtype)?);
     }
-    let op = Attached { kind, y: Mutex::new(Some(y)), dtype, backward: Arc::new(backward) };
-    Ok(match inputs {
-        [a] => a.apply_op1(op)?,
-        [a, b] => a.apply_op2(b, op)?,
-        [a, b, c] => a.apply_op3(b, c, op)?,
-        _ => anyhow::bail!("grad::attach takes 1 to 3 inputs, got {}", inputs.len()),
-    })
+    if inputs.is_empty() || inputs.len() > 3 {
+        anyhow::bail!("grad::attach takes 1 to 3 inputs, got {}", inputs.len());
+    }
+    let n = inputs.len();
+    let op = Attached { kind, n, y: Mutex::new(Some(y)), dtype, backward: Arc::new(backward) };
+    // one 3-input op for every arity: missing inputs repeat the last one and receive no gradient
+    let arg = |i: usize| inputs[i.min(n - 1)];
+    Ok(arg(0).apply_op3(arg(1), arg(2), op)?)
 }
 
 struct Attached {
     kind: &'static str,
+    /// How many of the op's 3 arguments are real inputs.
+    n: usize,
     /// The precomputed result, handed over (and dropped here) by the forward: the graph keeps only the op's output.
     y: Mutex<Option<Tensor>>,
     dtype: DType,
@@ -71,6 +74,7 @@ impl Attached {
     }
 
     fn bwd(&self, args: &[&Tensor], res: &Tensor, grad: &Tensor) -> candle_core::Result<Vec<Option<Tensor>>> {
+        let args = &args[..self.n];
         let needed: Vec<bool> = args.iter().map(|t| tracked(t)).collect();
         let detached: Vec<Tensor> = args.iter().map(|t| t.detach()).collect();
         let grads = super::profile::time(self.kind, grad.device(), || {
@@ -82,55 +86,6 @@ impl Attached {
 }
 
 const NAME: &str = "sdtune-attached";
-
-impl CustomOp1 for Attached {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.cpu()
-    }
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.cuda()
-    }
-    fn bwd(&self, a: &Tensor, res: &Tensor, grad: &Tensor) -> candle_core::Result<Option<Tensor>> {
-        Ok(Attached::bwd(self, &[a], res, grad)?.into_iter().next().flatten())
-    }
-}
-
-impl CustomOp2 for Attached {
-    fn name(&self) -> &'static str {
-        NAME
-    }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CpuStorage, Shape)> {
-        self.cpu()
-    }
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> candle_core::Result<(CudaStorage, Shape)> {
-        self.cuda()
-    }
-    fn bwd(
-        &self,
-        a: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> candle_core::Result<(Option<Tensor>, Option<Tensor>)> {
-        let mut g = Attached::bwd(self, &[a, b], res, grad)?.into_iter();
-        Ok((g.next().flatten(), g.next().flatten()))
-    }
-}
 
 impl CustomOp3 for Attached {
     fn name(&self) -> &'static str {

@@ -101,7 +101,11 @@ fn norm_affine(
         return Ok(if silu { y.silu()? } else { y });
     }
     let (w, b) = (weight.detach().to_dtype(sd)?.reshape(affine)?, bias.detach().to_dtype(sd)?.reshape(affine)?);
-    let y = normalize(&x.detach().to_dtype(sd)?, rows, eps)?.0.broadcast_mul(&w)?.broadcast_add(&b)?;
+    let scale_shift = {
+        let (w, b) = (w.clone(), b);
+        move |xhat: &Tensor| -> Result<Tensor> { Ok(xhat.broadcast_mul(&w)?.broadcast_add(&b)?) }
+    };
+    let y = scale_shift(&normalize(&x.detach().to_dtype(sd)?, rows, eps)?.0)?;
     let y = if silu { y.silu()? } else { y };
     grad::attach(kind, &[x], y, x.dtype(), move |inp, _, g, _| {
         let x = inp[0].to_dtype(sd)?;
@@ -109,7 +113,7 @@ fn norm_affine(
         let mut gy = g.to_dtype(sd)?;
         if silu {
             // silu'(y) = σ(y)·(1 + y·(1 − σ(y)))
-            let y = xhat.broadcast_mul(&w)?.broadcast_add(&b)?;
+            let y = scale_shift(&xhat)?;
             let s = candle_nn::ops::sigmoid(&y)?;
             gy = (gy * (&s * ((y * (1.0 - &s)?)? + 1.0)?)?)?;
         }
@@ -131,14 +135,10 @@ fn normalize(x: &Tensor, rows: (usize, usize), eps: f64) -> Result<(Tensor, Tens
     Ok((xc.broadcast_mul(&rstd)?.reshape(x.dims())?, rstd))
 }
 
-/// The same normalisation as differentiable composed ops (statistics in f32, affine in `x`'s dtype).
+/// The same normalisation through candle's differentiable ops (statistics in f32, affine in `x`'s dtype).
 fn composed_norm(x: &Tensor, rows: (usize, usize), w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let xr = x.to_dtype(stat_dtype(dtype))?.reshape(rows)?;
-    let mean = xr.mean_keepdim(1)?;
-    let xc = xr.broadcast_sub(&mean)?;
-    let var = xc.sqr()?.mean_keepdim(1)?;
-    let xn = xc.broadcast_div(&(var + eps)?.sqrt()?)?.reshape(x.dims())?.to_dtype(dtype)?;
+    let xn = normalize(&x.to_dtype(stat_dtype(dtype))?, rows, eps)?.0.to_dtype(dtype)?;
     Ok(xn.broadcast_mul(&w.to_dtype(dtype)?)?.broadcast_add(&b.to_dtype(dtype)?)?)
 }
 
