@@ -36,10 +36,29 @@ pub fn dtype_name(d: DType) -> &'static str {
 /// The default device: the first CUDA GPU when built with CUDA and one is present, else the CPU.
 pub fn default_device() -> Device {
     #[cfg(feature = "cuda")]
-    if let Ok(d) = Device::new_cuda(0) {
+    if let Ok(d) = cuda(0) {
         return d;
     }
     Device::Cpu
+}
+
+/// GPU `ordinal`, the same device for every caller: candle refuses to mix tensors of two devices made for one GPU,
+/// and each would hold its own cuBLAS handle and kernel modules.
+#[cfg(feature = "cuda")]
+fn cuda(ordinal: usize) -> candle_core::Result<Device> {
+    static DEVICES: std::sync::Mutex<Vec<(usize, Device)>> = std::sync::Mutex::new(Vec::new());
+    let mut devices = DEVICES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, d)) = devices.iter().find(|(o, _)| *o == ordinal) {
+        return Ok(d.clone());
+    }
+    let d = Device::new_cuda(ordinal)?;
+    if let Device::Cuda(c) = &d {
+        // SAFETY: candle runs all work of a device on one stream and sdtune makes no other stream; cudarc's
+        // per-buffer events only synchronise several streams, yet cost two event creations per allocation.
+        unsafe { c.disable_event_tracking() };
+    }
+    devices.push((ordinal, d.clone()));
+    Ok(d)
 }
 
 /// Parses `"cpu"`, `"cuda"`, `"cuda:N"`.
@@ -55,10 +74,10 @@ pub fn parse_device(s: &str) -> Result<Device> {
         },
         None => bail!("unknown device {s:?}; expected \"cpu\", \"cuda\" or \"cuda:N\""),
     };
-    if !cfg!(feature = "cuda") {
-        bail!("device {s:?}: this sdtune was built without CUDA (build with `--features cuda`)");
-    }
-    Ok(Device::new_cuda(ordinal)?)
+    #[cfg(feature = "cuda")]
+    return Ok(cuda(ordinal)?);
+    #[cfg(not(feature = "cuda"))]
+    bail!("device {s:?} (GPU {ordinal}): this sdtune was built without CUDA (build with `--features cuda`)")
 }
 
 /// The script name of a device.

@@ -22,13 +22,23 @@ def peak_gib(name):
         return None
 
 
+def text(name, default="?"):
+    p = os.path.join(d, name)
+    return open(p).read().strip() if os.path.exists(p) else default
+
+
 t, s, c = last_json("torch.jsonl"), last_json("sdtune.jsonl"), last_json("sdtune-candle-conv.jsonl")
-parity = open(os.path.join(d, "parity.rc")).read().strip() if os.path.exists(os.path.join(d, "parity.rc")) else "?"
+u = last_json("sdtune-unfused.jsonl")
+parity, kernels = text("parity.rc"), text("kernels.rc")
+verdict = lambda rc: "passed" if rc == "0" else f"FAILED (rc {rc})"
 print()
 print(f"GPU: {(t or {}).get('device', '?')}; torch {(t or {}).get('torch', '?')}; sdtune {(s or {}).get('dtype', '?')}")
-print(f"parity on the GPU (benches/gpu/parity.rhai): {'passed' if parity == '0' else 'FAILED (rc ' + parity + ')'}")
-print("| SD 1.5-size UNet, batch 4, 64x64 latents, bf16 | sdtune ms | PyTorch ms | sdtune / PyTorch | sdtune TFLOP/s | PyTorch TFLOP/s | sdtune with candle's conv ms |")
-print("|---|---|---|---|---|---|---|")
+print(f"parity on the GPU (benches/gpu/parity.rhai): {verdict(parity)}; sdtune's kernels vs their CPU code "
+      f"(ops bench `check`): {verdict(kernels)}")
+if text("sdtune-fallback.txt", ""):
+    print(f"the sdtune column ran with {text('sdtune-fallback.txt')}")
+print("| SD 1.5-size UNet, batch 4, 64x64 latents, bf16 | sdtune ms | PyTorch ms | sdtune / PyTorch | sdtune TFLOP/s | PyTorch TFLOP/s | sdtune with candle's conv ms | sdtune, SDTUNE_FUSED=off ms |")
+print("|---|---|---|---|---|---|---|---|")
 flop = (t or {}).get("step_tflop")
 for key, label in [("step_ms", "LoRA training step (rank 16, UNet only, AdamW)"),
                    ("forward_ms", "UNet forward (with the text encoder)"),
@@ -37,11 +47,12 @@ for key, label in [("step_ms", "LoRA training step (rank 16, UNet only, AdamW)")
     ratio = f"{a / b:.2f}" if a and b else "-"
     tf = lambda ms: f"{flop / (ms / 1e3):.1f}" if (flop and ms and key == "step_ms") else "-"
     ms = lambda x: f"{x:.1f}" if x is not None else "failed"
-    print(f"| {label} | {ms(a)} | {ms(b)} | {ratio} | {tf(a)} | {tf(b)} | {ms((c or {}).get(key))} |")
+    print(f"| {label} | {ms(a)} | {ms(b)} | {ratio} | {tf(a)} | {tf(b)} | {ms((c or {}).get(key))} | "
+          f"{ms((u or {}).get(key))} |")
 ps, pt = peak_gib("mem-sdtune.txt"), peak_gib("mem-torch.txt")
 fmt = lambda x: f"{x:.2f}" if x is not None else "-"
 print(f"| peak GPU memory, GiB (nvidia-smi, above idle) | {fmt(ps)} | {fmt(pt)} | "
-      f"{(f'{ps / pt:.2f}' if ps and pt else '-')} | | | |")
+      f"{(f'{ps / pt:.2f}' if ps and pt else '-')} | | | | |")
 prof = None
 try:
     prof = next((json.loads(l) for l in open(os.path.join(d, "sdtune.jsonl")) if '"sdtune-profile"' in l), None)

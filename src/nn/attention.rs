@@ -1,7 +1,8 @@
 //! Multi-head scaled dot-product attention, computed in query chunks (at most `CHUNK_BYTES` of f32 scores at a
 //! time) with candle's fused softmax, and a backward that recomputes each chunk's probabilities (FlashAttention's
 //! scheme, written with GEMMs): the graph keeps only q, k, v and the output, never the `[B, H, Sq, Sk]` scores.
-//! Scores and softmax are f32; on CUDA with half-precision inputs the f32 GEMMs run as TF32 (`Tf32`).
+//! Scores and softmax are f32; on CUDA with half-precision inputs the f32 GEMMs run as TF32 (`Tf32`). On CUDA,
+//! bf16/f16 inputs go through the fused kernel of `nn::fused::flash` instead (unless `SDTUNE_FUSED=off`).
 
 use super::grad;
 use super::norm::stat_dtype;
@@ -35,13 +36,38 @@ fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: b
     if kb != b || kc != c || v.dims() != k.dims() {
         bail!("attention: queries {:?}, keys {:?} and values {:?} do not fit together", q.dims(), k.dims(), v.dims());
     }
-    let shape = Shape { b, sq, sk, heads, d: c / heads, causal, rows };
     let dtype = q.dtype();
+    if let Some(y) = fused_attention(q, k, v, heads, causal)? {
+        return Ok(y);
+    }
+    let shape = Shape { b, sq, sk, heads, d: c / heads, causal, rows };
     let y = shape.forward(&q.detach(), &k.detach(), &v.detach())?;
     grad::attach("attention backward", &[q, k, v], y, dtype, move |inp, out, g, need| {
         let (gq, gk, gv) = shape.backward(&inp[0], &inp[1], &inp[2], out, g)?;
         Ok(vec![need[0].then_some(gq), need[1].then_some(gk), need[2].then_some(gv)])
     })
+}
+
+/// The attention through the fused kernels (`nn::fused::flash`: CUDA, bf16/f16), or None where they do not apply.
+#[cfg(feature = "cuda")]
+fn fused_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Option<Tensor>> {
+    use super::fused::flash;
+    let ((b, sq, c), sk) = (q.dims3()?, k.dim(1)?);
+    if !flash::applies(&[q, k, v], c / heads)? {
+        return Ok(None);
+    }
+    let f = flash::Flash { b, heads, sq, sk, d: c / heads, causal };
+    let (y, lse) = f.forward(&q.detach(), &k.detach(), &v.detach())?;
+    let y = grad::attach("attention backward", &[q, k, v], y, q.dtype(), move |inp, out, g, need| {
+        let [gq, gk, gv] = f.backward(&inp[0], &inp[1], &inp[2], out, &lse, g)?;
+        Ok(vec![need[0].then_some(gq), need[1].then_some(gk), need[2].then_some(gv)])
+    })?;
+    Ok(Some(y))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn fused_attention(_: &Tensor, _: &Tensor, _: &Tensor, _: usize, _: bool) -> Result<Option<Tensor>> {
+    Ok(None)
 }
 
 #[derive(Clone, Copy)]

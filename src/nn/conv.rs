@@ -69,6 +69,9 @@ fn im2col(x: &Tensor, (kh, kw): (usize, usize), (ph, pw): (usize, usize), s: usi
     }
     // Phase images of `hq × wq`: the last tap's shifted read stays inside, one spare row for the wide overrun.
     let (hq, wq) = (ho + (kh - 1) / s + 1, wo + (kw - 1) / s);
+    if let Some(cols) = gpu_im2col(x, (kh, kw), (ph, pw), s, ho, wq)? {
+        return Ok(Cols { cols, ho, wo, wq });
+    }
     let xp = pad_or_crop(x, 2, ph, hq * s)?;
     let xp = pad_or_crop(&xp, 3, pw, wq * s)?;
     let phases = if s == 1 {
@@ -88,6 +91,34 @@ fn im2col(x: &Tensor, (kh, kw): (usize, usize), (ph, pw): (usize, usize), s: usi
     }
     let cols = Tensor::cat(&taps, 2)?.reshape((b, c * kh * kw, ho * wq))?;
     Ok(Cols { cols, ho, wo, wq })
+}
+
+/// The same columns in one kernel on a GPU (`nn::fused::im2col`), or None (CPU, `SDTUNE_FUSED=off`).
+#[cfg(feature = "cuda")]
+fn gpu_im2col(
+    x: &Tensor,
+    k: (usize, usize),
+    p: (usize, usize),
+    s: usize,
+    ho: usize,
+    wq: usize,
+) -> Result<Option<Tensor>> {
+    if !x.device().is_cuda() || !super::fused::takes(x.dtype())? {
+        return Ok(None);
+    }
+    Ok(Some(super::fused::im2col(x, k, p, s, ho, wq)?))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_im2col(
+    _: &Tensor,
+    _: (usize, usize),
+    _: (usize, usize),
+    _: usize,
+    _: usize,
+    _: usize,
+) -> Result<Option<Tensor>> {
+    Ok(None)
 }
 
 /// `x` along `dim` with `before` zeros in front, then zero-padded or cut at the end to `len`.

@@ -3,6 +3,7 @@
 pub mod adapter;
 mod attention;
 mod conv;
+pub mod fused;
 pub mod grad;
 mod layers;
 mod norm;

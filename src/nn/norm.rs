@@ -3,9 +3,12 @@
 //! follows it in every resnet half — so the graph keeps only the input; trained affine parameters (full
 //! fine-tuning) take the composed, differentiable path of the same maths.
 
-use super::{grad, Weights};
+use super::{fused, grad, Weights};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
+
+/// The longest row the fused norm kernel takes (one block of threads per row).
+const FUSED_ROW_MAX: usize = 1 << 17;
 
 /// The dtype statistics (norms, softmax) are computed in: f32, or f64 for f64 inputs.
 pub(crate) fn stat_dtype(d: DType) -> DType {
@@ -49,7 +52,8 @@ impl GroupNorm {
         let mut affine = vec![1usize; dims.len()];
         affine[1] = dims[1];
         let groups = (dims[0] * self.groups, x.elem_count() / (dims[0] * self.groups));
-        let op = NormOp { kind: "group_norm backward", eps: self.eps, silu };
+        let hw = x.elem_count() / (dims[0] * dims[1]);
+        let op = NormOp { kind: "group_norm backward", eps: self.eps, silu, groups: self.groups, hw };
         norm_affine(x, groups, &self.weight, &self.bias, &affine, op)
     }
 }
@@ -70,18 +74,21 @@ impl LayerNorm {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         super::profile::time("layer_norm", x.device(), || {
             let c = x.dim(D::Minus1)?;
-            let op = NormOp { kind: "layer_norm backward", eps: self.eps, silu: false };
+            let op = NormOp { kind: "layer_norm backward", eps: self.eps, silu: false, groups: 1, hw: 1 };
             norm_affine(x, (x.elem_count() / c, c), &self.weight, &self.bias, &[c], op)
         })
     }
 }
 
-/// What follows the normalisation, and the profile kind of its backward.
+/// What follows the normalisation, the profile kind of its backward, and how rows map to affine channels (see
+/// `fused::NormRows`).
 #[derive(Clone, Copy)]
 struct NormOp {
     kind: &'static str,
     eps: f64,
     silu: bool,
+    groups: usize,
+    hw: usize,
 }
 
 /// `x` normalised over the rows of its `(rows, len)` view, times `weight` plus `bias` (both reshaped to `affine`),
@@ -94,11 +101,17 @@ fn norm_affine(
     affine: &[usize],
     op: NormOp,
 ) -> Result<Tensor> {
-    let NormOp { kind, eps, silu } = op;
+    let NormOp { kind, eps, silu, .. } = op;
     let sd = stat_dtype(x.dtype());
     if grad::tracked(weight) || grad::tracked(bias) {
         let y = composed_norm(x, rows, &weight.reshape(affine)?, &bias.reshape(affine)?, eps)?;
         return Ok(if silu { y.silu()? } else { y });
+    }
+    // on a GPU one kernel each way, one block per row: rows longer than FUSED_ROW_MAX (the VAE's at 256² and above,
+    // 32 rows of ≥ 262144 values) would leave most of the GPU idle, and take candle's ops; so does the CPU, where
+    // candle's vectorised ops are faster (BENCHMARKS.md)
+    if fused::takes(x.dtype())? && !x.device().is_cpu() && rows.1 <= FUSED_ROW_MAX {
+        return fused_norm(x, rows, weight, bias, op);
     }
     let (w, b) = (weight.detach().to_dtype(sd)?.reshape(affine)?, bias.detach().to_dtype(sd)?.reshape(affine)?);
     let scale_shift = {
@@ -123,6 +136,19 @@ fn norm_affine(
         let m2 = (&gxhat * &xhat)?.mean_keepdim(1)?;
         let gx = gxhat.broadcast_sub(&m1)?.sub(&xhat.broadcast_mul(&m2)?)?.broadcast_mul(&rstd)?;
         Ok(vec![Some(gx.reshape(x.dims())?)])
+    })
+}
+
+/// `norm_affine` for frozen parameters as one fused op each way (`nn::fused`).
+fn fused_norm(x: &Tensor, rows: (usize, usize), weight: &Tensor, bias: &Tensor, op: NormOp) -> Result<Tensor> {
+    let NormOp { kind, eps, silu, groups, hw } = op;
+    let f32 = |t: &Tensor| -> Result<Tensor> { Ok(t.detach().to_dtype(DType::F32)?.flatten_all()?) };
+    let wb = Tensor::stack(&[f32(weight)?, f32(bias)?], 0)?;
+    let p = fused::NormRows { rows: rows.0, hw, groups, eps, silu };
+    let y = fused::norm_forward(&x.detach().contiguous()?, &wb, p)?;
+    grad::attach(kind, &[x], y, x.dtype(), move |inp, _, g, _| {
+        let x = inp[0].contiguous()?;
+        Ok(vec![Some(fused::norm_backward(&x, &wb, &g.to_dtype(x.dtype())?.contiguous()?, p)?)])
     })
 }
 
@@ -151,32 +177,70 @@ mod tests {
         (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f64>().unwrap()
     }
 
-    /// The attached op and its gradient against the composed ops (candle's differentiable ops), f64.
-    fn check(dims: &[usize], rows: (usize, usize), affine: &[usize], silu: bool) {
+    /// The attached op in `dtype` (`fused`: the fused kernel's CPU code, else the composed maths) and its gradient
+    /// against the composed ops (candle's differentiable ops) in f64: max differences of output and gradient.
+    fn check(
+        dims: &[usize],
+        rows: (usize, usize),
+        affine: &[usize],
+        (groups, hw): (usize, usize),
+        silu: bool,
+        dtype: DType,
+        fused: bool,
+    ) -> (f64, f64) {
         let dev = Device::Cpu;
-        let x = Var::from_tensor(&Tensor::randn(0f64, 1., dims, &dev).unwrap()).unwrap();
+        let x64 = Tensor::randn(0f64, 1., dims, &dev).unwrap().to_dtype(dtype).unwrap().to_dtype(DType::F64).unwrap();
+        let x = Var::from_tensor(&x64.to_dtype(dtype).unwrap()).unwrap();
+        let x64 = Var::from_tensor(&x64).unwrap();
         let n: usize = affine.iter().product();
         let w = (Tensor::randn(0f64, 1., n, &dev).unwrap() + 1.0).unwrap();
         let b = Tensor::randn(0f64, 1., n, &dev).unwrap();
-        let op = NormOp { kind: "test", eps: 1e-5, silu };
-        let ours = norm_affine(x.as_tensor(), rows, &w, &b, affine, op).unwrap();
+        let op = NormOp { kind: "test", eps: 1e-5, silu, groups, hw };
+        let (wd, bd) = (w.to_dtype(dtype).unwrap(), b.to_dtype(dtype).unwrap());
+        let ours = if fused {
+            fused_norm(x.as_tensor(), rows, &wd, &bd, op).unwrap()
+        } else {
+            norm_affine(x.as_tensor(), rows, &wd, &bd, affine, op).unwrap()
+        };
+        assert_eq!(ours.dtype(), dtype);
+        let ours = ours.to_dtype(DType::F64).unwrap();
         let reference =
-            composed_norm(x.as_tensor(), rows, &w.reshape(affine).unwrap(), &b.reshape(affine).unwrap(), 1e-5).unwrap();
+            composed_norm(x64.as_tensor(), rows, &w.reshape(affine).unwrap(), &b.reshape(affine).unwrap(), 1e-5)
+                .unwrap();
         let reference = if silu { reference.silu().unwrap() } else { reference };
-        assert!(max_diff(&ours, &reference) < 1e-12);
         let r = Tensor::randn(0f64, 1., dims, &dev).unwrap();
-        let go = (ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let gr = (reference * &r).unwrap().sum_all().unwrap().backward().unwrap();
-        let d = max_diff(go.get(x.as_tensor()).unwrap(), gr.get(x.as_tensor()).unwrap());
-        assert!(d < 1e-10, "{dims:?} silu {silu}: {d}");
+        let go = (&ours * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gr = (&reference * &r).unwrap().sum_all().unwrap().backward().unwrap();
+        let gx = go.get(x.as_tensor()).unwrap().to_dtype(DType::F64).unwrap();
         assert!(go.get(&w).is_none());
+        (max_diff(&ours, &reference), max_diff(&gx, gr.get(x64.as_tensor()).unwrap()))
     }
+
+    /// dims, (rows, row length), affine shape, (groups, hw), silu
+    type Case = (&'static [usize], (usize, usize), &'static [usize], (usize, usize), bool);
+    const CASES: [Case; 3] = [
+        (&[2, 6, 3, 4], (2 * 3, 2 * 12), &[1, 6, 1, 1], (3, 12), false), // GroupNorm, 3 groups
+        (&[2, 6, 3, 4], (2 * 3, 2 * 12), &[1, 6, 1, 1], (3, 12), true),  // GroupNorm + SiLU
+        (&[2, 5, 8], (10, 8), &[8], (1, 1), false),                      // LayerNorm
+    ];
 
     #[test]
     fn group_norm_silu_and_layer_norm_match_the_composed_ops() {
-        check(&[2, 6, 3, 4], (2 * 3, 2 * 12), &[1, 6, 1, 1], false); // GroupNorm, 3 groups
-        check(&[2, 6, 3, 4], (2 * 3, 2 * 12), &[1, 6, 1, 1], true); // GroupNorm + SiLU
-        check(&[2, 5, 8], (10, 8), &[8], false); // LayerNorm
+        for (dims, rows, affine, layout, silu) in CASES {
+            let (y, g) = check(dims, rows, affine, layout, silu, DType::F64, false);
+            assert!(y < 1e-12 && g < 1e-10, "{dims:?} silu {silu}: {y} {g}");
+        }
+    }
+
+    #[test]
+    fn the_fused_kernels_cpu_code_matches_the_composed_ops() {
+        // f32: rounding only; bf16: inputs and outputs rounded to 8 bits, statistics in f32
+        for (dtype, tol) in [(DType::F32, 1e-5), (DType::BF16, 5e-2)] {
+            for (dims, rows, affine, layout, silu) in CASES {
+                let (y, g) = check(dims, rows, affine, layout, silu, dtype, true);
+                assert!(y < tol && g < tol, "{dtype:?} {dims:?} silu {silu}: output {y}, gradient {g}");
+            }
+        }
     }
 
     #[test]

@@ -2,45 +2,46 @@
 //! attention) and each of sdtune's own backward passes (`nn::grad::attach`: "… backward") waits for the device
 //! before and after itself and adds the time to its kind; so does a training step's optimizer. candle's own
 //! backward ops are not split.
-//! Synchronising costs a little, so profiled runs are slightly slower than plain ones; off, it costs one atomic
-//! load per layer.
+//! Synchronising costs a little, so profiled runs are slightly slower than plain ones; off, it costs one
+//! thread-local read per layer. Recording is per thread: what other threads run at the same time is not counted.
 
 use anyhow::Result;
 use candle_core::Device;
+use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-static ON: AtomicBool = AtomicBool::new(false);
-static TABLE: Mutex<BTreeMap<&'static str, (usize, Duration)>> = Mutex::new(BTreeMap::new());
+thread_local! {
+    static ON: Cell<bool> = const { Cell::new(false) };
+    static TABLE: RefCell<BTreeMap<&'static str, (usize, Duration)>> = const { RefCell::new(BTreeMap::new()) };
+}
 
-/// Starts recording (clearing what was recorded).
+/// Starts recording on this thread (clearing what was recorded).
 pub fn start() {
-    TABLE.lock().unwrap_or_else(|e| e.into_inner()).clear();
-    ON.store(true, Ordering::SeqCst);
+    TABLE.with_borrow_mut(BTreeMap::clear);
+    ON.set(true);
 }
 
-/// Stops recording; returns `(kind, calls, time)` per kind.
+/// Stops recording on this thread; returns `(kind, calls, time)` per kind.
 pub fn stop() -> Vec<(&'static str, usize, Duration)> {
-    ON.store(false, Ordering::SeqCst);
-    let table = std::mem::take(&mut *TABLE.lock().unwrap_or_else(|e| e.into_inner()));
-    table.into_iter().map(|(k, (n, t))| (k, n, t)).collect()
+    ON.set(false);
+    TABLE.with_borrow_mut(std::mem::take).into_iter().map(|(k, (n, t))| (k, n, t)).collect()
 }
 
-/// Runs `f`, timing it under `kind` when recording.
+/// Runs `f`, timing it under `kind` when this thread records.
 pub fn time<T>(kind: &'static str, device: &Device, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    if !ON.load(Ordering::Relaxed) {
+    if !ON.get() {
         return f();
     }
     device.synchronize()?;
     let t = Instant::now();
     let out = f()?;
     device.synchronize()?;
-    let mut table = TABLE.lock().unwrap_or_else(|e| e.into_inner());
-    let e = table.entry(kind).or_insert((0, Duration::ZERO));
-    e.0 += 1;
-    e.1 += t.elapsed();
+    TABLE.with_borrow_mut(|table| {
+        let e = table.entry(kind).or_insert((0, Duration::ZERO));
+        e.0 += 1;
+        e.1 += t.elapsed();
+    });
     Ok(out)
 }
 
@@ -48,7 +49,6 @@ pub fn time<T>(kind: &'static str, device: &Device, f: impl FnOnce() -> Result<T
 mod tests {
     use candle_core::{DType, Device, Tensor, Var};
 
-    /// Other tests run layers in parallel while this one records: only its own kinds are compared exactly.
     fn own(t: &[(&'static str, usize, std::time::Duration)]) -> Vec<(&'static str, usize)> {
         t.iter().filter(|(k, _, _)| k.starts_with("test ")).map(|(k, n, _)| (*k, *n)).collect()
     }
@@ -71,5 +71,9 @@ mod tests {
         super::time("test linear", &dev, || Ok(())).unwrap();
         super::start();
         assert!(own(&super::stop()).is_empty());
+        // another thread's layers are not counted
+        super::start();
+        std::thread::spawn(move || super::time("test other thread", &Device::Cpu, || Ok(())).unwrap()).join().unwrap();
+        assert!(super::stop().is_empty());
     }
 }

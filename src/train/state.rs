@@ -16,9 +16,9 @@ pub fn save(tr: &Trainer, dir: &Path) -> Result<()> {
     crate::io::tensors::write_safetensors(&tmp.join("network.safetensors"), &net, &HashMap::new())?;
     let mut opt = HashMap::new();
     let o = tr.optimizer();
-    for (gi, (g, states)) in o.groups.iter().zip(&o.state).enumerate() {
-        for (pi, st) in states.iter().enumerate() {
-            for (si, t) in st.iter().enumerate() {
+    for (gi, g) in o.groups.iter().enumerate() {
+        for pi in 0..g.params.len() {
+            for (si, t) in o.saved_state(gi, pi)?.iter().enumerate() {
                 opt.insert(format!("g{gi}.{}.p{pi}.s{si}", g.name), t.to_device(&Device::Cpu)?);
             }
         }
@@ -78,13 +78,13 @@ pub fn load_into(tr: &mut Trainer, dir: &Path) -> Result<()> {
     for gi in 0..o.groups.len() {
         let gname = o.groups[gi].name.clone();
         for pi in 0..o.state[gi].len() {
-            for si in 0..o.state[gi][pi].len() {
-                let k = format!("g{gi}.{gname}.p{pi}.s{si}");
-                o.state[gi][pi][si] = opt
-                    .get(&k)
-                    .cloned()
-                    .with_context(|| format!("{}: optimizer state `{k}` missing", dir.display()))?;
-            }
+            let parts = (0..o.saved_state(gi, pi)?.len())
+                .map(|si| {
+                    let k = format!("g{gi}.{gname}.p{pi}.s{si}");
+                    opt.get(&k).cloned().with_context(|| format!("{}: optimizer state `{k}` missing", dir.display()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            o.restore_state(gi, pi, parts).with_context(|| format!("{}: optimizer state", dir.display()))?;
         }
     }
     let scalars: Vec<f64> = info

@@ -363,10 +363,11 @@ impl Trainer {
             if !overflow {
                 let factor = self.lr.factor(self.lr_step());
                 crate::nn::profile::time("optimizer (+ clipping)", &device, || {
-                    if self.cfg.max_grad_norm > 0.0 {
-                        self.optimizer.clip_grad_norm(&mut grads, self.cfg.max_grad_norm)?;
-                    }
-                    self.optimizer.step(&grads, factor)?;
+                    let clip = match self.cfg.max_grad_norm {
+                        n if n > 0.0 => self.optimizer.clip_coef(&grads, n)?,
+                        _ => 1.0,
+                    };
+                    self.optimizer.step_scaled(&grads, factor, clip)?;
                     if let Some(n) = self.cfg.scale_weight_norms.filter(|&n| n > 0.0) {
                         self.network.apply_max_norm(n)?;
                     }

@@ -3,6 +3,7 @@
 mod cli;
 mod common;
 mod contract;
+mod cuda_emulated;
 mod datasets;
 mod gradients;
 mod import;

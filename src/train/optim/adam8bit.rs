@@ -1,15 +1,15 @@
 //! AdamW8bit as bitsandbytes keeps it: tensors of 4096 elements or more store both moments block-wise in
 //! 8 bits (blocks of 256 values, each scaled by its absolute maximum, coded on the "dynamic" maps), smaller ones
 //! in f32. Each step decodes the moments, updates in f32 and codes them again (nearest code), as bitsandbytes'
-//! reference kernel does. The update runs on the host.
+//! reference kernel does. The 8-bit state of a tensor is one packed u8 tensor on its device, updated in place by
+//! `nn::fused::adam8bit` (CUDA kernels with this CPU code as their reference); saved states hold its four parts.
 
 use super::basic::Adam;
-use anyhow::Result;
+use crate::nn::fused::adam8bit::{self as fused, Adam8bit};
+use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use std::sync::OnceLock;
 
-/// Values per quantisation block.
-const BLOCK: usize = 256;
 /// Tensors smaller than this keep f32 moments (bitsandbytes' `min_8bit_size`).
 const MIN_8BIT_SIZE: usize = 4096;
 
@@ -49,96 +49,101 @@ fn maps() -> &'static (Vec<f32>, Vec<f32>) {
     MAPS.get_or_init(|| (dynamic_map(true), dynamic_map(false)))
 }
 
-/// Zeroed state: f32 (m, v) for small tensors, else (m codes, m block maxima, v codes, v block maxima).
+/// Zeroed state: f32 (m, v) for small tensors, else the packed 8-bit state (one u8 tensor).
 pub fn init_state(p: &Tensor) -> Result<Vec<Tensor>> {
     let n = p.elem_count();
     if n < MIN_8BIT_SIZE {
         return super::basic::adam_state(p);
     }
-    let blocks = n.div_ceil(BLOCK);
-    let dev = p.device();
-    let codes = || Tensor::zeros(p.shape(), DType::U8, dev);
-    let absmax = || Tensor::zeros(blocks, DType::F32, dev);
-    Ok(vec![codes()?, absmax()?, codes()?, absmax()?])
+    let blocks = n.div_ceil(fused::QBLOCK);
+    let (m0, c0) = (vec![0f32; blocks], vec![0u8; n]);
+    Ok(vec![packed(&m0, &m0, &c0, &c0, p.device())?])
 }
 
-fn decode(codes: &[u8], absmax: &[f32], map: &[f32]) -> Vec<f32> {
-    codes.iter().enumerate().map(|(i, &c)| map[c as usize] * absmax[i / BLOCK]).collect()
+fn packed(mmax: &[f32], vmax: &[f32], mc: &[u8], vc: &[u8], dev: &Device) -> Result<Tensor> {
+    let (signed, unsigned) = maps();
+    let bytes = fused::pack((signed, unsigned), mmax, vmax, mc, vc);
+    let len = bytes.len();
+    Ok(Tensor::from_vec(bytes, len, dev)?)
 }
 
-/// The index of the code nearest to `x` (the lower one on a tie, as `argmin`).
-fn nearest(x: f32, map: &[f32]) -> u8 {
-    let hi = map.partition_point(|&c| c < x).min(map.len() - 1);
-    let mut best = hi;
-    if hi > 0 && (x - map[hi - 1]).abs() <= (x - map[hi]).abs() {
-        best = hi - 1;
+/// A parameter's state as saved: the 8-bit state as (m codes, m block maxima, v codes, v block maxima), codes in
+/// the parameter's shape; f32 moments as they are.
+pub fn saved(p: &Tensor, st: &[Tensor]) -> Result<Vec<Tensor>> {
+    if st.len() != 1 {
+        return Ok(st.to_vec());
     }
-    while best > 0 && map[best - 1] == map[best] {
-        best -= 1;
+    let bytes = st[0].to_device(&Device::Cpu)?.to_vec1::<u8>()?;
+    let fused::Parts { mmax, vmax, mc, vc } = fused::unpack(&bytes, p.elem_count())?;
+    let (blocks, cpu) = (mmax.len(), &Device::Cpu);
+    Ok(vec![
+        Tensor::from_vec(mc, p.shape(), cpu)?,
+        Tensor::from_vec(mmax, blocks, cpu)?,
+        Tensor::from_vec(vc, p.shape(), cpu)?,
+        Tensor::from_vec(vmax, blocks, cpu)?,
+    ])
+}
+
+/// The state from its saved parts (`saved`), on `p`'s device.
+pub fn restore(p: &Tensor, parts: Vec<Tensor>) -> Result<Vec<Tensor>> {
+    if parts.len() != 4 {
+        return Ok(parts);
     }
-    best as u8
-}
-
-fn encode(x: &[f32], map: &[f32]) -> (Vec<u8>, Vec<f32>) {
-    let mut codes = Vec::with_capacity(x.len());
-    let mut absmax = Vec::with_capacity(x.len().div_ceil(BLOCK));
-    for block in x.chunks(BLOCK) {
-        let mut m = block.iter().fold(0f32, |a, v| a.max(v.abs()));
-        if m == 0.0 {
-            m = 1.0;
-        }
-        absmax.push(m);
-        codes.extend(block.iter().map(|v| nearest(v / m, map)));
+    let n = p.elem_count();
+    let codes = |t: &Tensor| -> Result<Vec<u8>> { Ok(t.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<u8>()?) };
+    let maxima = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1::<f32>()?)
+    };
+    let (mc, mmax, vc, vmax) = (codes(&parts[0])?, maxima(&parts[1])?, codes(&parts[2])?, maxima(&parts[3])?);
+    if mc.len() != n || vc.len() != n || mmax.len() != n.div_ceil(fused::QBLOCK) || vmax.len() != mmax.len() {
+        bail!(
+            "AdamW8bit state: parts of {}, {}, {} and {} values for a tensor of {n}",
+            mc.len(),
+            mmax.len(),
+            vc.len(),
+            vmax.len()
+        );
     }
-    (codes, absmax)
+    Ok(vec![packed(&mmax, &vmax, &mc, &vc, p.device())?])
 }
 
-fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
-    Ok(t.flatten_all()?.to_dtype(DType::F32)?.to_device(&Device::Cpu)?.to_vec1()?)
-}
-
-/// One AdamW8bit step of `w` (returns the new weights; updates `st`).
-pub fn step(c: &Adam, w: &Tensor, g: &Tensor, st: &mut [Tensor], lr: f64, t: usize) -> Result<Tensor> {
-    if st[0].dtype() != DType::U8 {
+/// One AdamW8bit step of `w` (returns the new weights when it makes new tensors, None when `w` was updated in
+/// place; updates `st`).
+pub fn step(c: &Adam, w: &Tensor, g: &Tensor, st: &mut [Tensor], lr: f64, t: usize) -> Result<Option<Tensor>> {
+    if st.len() != 1 {
         let (m, v) = c.moments(g, &st[0], &st[1])?;
         let out = c.apply(w, &m, &v, lr, t)?;
         st[0] = m;
         st[1] = v;
-        return Ok(out);
+        return Ok(Some(out));
     }
-    let (signed, unsigned) = maps();
-    let mut m = decode(&st[0].flatten_all()?.to_vec1::<u8>()?, &host_f32(&st[1])?, signed);
-    let mut v = decode(&st[2].flatten_all()?.to_vec1::<u8>()?, &host_f32(&st[3])?, unsigned);
-    let grad = host_f32(g)?;
-    let mut p = host_f32(w)?;
     let (b1, b2) = c.betas;
-    let (b1f, b2f, a1, a2) = (b1 as f32, b2 as f32, (1.0 - b1) as f32, (1.0 - b2) as f32);
-    let bc1 = 1.0 - b1.powi(t as i32);
-    let sqrt_bc2 = ((1.0 - b2.powi(t as i32)).sqrt()) as f32;
-    let decay = (1.0 - lr * c.weight_decay) as f32;
-    let step_size = (-lr / bc1) as f32;
-    for i in 0..p.len() {
-        m[i] = m[i] * b1f + a1 * grad[i];
-        v[i] = v[i] * b2f + a2 * grad[i] * grad[i];
-        let denom = v[i].sqrt() / sqrt_bc2 + c.eps as f32;
-        if c.weight_decay > 0.0 {
-            p[i] *= decay;
-        }
-        p[i] += step_size * (m[i] / denom);
+    let a = Adam8bit {
+        betas: (b1 as f32, b2 as f32),
+        one_minus: ((1.0 - b1) as f32, (1.0 - b2) as f32),
+        sqrt_bc2: (1.0 - b2.powi(t as i32)).sqrt() as f32,
+        eps: c.eps as f32,
+        decay: (c.weight_decay > 0.0).then_some((1.0 - lr * c.weight_decay) as f32),
+        step_size: (-lr / (1.0 - b1.powi(t as i32))) as f32,
+    };
+    let g = g.to_dtype(w.dtype())?.contiguous()?;
+    if !w.is_contiguous() {
+        bail!("AdamW8bit: the weights must be contiguous");
     }
-    let (mc, ma) = encode(&m, signed);
-    let (vc, va) = encode(&v, unsigned);
-    let dev = w.device();
-    st[0] = Tensor::from_vec(mc, st[0].shape(), dev)?;
-    st[1] = Tensor::from_vec(ma, st[1].shape(), dev)?;
-    st[2] = Tensor::from_vec(vc, st[2].shape(), dev)?;
-    st[3] = Tensor::from_vec(va, st[3].shape(), dev)?;
-    Ok(Tensor::from_vec(p, w.shape(), dev)?.to_dtype(w.dtype())?)
+    a.weights_(w, &g, &st[0])?;
+    a.state_(&st[0], &g)?;
+    Ok(None)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::nn::fused::adam8bit::{encode, nearest};
+
+    fn decode(codes: &[u8], absmax: &[f32], map: &[f32]) -> Vec<f32> {
+        codes.iter().enumerate().map(|(i, &c)| map[c as usize] * absmax[i / fused::QBLOCK]).collect()
+    }
 
     #[test]
     fn codes_round_to_nearest_and_back() {

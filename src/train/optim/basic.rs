@@ -68,6 +68,27 @@ impl Adam {
         *st = vec![m, v];
         Ok(out)
     }
+
+    /// `step` as three fused in-place updates (moments, then weights; see `nn::fused`) with the gradient
+    /// multiplied by `grad_scale`: the same arithmetic, three kernel launches instead of fifteen.
+    pub fn step_in_place(
+        &self,
+        w: &Tensor,
+        g: &Tensor,
+        st: &[Tensor],
+        lr: f64,
+        t: usize,
+        grad_scale: f64,
+    ) -> Result<()> {
+        use crate::nn::fused;
+        let (b1, b2) = self.betas;
+        fused::ema_(&st[0], g, b1, grad_scale, false)?;
+        fused::ema_(&st[1], g, b2, grad_scale, true)?;
+        let (bc1, bc2) = (1.0 - b1.powi(t as i32), 1.0 - b2.powi(t as i32));
+        let p =
+            fused::AdamW { decay: 1.0 - lr * self.weight_decay, step: lr / bc1, sqrt_bc2: bc2.sqrt(), eps: self.eps };
+        p.apply_(w, &st[0], &st[1])
+    }
 }
 
 impl Lion {

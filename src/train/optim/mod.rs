@@ -313,6 +313,11 @@ impl Optimizer {
     /// this step (a layer the loss does not reach, a module dropped by module_dropout) are left as they are, as
     /// PyTorch's optimizers do.
     pub fn step(&mut self, grads: &GradStore, lr_multiplier: f64) -> Result<()> {
+        self.step_scaled(grads, lr_multiplier, 1.0)
+    }
+
+    /// `step` with every gradient multiplied by `grad_scale` (the clipping factor of `clip_coef`).
+    pub fn step_scaled(&mut self, grads: &GradStore, lr_multiplier: f64, grad_scale: f64) -> Result<()> {
         let grads: Vec<Vec<Option<Tensor>>> = self
             .groups
             .iter()
@@ -322,6 +327,16 @@ impl Optimizer {
             bail!("no parameter received a gradient: nothing the loss depends on is being trained");
         }
         let Self { kind, groups, state, scalars, param_steps, .. } = self;
+        // the fused AdamW takes the factor inside its kernel; the other rules get scaled gradients
+        let fused_adamw = matches!(kind, Kind::AdamW(_));
+        let grads = if grad_scale == 1.0 || fused_adamw {
+            grads
+        } else {
+            grads
+                .into_iter()
+                .map(|g| g.into_iter().map(|g| g.map(|g| g * grad_scale).transpose()).collect())
+                .collect::<candle_core::Result<_>>()?
+        };
         match kind {
             Kind::Prodigy(c) => return c.step(groups, state, scalars, &grads, lr_multiplier),
             Kind::DAdaptAdam(c) => return c.step(groups, state, scalars, &grads, lr_multiplier),
@@ -335,8 +350,16 @@ impl Optimizer {
                 let t = param_steps[gi][pi];
                 let (w, st) = (p.as_tensor(), &mut state[gi][pi]);
                 let new = match kind {
+                    Kind::AdamW(c) if crate::nn::fused::applies(&[w, g, &st[0], &st[1]])? => {
+                        c.step_in_place(w, g, st, lr, t, grad_scale)?;
+                        continue;
+                    }
+                    Kind::AdamW(c) if grad_scale != 1.0 => c.step(w, &(g * grad_scale)?, st, lr, t)?,
                     Kind::AdamW(c) => c.step(w, g, st, lr, t)?,
-                    Kind::AdamW8bit(c) => adam8bit::step(c, w, g, st, lr, t)?,
+                    Kind::AdamW8bit(c) => match adam8bit::step(c, w, g, st, lr, t)? {
+                        Some(new) => new,
+                        None => continue,
+                    },
                     Kind::Lion(c) => c.step(w, g, st, lr)?,
                     Kind::SgdNesterov(c) => c.step(w, g, st, lr, t)?,
                     Kind::Adafactor(c) => c.step(w, g, st, lr, t)?,
@@ -345,6 +368,24 @@ impl Optimizer {
                 p.set(&new)?;
             }
         }
+        Ok(())
+    }
+
+    /// Parameter `pi` of group `gi`'s state as saved (AdamW8bit's packed state as its parts).
+    pub fn saved_state(&self, gi: usize, pi: usize) -> Result<Vec<Tensor>> {
+        let st = &self.state[gi][pi];
+        match self.kind {
+            Kind::AdamW8bit(_) => adam8bit::saved(self.groups[gi].params[pi].as_tensor(), st),
+            _ => Ok(st.clone()),
+        }
+    }
+
+    /// Sets parameter `pi` of group `gi`'s state from what `saved_state` gave.
+    pub fn restore_state(&mut self, gi: usize, pi: usize, saved: Vec<Tensor>) -> Result<()> {
+        self.state[gi][pi] = match self.kind {
+            Kind::AdamW8bit(_) => adam8bit::restore(self.groups[gi].params[pi].as_tensor(), saved)?,
+            _ => saved,
+        };
         Ok(())
     }
 
@@ -373,23 +414,22 @@ impl Optimizer {
         matches!(self.kind, Kind::Prodigy(_) | Kind::DAdaptAdam(_)).then(|| self.scalars[0])
     }
 
-    /// Clips the global gradient norm to `max_norm` (returns the norm before clipping), as `clip_grad_norm_`.
-    pub fn clip_grad_norm(&self, grads: &mut GradStore, max_norm: f64) -> Result<f64> {
-        let mut total = 0f64;
-        for g in self.groups.iter().flat_map(|g| &g.params).filter_map(|p| grads.get(p.as_tensor())) {
-            total += g.sqr()?.sum_all()?.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-        }
-        let norm = total.sqrt();
-        let coef = max_norm / (norm + 1e-6);
-        if coef < 1.0 {
-            for p in self.groups.iter().flat_map(|g| &g.params) {
-                if let Some(g) = grads.get(p.as_tensor()) {
-                    let scaled = (g * coef)?;
-                    grads.insert(p.as_tensor(), scaled);
-                }
+    /// The factor that clips the global gradient norm to `max_norm` as `clip_grad_norm_` (1 when the norm is
+    /// below it), for `step_scaled`. The squares are summed on the device: one synchronisation.
+    pub fn clip_coef(&self, grads: &GradStore, max_norm: f64) -> Result<f64> {
+        let gs: Vec<&Tensor> =
+            self.groups.iter().flat_map(|g| &g.params).filter_map(|p| grads.get(p.as_tensor())).collect();
+        let Some(first) = gs.first() else { return Ok(1.0) };
+        let mut acc = Tensor::zeros(1, candle_core::DType::F32, first.device())?;
+        for g in gs {
+            if crate::nn::fused::applies(&[g])? {
+                crate::nn::fused::add_sum_squares(&acc, g)?;
+            } else {
+                acc = (acc + g.to_dtype(candle_core::DType::F32)?.sqr()?.sum_all()?.reshape(1)?)?;
             }
         }
-        Ok(norm)
+        let norm = (acc.to_vec1::<f32>()?[0] as f64).sqrt();
+        Ok((max_norm / (norm + 1e-6)).min(1.0))
     }
 }
 

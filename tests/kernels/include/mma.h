@@ -1,0 +1,1 @@
+#include "../emulation.h"
