@@ -212,7 +212,7 @@ impl InplaceOp3 for Weights {
         st: &candle_core::CudaStorage,
         sl: &Layout,
     ) -> candle_core::Result<()> {
-        use super::cuda::Arg::{F32, I32};
+        use super::cuda::{adam8bit_weights, Arg::F32, Arg::I32};
         let a = self.0;
         let extra = [
             F32(a.betas.0),
@@ -225,7 +225,7 @@ impl InplaceOp3 for Weights {
             F32(a.step_size),
             I32(a.decay.is_some() as i32),
         ];
-        super::cuda::adam8bit_weights(w, wl, g, gl, st, sl, &extra)
+        by_dtype!(w.dtype(), self.name(), adam8bit_weights(w, wl, g, gl, st, sl, &extra))
     }
 }
 
@@ -251,9 +251,9 @@ impl InplaceOp2 for State {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        use super::cuda::Arg::F32;
+        use super::cuda::{adam8bit_state, Arg::F32};
         let a = self.0;
         let extra = [F32(a.betas.0), F32(a.betas.1), F32(a.one_minus.0), F32(a.one_minus.1)];
-        super::cuda::adam8bit_state(st, sl, g, gl, &extra)
+        by_dtype!(g.dtype(), self.name(), adam8bit_state(st, sl, g, gl, &extra))
     }
 }

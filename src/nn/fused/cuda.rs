@@ -1,4 +1,5 @@
-//! Launching sdtune's kernels (`src/kernels/*.cu`, compiled to PTX by build.rs).
+//! Launching sdtune's kernels (`src/kernels/*.cu`, compiled to PTX by build.rs). The launchers are generic over
+//! the element type `T`; callers pick it from the tensors' dtype with `by_dtype!`.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::cudarc::driver::{CudaView, DeviceRepr, LaunchArgs, LaunchConfig, PushKernelArg};
@@ -67,18 +68,7 @@ fn elementwise(n: usize) -> LaunchConfig {
 
 /// `KERNEL_<dtype>(dst, srcs…, n, extra…)` in place over the elements of `dst` (every source of `dst`'s dtype and
 /// size).
-pub fn launch(
-    module: &str,
-    kernel: &str,
-    dst: &mut CudaStorage,
-    dl: &Layout,
-    srcs: &[(&CudaStorage, &Layout)],
-    extra: &[Arg],
-) -> Result<()> {
-    by_dtype!(dst.dtype(), kernel, typed(module, kernel, dst, dl, srcs, extra))
-}
-
-fn typed<T: CudaDType + DeviceRepr>(
+pub fn launch<T: CudaDType + DeviceRepr>(
     module: &str,
     kernel: &str,
     dst: &mut CudaStorage,
@@ -113,11 +103,7 @@ fn typed<T: CudaDType + DeviceRepr>(
 }
 
 /// `sum_squares_<dtype>(acc, g, n)`: `acc` one f32, `g` of a float dtype.
-pub fn sum_squares(acc: &mut CudaStorage, al: &Layout, g: &CudaStorage, gl: &Layout) -> Result<()> {
-    by_dtype!(g.dtype(), "sum_squares", sum_squares_typed(acc, al, g, gl))
-}
-
-fn sum_squares_typed<T: CudaDType + DeviceRepr>(
+pub fn sum_squares<T: CudaDType + DeviceRepr>(
     acc: &mut CudaStorage,
     al: &Layout,
     g: &CudaStorage,
@@ -143,18 +129,7 @@ fn sum_squares_typed<T: CudaDType + DeviceRepr>(
 /// `KERNEL_<dtype>(inputs…, out, extra…)` with one block per row of a `rows`-row view: `inputs` are `(storage,
 /// layout, f32?)` (an f32 input of any size, or one of the first input's dtype and size); `out` is new, of the
 /// first input's dtype and size.
-pub fn rows(
-    module: &str,
-    kernel: &str,
-    inputs: &[(&CudaStorage, &Layout, bool)],
-    rows: usize,
-    extra: &[Arg],
-) -> Result<CudaStorage> {
-    let first = inputs.first().ok_or_else(|| candle_core::Error::Msg(format!("{kernel}: no input")))?.0;
-    by_dtype!(first.dtype(), kernel, rows_typed(module, kernel, inputs, rows, extra))
-}
-
-fn rows_typed<T: CudaDType + DeviceRepr>(
+pub fn rows<T: CudaDType + DeviceRepr>(
     module: &str,
     kernel: &str,
     inputs: &[(&CudaStorage, &Layout, bool)],
@@ -204,19 +179,7 @@ fn rows_typed<T: CudaDType + DeviceRepr>(
 }
 
 /// `adam8bit_weights_<dtype>(w, g, state, n, extra…)`: `w` updated in place, `state` the packed u8 state.
-pub fn adam8bit_weights(
-    w: &mut CudaStorage,
-    wl: &Layout,
-    g: &CudaStorage,
-    gl: &Layout,
-    st: &CudaStorage,
-    sl: &Layout,
-    extra: &[Arg],
-) -> Result<()> {
-    by_dtype!(w.dtype(), "adam8bit_weights", adam8bit_weights_typed(w, wl, g, gl, st, sl, extra))
-}
-
-fn adam8bit_weights_typed<T: CudaDType + DeviceRepr>(
+pub fn adam8bit_weights<T: CudaDType + DeviceRepr>(
     w: &mut CudaStorage,
     wl: &Layout,
     g: &CudaStorage,
@@ -248,11 +211,7 @@ fn adam8bit_weights_typed<T: CudaDType + DeviceRepr>(
 }
 
 /// `adam8bit_state_<dtype>(state, g, n, extra…)`: the packed u8 `state` updated in place, one block per 256 values.
-pub fn adam8bit_state(st: &mut CudaStorage, sl: &Layout, g: &CudaStorage, gl: &Layout, extra: &[Arg]) -> Result<()> {
-    by_dtype!(g.dtype(), "adam8bit_state", adam8bit_state_typed(st, sl, g, gl, extra))
-}
-
-fn adam8bit_state_typed<T: CudaDType + DeviceRepr>(
+pub fn adam8bit_state<T: CudaDType + DeviceRepr>(
     st: &mut CudaStorage,
     sl: &Layout,
     g: &CudaStorage,

@@ -168,8 +168,9 @@ impl CustomOp2 for Forward {
         wb: &candle_core::CudaStorage,
         wbl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
-        let out =
-            super::cuda::rows("norm", "norm_fwd", &[(x, xl, false), (wb, wbl, true)], self.0.rows, &args(self.0, xl))?;
+        use super::cuda::rows;
+        let inputs = [(x, xl, false), (wb, wbl, true)];
+        let out = by_dtype!(x.dtype(), self.name(), rows("norm", "norm_fwd", &inputs, self.0.rows, &args(self.0, xl)))?;
         Ok((out, xl.shape().clone()))
     }
 }
@@ -210,7 +211,8 @@ impl CustomOp3 for Backward {
         gyl: &Layout,
     ) -> candle_core::Result<(candle_core::CudaStorage, Shape)> {
         let inputs = [(x, xl, false), (wb, wbl, true), (gy, gyl, false)];
-        let out = super::cuda::rows("norm", "norm_bwd", &inputs, self.0.rows, &args(self.0, xl))?;
+        use super::cuda::rows;
+        let out = by_dtype!(x.dtype(), self.name(), rows("norm", "norm_bwd", &inputs, self.0.rows, &args(self.0, xl)))?;
         Ok((out, xl.shape().clone()))
     }
 }

@@ -104,15 +104,9 @@ impl InplaceOp2 for Ema {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        use super::cuda::Arg::{F32, I32};
-        super::cuda::launch(
-            "optim",
-            "ema",
-            dst,
-            dl,
-            &[(g, gl)],
-            &[F32(self.beta), F32(self.one_minus_beta), F32(self.scale), I32(self.square as i32)],
-        )
+        use super::cuda::{launch, Arg::F32, Arg::I32};
+        let extra = [F32(self.beta), F32(self.one_minus_beta), F32(self.scale), I32(self.square as i32)];
+        by_dtype!(dst.dtype(), self.name(), launch("optim", "ema", dst, dl, &[(g, gl)], &extra))
     }
 }
 
@@ -149,9 +143,9 @@ impl InplaceOp3 for AdamW {
         v: &candle_core::CudaStorage,
         vl: &Layout,
     ) -> candle_core::Result<()> {
-        use super::cuda::Arg::F32;
+        use super::cuda::{launch, Arg::F32};
         let p = [F32(self.decay as f32), F32(self.step as f32), F32(self.sqrt_bc2 as f32), F32(self.eps as f32)];
-        super::cuda::launch("optim", "adamw", dst, wl, &[(m, ml), (v, vl)], &p)
+        by_dtype!(dst.dtype(), self.name(), launch("optim", "adamw", dst, wl, &[(m, ml), (v, vl)], &p))
     }
 }
 
@@ -175,7 +169,8 @@ impl InplaceOp2 for SumSquares {
         g: &candle_core::CudaStorage,
         gl: &Layout,
     ) -> candle_core::Result<()> {
-        super::cuda::sum_squares(dst, al, g, gl)
+        use super::cuda::sum_squares;
+        by_dtype!(g.dtype(), self.name(), sum_squares(dst, al, g, gl))
     }
 }
 
