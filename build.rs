@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The kernel sources, each compiled to `OUT_DIR/<name>.ptx`.
-const KERNELS: &[&str] = &["optim", "norm", "adam8bit", "flash", "conv"];
+const KERNELS: &[&str] = &["optim", "norm", "adam8bit", "flash", "conv", "rand"];
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");

@@ -77,6 +77,27 @@ impl Bench {
         });
         println!("| {name} | {fwd_c:.3} | {fwd_s:.3} | {both_c:.3} | {both_s:.3} |");
     }
+
+    /// A LoRA dropout mask: the stream drawn one after another on the host and uploaded (how sdtune made it
+    /// before `nn::fused::keep_mask`) against `keep_mask` (on CUDA one kernel, on the CPU parallel draws).
+    fn dropout_mask(&self, shape: &[usize]) {
+        let n: usize = shape.iter().product();
+        let mut rng = sdtune::rng::Rng::new(1);
+        let host = self.time(9, || {
+            let keep: Vec<f32> = (0..n).map(|_| if rng.uniform() >= 0.1 { 1.0 / 0.9 } else { 0.0 }).collect();
+            Tensor::from_vec(keep, shape, &Device::Cpu)
+                .unwrap()
+                .to_dtype(self.dtype)
+                .unwrap()
+                .to_device(&self.dev)
+                .unwrap();
+        });
+        let ours = self.time(9, || {
+            let state = rng.reserve(n);
+            sdtune::nn::fused::keep_mask(state, shape, 0.1, 1.0 / 0.9, self.dtype, &self.dev).unwrap();
+        });
+        println!("| dropout mask {shape:?} | {host:.3} | {ours:.3} |");
+    }
 }
 
 /// The attention as sdtune computed it before the chunked op: composed, differentiable candle ops, softmax in f32.
@@ -271,6 +292,18 @@ fn check_kernels(dev: &Device) -> bool {
                 println!("| {name}{part} | {dtype:?} | {n} | {r:.2e}{} | {tol:.0e} |", if pass { "" } else { " FAIL" });
             }
         }
+        // LoRA dropout masks from the random stream: the same bits on every device
+        for (n, state) in [(1000usize, 7u64), ((1 << 20) + 3, u64::MAX - 5)] {
+            let mask = |d: &Device| fused::keep_mask(state, &[n], 0.1, 1.0 / 0.9, dtype, d).unwrap();
+            let (ours, cpu) = (mask(dev).to_device(&Device::Cpu).unwrap(), mask(&Device::Cpu));
+            let differ = ours.ne(&cpu).unwrap().to_dtype(DType::F32).unwrap().sum_all().unwrap();
+            let differ = differ.to_scalar::<f32>().unwrap();
+            ok &= differ == 0.0;
+            println!(
+                "| dropout mask (elements differing) | {dtype:?} | {n} | {differ}{} | 0 |",
+                if differ == 0.0 { "" } else { " FAIL" }
+            );
+        }
     }
     ok
 }
@@ -318,5 +351,9 @@ fn main() {
         bench.attention("self-attention, 8 heads, [2,512,64]", 2, 512, 512, 64, 8);
         bench.attention("self-attention, 8 heads, [2,256,64]", 2, 256, 256, 64, 8);
         bench.attention("cross-attention, 8 heads, 512→77, width 64", 2, 512, 77, 64, 8);
+    }
+    println!("\n| op ({}, {}) | host draws + upload ms | sdtune ms |\n|---|---|---|", arg(1, "f32"), arg(0, "cpu"));
+    for shape in [[4usize, 1024, 16], [4, 4096, 16]] {
+        bench.dropout_mask(&shape);
     }
 }

@@ -21,16 +21,21 @@ impl Rng {
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.state = self.state.wrapping_add(GAMMA);
+        mix(self.state)
     }
 
     /// Uniform in (0, 1).
     pub fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+        unit(self.next_u64())
+    }
+
+    /// Skips the next `n` draws and returns the state before them: draw `i` of those is `uniform_at(state, i)`,
+    /// computable in any order and on any device (`src/kernels/rand.cu`).
+    pub fn reserve(&mut self, n: usize) -> u64 {
+        let start = self.state;
+        self.state = self.state.wrapping_add((n as u64).wrapping_mul(GAMMA));
+        start
     }
 
     /// An index in `0..n` (n > 0).
@@ -67,7 +72,53 @@ impl Rng {
     }
 }
 
+/// SplitMix64's increment: the stream's state after `i` draws is `seed + i·GAMMA`.
+const GAMMA: u64 = 0x9E37_79B9_7F4A_7C15;
+
+/// SplitMix64's output for a state.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// The top 53 bits of a draw as a uniform in (0, 1).
+fn unit(x: u64) -> f64 {
+    ((x >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+}
+
+/// The uniform draw `i` (from 0) of a stream at `state`, as `Rng::uniform` gives it in turn.
+pub fn uniform_at(state: u64, i: u64) -> f64 {
+    unit(mix(state.wrapping_add(i.wrapping_add(1).wrapping_mul(GAMMA))))
+}
+
 /// `n` standard normal samples for `seed`.
 pub fn randn_vec(n: usize, seed: u64) -> Vec<f32> {
     Rng::new(seed).normal_vec(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splitmix64_gives_its_published_first_output() {
+        assert_eq!(Rng::new(0).next_u64(), 0xE220_A839_7B1D_CDAF);
+    }
+
+    #[test]
+    fn reserved_draws_are_the_streams_next_draws() {
+        for seed in [0, 42, u64::MAX - 3] {
+            let mut seq = Rng::new(seed);
+            let mut skip = Rng::new(seed);
+            seq.uniform();
+            skip.uniform();
+            let start = skip.reserve(1000);
+            for i in 0..1000 {
+                assert_eq!(uniform_at(start, i).to_bits(), seq.uniform().to_bits(), "seed {seed}, draw {i}");
+            }
+            // after the reserved draws both streams continue alike
+            assert_eq!(skip.uniform().to_bits(), seq.uniform().to_bits());
+        }
+    }
 }

@@ -73,7 +73,8 @@ impl LoraModule {
         let mut scale = self.scale();
         if training {
             if let Some(p) = self.state.dropouts.neuron.filter(|&p| p > 0.0) {
-                h = self.dropout_mask(&h, h.dims().to_vec(), p)?;
+                // inverted dropout: zero with probability p, scale the rest by 1/(1−p)
+                h = h.mul(&self.keep_mask(h.dims(), p, (1.0 / (1.0 - p)) as f32, &h)?)?;
             }
             if let Some(p) = self.state.dropouts.rank.filter(|&p| p > 0.0) {
                 let r = self.rank();
@@ -83,12 +84,7 @@ impl LoraModule {
                 // the rank axis: last for Linear, 1 for Conv
                 let axis = if matches!(self.layer.kind, LayerKind::Linear { .. }) { h.rank() - 1 } else { 1 };
                 shape[axis] = r;
-                let keep: Vec<f32> = {
-                    let mut rng = self.state.rng.lock().expect("rng lock");
-                    (0..b * r).map(|_| if rng.uniform() >= p { 1.0 } else { 0.0 }).collect()
-                };
-                let mask = Tensor::from_vec(keep, shape.as_slice(), h.device())?.to_dtype(h.dtype())?;
-                h = h.broadcast_mul(&mask)?;
+                h = h.broadcast_mul(&self.keep_mask(&shape, p, 1.0, &h)?)?;
                 scale /= 1.0 - p;
             }
         }
@@ -101,15 +97,11 @@ impl LoraModule {
         })
     }
 
-    /// Inverted dropout: zero with probability p, scale the rest by 1/(1−p).
-    fn dropout_mask(&self, h: &Tensor, shape: Vec<usize>, p: f64) -> Result<Tensor> {
-        let n: usize = shape.iter().product();
-        let keep: Vec<f32> = {
-            let mut rng = self.state.rng.lock().expect("rng lock");
-            (0..n).map(|_| if rng.uniform() >= p { (1.0 / (1.0 - p)) as f32 } else { 0.0 }).collect()
-        };
-        let mask = Tensor::from_vec(keep, shape.as_slice(), h.device())?.to_dtype(h.dtype())?;
-        Ok(h.mul(&mask)?)
+    /// A mask of `shape` for `h` (its dtype and device): `keep` with probability 1 − p, else 0, from the next
+    /// draws of the network's stream.
+    fn keep_mask(&self, shape: &[usize], p: f64, keep: f32, h: &Tensor) -> Result<Tensor> {
+        let state = self.state.rng.lock().expect("rng lock").reserve(shape.iter().product());
+        crate::nn::fused::keep_mask(state, shape, p, keep, h.dtype(), h.device())
     }
 }
 
@@ -132,5 +124,77 @@ impl Adapter for LoraAdapter {
 
     fn owner(&self) -> usize {
         self.0.state.id
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::nn::adapter::Slot;
+    use candle_core::{DType, Device};
+
+    /// A rank-`r` module on a 6→5 Linear (alpha 2·r: scale 2) with these dropouts, training, and its stream's seed.
+    fn module(r: usize, dropouts: Dropouts) -> (LoraModule, u64) {
+        let dev = Device::Cpu;
+        let mut init = Rng::new(1);
+        let down = Tensor::from_vec(init.normal_vec(r * 6), (r, 6), &dev).unwrap();
+        let up = Tensor::from_vec(init.normal_vec(5 * r), (5, r), &dev).unwrap();
+        let layer = LayerInfo {
+            name: "proj".into(),
+            kind: LayerKind::Linear { in_features: 6, out_features: 5 },
+            slot: Slot::new(Tensor::zeros((5, 6), DType::F32, &dev).unwrap()),
+        };
+        let state = Arc::new(NetworkState {
+            id: 1,
+            multiplier: RwLock::new(1.0),
+            training: AtomicBool::new(true),
+            dropouts,
+            rng: Mutex::new(Rng::new(99)),
+        });
+        let m = LoraModule {
+            name: "lora_unet_proj".into(),
+            layer,
+            down: Var::from_tensor(&down).unwrap(),
+            up: Var::from_tensor(&up).unwrap(),
+            alpha: 2.0 * r as f64,
+            state,
+        };
+        (m, 99)
+    }
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap()
+    }
+
+    #[test]
+    fn neuron_and_rank_dropout_follow_sd_scripts() {
+        let x = Tensor::from_vec(Rng::new(2).normal_vec(2 * 3 * 6), (2, 3, 6), &Device::Cpu).unwrap();
+        // network_dropout: F.dropout on down(x), the survivors scaled by 1/(1 − p), from the stream's next draws
+        let (m, seed) = module(4, Dropouts { neuron: Some(0.5), ..Dropouts::default() });
+        let got = m.project(&x).unwrap();
+        let mut rng = Rng::new(seed);
+        let keep: Vec<f32> = (0..2 * 3 * 4).map(|_| if rng.uniform() >= 0.5 { 2.0 } else { 0.0 }).collect();
+        assert!(keep.contains(&0.0) && keep.contains(&2.0));
+        let keep = Tensor::from_vec(keep, (2, 3, 4), &Device::Cpu).unwrap();
+        let h = x.broadcast_matmul(&m.down.as_tensor().t().unwrap()).unwrap().mul(&keep).unwrap();
+        let want = (h.broadcast_matmul(&m.up.as_tensor().t().unwrap()).unwrap() * 2.0).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        // rank_dropout: whole ranks per sample ([B, 1, r] for a Linear on tokens), the scale divided by 1 − p
+        let (m, seed) = module(4, Dropouts { rank: Some(0.25), ..Dropouts::default() });
+        let got = m.project(&x).unwrap();
+        let mut rng = Rng::new(seed);
+        let keep: Vec<f32> = (0..2 * 4).map(|_| if rng.uniform() >= 0.25 { 1.0 } else { 0.0 }).collect();
+        let keep = Tensor::from_vec(keep, (2, 1, 4), &Device::Cpu).unwrap();
+        let h = x.broadcast_matmul(&m.down.as_tensor().t().unwrap()).unwrap().broadcast_mul(&keep).unwrap();
+        let want = (h.broadcast_matmul(&m.up.as_tensor().t().unwrap()).unwrap() * (2.0 / 0.75)).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        // not training: no dropout, and the stream does not move
+        m.state.training.store(false, Ordering::Relaxed);
+        let before = m.state.rng.lock().unwrap().state();
+        let plain = m.project(&x).unwrap();
+        assert_eq!(m.state.rng.lock().unwrap().state(), before);
+        let h = x.broadcast_matmul(&m.down.as_tensor().t().unwrap()).unwrap();
+        let want = (h.broadcast_matmul(&m.up.as_tensor().t().unwrap()).unwrap() * 2.0).unwrap();
+        assert!(max_diff(&plain, &want) < 1e-5);
     }
 }

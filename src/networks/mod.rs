@@ -289,10 +289,20 @@ impl Network {
     /// `min(n, max_norm)/n < 1` both factors are scaled by its square root. Returns (modules scaled, mean norm,
     /// max norm) of the norms after scaling.
     pub fn apply_max_norm(&self, max_norm: f64) -> Result<(usize, f64, f64)> {
+        if self.modules.is_empty() {
+            return Ok((0, 0.0, 0.0));
+        }
+        // every module's squared norm on the device, read in one transfer
+        let squares = self
+            .modules
+            .iter()
+            .map(|(_, m)| Ok(m.delta_weight()?.sqr()?.sum_all()?.to_dtype(DType::F64)?))
+            .collect::<Result<Vec<_>>>()?;
+        let squares = Tensor::stack(&squares, 0)?.to_vec1::<f64>()?;
         let mut scaled = 0;
         let mut norms = Vec::with_capacity(self.modules.len());
-        for (_, m) in &self.modules {
-            let norm = m.delta_weight()?.sqr()?.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?.sqrt();
+        for ((_, m), square) in self.modules.iter().zip(squares) {
+            let norm = square.sqrt();
             let n = norm.max(max_norm / 2.0);
             let ratio = n.min(max_norm) / n;
             if ratio != 1.0 {

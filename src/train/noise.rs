@@ -29,34 +29,36 @@ pub fn apply_noise_offset(
     Ok(noise.broadcast_add(&extra.mul(&strength)?.to_dtype(noise.dtype())?)?)
 }
 
-/// Bilinear resize (align_corners=False) of `[B,C,h,w]` to `(H, W)`, as `F.interpolate(mode="bilinear")`.
-fn bilinear(x: &Tensor, h_out: usize, w_out: usize) -> Result<Tensor> {
-    let (b, c, h, w) = x.dims4()?;
-    let v = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let coord = |o: usize, n_in: usize, n_out: usize| -> (usize, usize, f32) {
-        let s = ((o as f32 + 0.5) * n_in as f32 / n_out as f32 - 0.5).max(0.0);
-        let i0 = (s.floor() as usize).min(n_in - 1);
+/// The `[n_out, n_in]` weights of a bilinear resize along one side (align_corners=False), with torch's source
+/// coordinates: `max(0, (o + ½)·n_in/n_out − ½)`, its floor and the next pixel (the last pixel twice at the edge).
+fn bilinear_weights(n_in: usize, n_out: usize) -> Vec<f32> {
+    let scale = n_in as f32 / n_out as f32;
+    let mut m = vec![0f32; n_out * n_in];
+    for o in 0..n_out {
+        let s = (scale * (o as f32 + 0.5) - 0.5).max(0.0);
+        let i0 = (s as usize).min(n_in - 1);
         let i1 = (i0 + 1).min(n_in - 1);
-        (i0, i1, s - i0 as f32)
-    };
-    let mut out = Vec::with_capacity(b * c * h_out * w_out);
-    for p in 0..b * c {
-        let plane = &v[p * h * w..(p + 1) * h * w];
-        for oy in 0..h_out {
-            let (y0, y1, fy) = coord(oy, h, h_out);
-            for ox in 0..w_out {
-                let (x0, x1, fx) = coord(ox, w, w_out);
-                let top = plane[y0 * w + x0] * (1.0 - fx) + plane[y0 * w + x1] * fx;
-                let bot = plane[y1 * w + x0] * (1.0 - fx) + plane[y1 * w + x1] * fx;
-                out.push(top * (1.0 - fy) + bot * fy);
-            }
-        }
+        let f = (s - i0 as f32).clamp(0.0, 1.0);
+        m[o * n_in + i0] += 1.0 - f;
+        m[o * n_in + i1] += f;
     }
-    Ok(Tensor::from_vec(out, (b, c, h_out, w_out), x.device())?)
+    m
 }
 
-/// Pyramid noise: `ε += Σ_i bilinear(N(0,1)[B,C,W/r^i,H/r^i])·discount^i` (r ~ U(2,4), i ≥ 1, stopping after a
-/// 1-pixel level), then `ε /= std(ε)`.
+/// Bilinear resize (align_corners=False) of `[B,C,h,w]` to `(H, W)`, as `F.interpolate(mode="bilinear")`: two
+/// GEMMs with the sides' weight matrices, along the width first as torch, on `x`'s device.
+fn bilinear(x: &Tensor, h_out: usize, w_out: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let dev = x.device();
+    let along_w = Tensor::from_vec(bilinear_weights(w, w_out), (w_out, w), dev)?;
+    let along_h = Tensor::from_vec(bilinear_weights(h, h_out), (h_out, h), dev)?;
+    let rows = x.to_dtype(DType::F32)?.reshape((b * c * h, w))?.matmul(&along_w.t()?)?;
+    let y = along_h.broadcast_left(b * c)?.matmul(&rows.reshape((b * c, h, w_out))?)?;
+    Ok(y.reshape((b, c, h_out, w_out))?)
+}
+
+/// Pyramid noise: `ε += Σ_i bilinear(N(0,1)[B,C,H/r^i,W/r^i])·discount^i` (r ~ U(2,4) per level, i from 0: the
+/// first level is a full-size draw; stopping after a 1-pixel side), then `ε /= std(ε)`; all on `noise`'s device.
 pub fn apply_multires_noise(noise: &Tensor, iterations: usize, discount: f64, rng: &mut Rng) -> Result<Tensor> {
     let (b, c, h, w) = noise.dims4()?;
     let mut n = noise.to_dtype(DType::F32)?;
@@ -70,10 +72,11 @@ pub fn apply_multires_noise(noise: &Tensor, iterations: usize, discount: f64, rn
             break;
         }
     }
-    let std = n.flatten_all()?.to_vec1::<f32>()?;
-    let mean = std.iter().map(|&x| x as f64).sum::<f64>() / std.len() as f64;
-    let var = std.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / (std.len() - 1).max(1) as f64;
-    Ok((n / var.sqrt())?.to_dtype(noise.dtype())?)
+    // the sample standard deviation, in f64 on the device
+    let n64 = n.to_dtype(DType::F64)?;
+    let centred = n64.broadcast_sub(&n64.mean_all()?)?;
+    let std = (centred.sqr()?.sum_all()? / (n.elem_count() - 1).max(1) as f64)?.sqrt()?;
+    Ok(n.broadcast_div(&std.to_dtype(DType::F32)?)?.to_dtype(noise.dtype())?)
 }
 
 /// The noisy latents: `√ᾱ·z + √(1−ᾱ)·(ε + γ·ε')` with input perturbation γ (`ip_noise_gamma`), else plain.
@@ -150,6 +153,24 @@ mod tests {
             ((&z * ac.sqrt()).unwrap() + ((&e + (e2 * 0.1).unwrap()).unwrap() * (1.0 - ac).sqrt()).unwrap()).unwrap();
         let d = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap();
         assert!(d < 1e-6);
+    }
+
+    #[test]
+    fn bilinear_matches_torch_upsample() {
+        // goldens from torch.nn.Upsample(mode="bilinear"), made by tests/python/make_noise_goldens.py
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/noise/bilinear.safetensors");
+        let meta = crate::io::tensors::read_metadata(&path).unwrap();
+        let cases: std::collections::BTreeMap<String, (usize, usize)> = serde_json::from_str(&meta["cases"]).unwrap();
+        let g = crate::io::tensors::read_safetensors(&path, None, &Device::Cpu).unwrap().tensors;
+        assert_eq!(cases.len(), 6);
+        for (name, (h, w)) in cases {
+            let got = bilinear(&g[&format!("{name}.x")], h, w).unwrap();
+            let want = &g[&format!("{name}.y")];
+            assert_eq!(got.dims(), want.dims(), "case {name}");
+            let d = (got - want).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let d = d.to_scalar::<f32>().unwrap();
+            assert!(d < 1e-6, "case {name}: differs from torch by {d}");
+        }
     }
 
     #[test]

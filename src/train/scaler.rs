@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Var};
+use candle_core::{DType, Tensor, Var};
 
 const INIT_SCALE: f64 = 65536.0;
 const GROWTH_FACTOR: f64 = 2.0;
@@ -28,18 +28,26 @@ impl Default for LossScaler {
 }
 
 impl LossScaler {
-    /// Divides the gradients of `params` by the scale; false when any of them is not finite.
+    /// Divides the gradients of `params` by the scale; false when any of them is not finite. The check stays on
+    /// the device until one read at the end: `0·g` is 0 for a finite value and NaN for inf or NaN, so the sum of
+    /// all of them is 0 exactly when every gradient is finite (summing the values themselves could overflow).
     pub fn unscale<'a>(&self, grads: &mut GradStore, params: impl Iterator<Item = &'a Var>) -> Result<bool> {
-        let mut finite = true;
+        let mut poisoned: Option<Tensor> = None;
         for p in params {
             if let Some(g) = grads.get(p.as_tensor()) {
                 let g = (g / self.scale)?;
-                let sum = g.to_dtype(DType::F64)?.abs()?.sum_all()?.to_scalar::<f64>()?;
-                finite &= sum.is_finite();
+                let zeros = g.affine(0.0, 0.0)?.sum_all()?.to_dtype(DType::F32)?;
+                poisoned = Some(match poisoned {
+                    Some(acc) => (acc + zeros)?,
+                    None => zeros,
+                });
                 grads.insert(p.as_tensor(), g);
             }
         }
-        Ok(finite)
+        Ok(match poisoned {
+            Some(acc) => acc.to_scalar::<f32>()? == 0.0,
+            None => true,
+        })
     }
 
     /// After a step: back off on overflow (the step was skipped), else count towards growth.
@@ -82,5 +90,22 @@ mod tests {
             s.update(false);
         }
         assert_eq!((s.scale, s.good_steps), (65536.0, 0));
+    }
+
+    #[test]
+    fn only_non_finite_values_count_as_overflow() {
+        let s = LossScaler { scale: 1.0, ..LossScaler::default() };
+        let finite = |dtype: DType, c: &[f32]| {
+            let w = Var::from_tensor(&Tensor::ones(c.len(), dtype, &Device::Cpu).unwrap()).unwrap();
+            let c = Tensor::new(c, &Device::Cpu).unwrap().to_dtype(dtype).unwrap();
+            let mut grads = w.as_tensor().mul(&c).unwrap().sum_all().unwrap().backward().unwrap();
+            s.unscale(&mut grads, [&w].into_iter()).unwrap()
+        };
+        // values whose sum overflows are still finite
+        assert!(finite(DType::F32, &[3e38, 3e38, -0.0]));
+        assert!(finite(DType::F16, &[65000.0, 65000.0]));
+        assert!(!finite(DType::F32, &[1.0, f32::NAN]));
+        assert!(!finite(DType::F32, &[f32::NEG_INFINITY, 1.0]));
+        assert!(!finite(DType::F16, &[1.0, 1e6]));
     }
 }

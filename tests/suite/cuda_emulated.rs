@@ -46,3 +46,8 @@ fn optimizer_kernels_match_their_arithmetic() {
 fn im2col_kernel_matches_the_definition() {
     run("conv_test");
 }
+
+#[test]
+fn dropout_mask_kernel_draws_the_cpu_stream() {
+    run("rand_test");
+}

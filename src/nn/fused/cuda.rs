@@ -11,6 +11,7 @@ const OPTIM: &str = include_str!(concat!(env!("OUT_DIR"), "/optim.ptx"));
 const CONV: &str = include_str!(concat!(env!("OUT_DIR"), "/conv.ptx"));
 const NORM: &str = include_str!(concat!(env!("OUT_DIR"), "/norm.ptx"));
 const ADAM8BIT: &str = include_str!(concat!(env!("OUT_DIR"), "/adam8bit.ptx"));
+const RAND: &str = include_str!(concat!(env!("OUT_DIR"), "/rand.ptx"));
 const BLOCK: u32 = 256;
 /// Threads per row of the row-wise kernels (a multiple of 32, at most 1024).
 const ROW_BLOCK: u32 = 512;
@@ -46,6 +47,7 @@ fn kernel_id(module: &str, kernel: &str, dtype: DType) -> Result<(String, String
         "conv" => CONV,
         "norm" => NORM,
         "adam8bit" => ADAM8BIT,
+        "rand" => RAND,
         m => candle_core::bail!("no sdtune kernel module {m:?}"),
     };
     Ok((format!("{kernel}_{suffix}"), format!("sdtune_{module}"), ptx))
@@ -244,6 +246,28 @@ pub fn adam8bit_state<T: CudaDType + DeviceRepr>(
     // each block of QBLOCK threads covers one quantisation block.
     unsafe { args.launch(cfg) }.w()?;
     Ok(())
+}
+
+/// `keep_mask_<dtype>(out, n, state, p, keep)`: a new mask of `n` elements (kernel: rand.cu).
+pub fn keep_mask<T: CudaDType + DeviceRepr + candle_core::WithDType>(
+    dev: &CudaDevice,
+    n: usize,
+    state: u64,
+    p: f64,
+    keep: f32,
+) -> Result<candle_core::cuda_backend::cudarc::driver::CudaSlice<T>> {
+    // SAFETY: the kernel writes every element.
+    let mut out = unsafe { dev.alloc::<T>(n)? };
+    if n > 0 {
+        let (name, m, ptx) = kernel_id("rand", "keep_mask", T::DTYPE)?;
+        let f = dev.get_or_load_custom_func(&name, &m, ptx)?;
+        let mut args = f.builder();
+        args.arg(&mut out).arg(&n).arg(&state).arg(&p).arg(&keep);
+        // SAFETY: keep_mask_<dtype>(T* out, size_t n, unsigned long long state, double p, float keep) as pushed;
+        // out holds n elements.
+        unsafe { args.launch(elementwise(n)) }.w()?;
+    }
+    Ok(out)
 }
 
 /// The CUDA storage behind a tensor's storage guard.

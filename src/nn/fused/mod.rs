@@ -25,11 +25,13 @@ mod cuda;
 pub mod flash;
 mod norm;
 mod optim;
+mod rand;
 
 #[cfg(feature = "cuda")]
 pub use cuda::im2col;
 pub use norm::{norm_backward, norm_forward, NormRows};
 pub use optim::{add_sum_squares, ema_, AdamW};
+pub use rand::keep_mask;
 
 use anyhow::{bail, Result};
 use candle_core::{CpuStorage, DType, Layout, Tensor};

@@ -19,9 +19,14 @@ pub struct Adafactor {
     pub warmup_init: bool,
 }
 
+/// Root mean square of a tensor, as a 0-d f64 tensor on its device.
+fn rms_on_device(t: &Tensor) -> Result<Tensor> {
+    Ok((t.sqr()?.sum_all()?.to_dtype(DType::F64)?.sqrt()? / (t.elem_count() as f64).sqrt())?)
+}
+
 /// Root mean square of a tensor.
 pub fn rms(t: &Tensor) -> Result<f64> {
-    Ok(super::scalar(&t.sqr()?.sum_all()?)?.sqrt() / (t.elem_count() as f64).sqrt())
+    super::scalar(&rms_on_device(t)?)
 }
 
 impl Adafactor {
@@ -65,20 +70,35 @@ impl Adafactor {
     /// The step size at step `t` for a parameter of RMS `param_rms` (`lr` is the group's, used without
     /// relative steps).
     pub fn lr(&self, lr: f64, t: usize, param_rms: f64) -> f64 {
-        let rel = if self.relative_step {
+        let scale = if self.scale_parameter { self.eps.1.max(param_rms) } else { 1.0 };
+        scale * self.unscaled_lr(lr, t)
+    }
+
+    /// `lr` for the parameter `w`, as a 0-d f64 tensor on its device (no read back: one per tensor would stall
+    /// a GPU's queue every time).
+    fn lr_on_device(&self, lr: f64, t: usize, w: &Tensor) -> Result<Tensor> {
+        let rel = self.unscaled_lr(lr, t);
+        Ok(if self.scale_parameter {
+            (rms_on_device(w)?.maximum(self.eps.1)? * rel)?
+        } else {
+            Tensor::new(rel, w.device())?
+        })
+    }
+
+    /// The relative step `min(min_step, 1/√t)`, or the group's `lr` without relative steps.
+    fn unscaled_lr(&self, lr: f64, t: usize) -> f64 {
+        if self.relative_step {
             let min_step = if self.warmup_init { 1e-6 * t as f64 } else { 1e-2 };
             min_step.min(1.0 / (t as f64).sqrt())
         } else {
             lr
-        };
-        let scale = if self.scale_parameter { self.eps.1.max(param_rms) } else { 1.0 };
-        scale * rel
+        }
     }
 
     pub fn step(&self, w: &Tensor, g: &Tensor, st: &mut [Tensor], group_lr: f64, t: usize) -> Result<Tensor> {
         let dtype = w.dtype();
         let (w, g) = (&w.to_dtype(DType::F32)?, &g.to_dtype(DType::F32)?);
-        let lr = self.lr(group_lr, t, rms(w)?);
+        let lr = self.lr_on_device(group_lr, t, w)?;
         let beta2t = 1.0 - (t as f64).powf(self.decay_rate);
         let sq = (g.sqr()? + self.eps.0)?;
         let update = if w.rank() >= 2 {
@@ -95,7 +115,9 @@ impl Adafactor {
             st[0] = v;
             u
         };
-        let update = ((&update / (rms(&update)? / self.clip_threshold).max(1.0))? * lr)?;
+        // clipped to RMS `clip_threshold`, times the step size
+        let factor = lr.div(&(rms_on_device(&update)? / self.clip_threshold)?.maximum(1.0)?)?;
+        let update = update.broadcast_mul(&factor.to_dtype(DType::F32)?)?;
         let update = match self.beta1 {
             Some(b1) => {
                 let i = st.len() - 1;
@@ -104,7 +126,11 @@ impl Adafactor {
             }
             None => update,
         };
-        let w = if self.weight_decay != 0.0 { (w + (w * (-self.weight_decay * lr))?)? } else { w.clone() };
+        let w = if self.weight_decay != 0.0 {
+            (w + w.broadcast_mul(&(lr * -self.weight_decay)?.to_dtype(DType::F32)?)?)?
+        } else {
+            w.clone()
+        };
         Ok((w - update)?.to_dtype(dtype)?)
     }
 }

@@ -4,7 +4,7 @@
 
 use super::{scalar, Args, ParamGroup};
 use anyhow::{bail, Result};
-use candle_core::Tensor;
+use candle_core::{DType, Tensor};
 
 /// Prodigy's settings (prodigyopt's names and defaults).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -58,12 +58,43 @@ pub fn dadapt_state(p: &Tensor) -> Result<Vec<Tensor>> {
     Ok(vec![p.zeros_like()?, p.zeros_like()?, p.zeros_like()?])
 }
 
-fn dot(a: &Tensor, b: &Tensor) -> Result<f64> {
-    scalar(&a.flatten_all()?.mul(&b.flatten_all()?)?.sum_all()?)
+/// `Σ a·b`, a 0-d tensor on their device.
+fn dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    Ok(a.flatten_all()?.mul(&b.flatten_all()?)?.sum_all()?)
 }
 
-fn abs_sum(a: &Tensor) -> Result<f64> {
-    scalar(&a.abs()?.sum_all()?)
+/// `Σ |a|`, a 0-d tensor on its device.
+fn abs_sum(a: &Tensor) -> Result<Tensor> {
+    Ok(a.abs()?.sum_all()?)
+}
+
+/// A sum over parameters kept on their device in f64, so that a step reads its sums once instead of once per
+/// tensor (on a GPU each read waits for all queued work).
+#[derive(Default)]
+struct DeviceSum(Option<Tensor>);
+
+impl DeviceSum {
+    /// Adds `factor·x` for a 0-d `x`.
+    fn add(&mut self, x: Tensor, factor: f64) -> Result<()> {
+        let x = x.to_dtype(DType::F64)?;
+        let x = if factor == 1.0 { x } else { (x * factor)? };
+        self.0 = Some(match self.0.take() {
+            Some(acc) => (acc + x)?,
+            None => x,
+        });
+        Ok(())
+    }
+}
+
+/// The values of two sums, read in one transfer (0 for a sum that got nothing).
+fn read_both(a: DeviceSum, b: DeviceSum) -> Result<(f64, f64)> {
+    match (a.0, b.0) {
+        (Some(a), Some(b)) => {
+            let v = Tensor::stack(&[a, b], 0)?.to_vec1::<f64>()?;
+            Ok((v[0], v[1]))
+        }
+        (a, b) => Ok((a.map_or(Ok(0.0), |t| scalar(&t))?, b.map_or(Ok(0.0), |t| scalar(&t))?)),
+    }
 }
 
 fn bias_correction(on: bool, (b1, b2): (f64, f64), k: f64) -> f64 {
@@ -151,21 +182,22 @@ impl Prodigy {
         let (lr, dlr) = step_size(groups, multiplier, d, (self.use_bias_correction, self.betas), k)?;
         let d_numerator = d_numerator * beta3;
         let grads = effective_grads(groups, grads, if self.decouple { 0.0 } else { self.weight_decay })?;
-        let (mut delta_numerator, mut d_denom) = (0.0, 0.0);
+        let (mut delta_numerator, mut d_denom) = (DeviceSum::default(), DeviceSum::default());
         for (gi, group) in groups.iter().enumerate().filter(|(_, g)| g.lr * multiplier > 0.0) {
             for (pi, p) in group.params.iter().enumerate() {
                 let Some(g) = &grads[gi][pi] else { continue };
                 let st = &mut state[gi][pi];
-                delta_numerator += (d / self.d0) * dlr * dot(g, &(&st[1] - p.as_tensor())?)?;
+                delta_numerator.add(dot(g, &(&st[1] - p.as_tensor())?)?, (d / self.d0) * dlr)?;
                 if b1 > 0.0 {
                     st[2] = ((&st[2] * b1)? + (g * (d * (1.0 - b1)))?)?;
                 }
                 st[3] = ((&st[3] * b2)? + (g.sqr()? * (d * d * (1.0 - b2)))?)?;
                 let s_rate = if self.safeguard_warmup { (d / self.d0) * d } else { (d / self.d0) * dlr };
                 st[0] = ((&st[0] * beta3)? + (g * s_rate)?)?;
-                d_denom += abs_sum(&st[0])?;
+                d_denom.add(abs_sum(&st[0])?, 1.0)?;
             }
         }
+        let (delta_numerator, d_denom) = read_both(delta_numerator, d_denom)?;
         if d_denom == 0.0 {
             return Ok(());
         }
@@ -219,19 +251,20 @@ impl DAdaptAdam {
         let (lr, dlr) = step_size(groups, multiplier, d, (self.use_bias_correction, self.betas), k)?;
         let sqrt_beta2 = b2.sqrt();
         let grads = effective_grads(groups, grads, if self.decouple { 0.0 } else { self.weight_decay })?;
-        let (mut numerator_acum, mut sk_l1) = (0.0, 0.0);
+        let (mut numerator_acum, mut sk_l1) = (DeviceSum::default(), DeviceSum::default());
         for (gi, group) in groups.iter().enumerate().filter(|(_, g)| g.lr * multiplier > 0.0) {
             for pi in 0..group.params.len() {
                 let Some(g) = &grads[gi][pi] else { continue };
                 let st = &mut state[gi][pi];
                 let denom = (st[2].sqrt()? + self.eps)?;
-                numerator_acum += dlr * dot(g, &st[0].div(&denom)?)?;
+                numerator_acum.add(dot(g, &st[0].div(&denom)?)?, dlr)?;
                 st[1] = ((&st[1] * b1)? + (g * (dlr * (1.0 - b1)))?)?;
                 st[2] = ((&st[2] * b2)? + (g.sqr()? * (1.0 - b2))?)?;
                 st[0] = ((&st[0] * sqrt_beta2)? + (g * (dlr * (1.0 - sqrt_beta2)))?)?;
-                sk_l1 += abs_sum(&st[0])?;
+                sk_l1.add(abs_sum(&st[0])?, 1.0)?;
             }
         }
+        let (numerator_acum, sk_l1) = read_both(numerator_acum, sk_l1)?;
         let numerator_weighted = sqrt_beta2 * numerator_weighted + (1.0 - sqrt_beta2) * numerator_acum;
         if sk_l1 == 0.0 {
             return Ok(());
