@@ -291,19 +291,7 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("step", |t: &mut TrainerRef| -> RhaiResult<f64> {
         rt((|| {
             let mut tr = t.lock().map_err(|_| anyhow::anyhow!("the trainer is in use"))?;
-            let plan = tr.epoch_plan(tr.epoch);
-            if plan.is_empty() {
-                bail!("trainer.step(): the trainer has no dataset (use step_with)");
-            }
-            if tr.batch_in_epoch >= plan.len() {
-                tr.epoch += 1;
-                tr.batch_in_epoch = 0;
-            }
-            let plan = tr.epoch_plan(tr.epoch);
-            let (di, idx) = plan[tr.batch_in_epoch].clone();
-            let b = tr.make_batch(di, &idx)?;
-            tr.batch_in_epoch += 1;
-            tr.train_batch(&b)
+            tr.train_next_batch().context("trainer.step()")
         })())
     });
     engine.register_fn("step_with", |t: &mut TrainerRef, m: Map| rt(step_with(t, &m)));

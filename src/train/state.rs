@@ -28,7 +28,7 @@ pub fn save(tr: &Trainer, dir: &Path) -> Result<()> {
         "format": "sdtune-train-state-1",
         "step": tr.step,
         "epoch": tr.epoch,
-        "batch_in_epoch": tr.batch_in_epoch,
+        "batch_in_epoch": tr.window_start(),
         "optimizer_scalars": o.scalars,
         "optimizer_param_steps": o.param_steps,
         "loss_scaler": tr.scaler.as_ref().map(|s| serde_json::json!({

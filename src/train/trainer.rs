@@ -73,6 +73,8 @@ pub struct Trainer {
     /// fp16 mixed precision's dynamic loss scale.
     pub scaler: Option<LossScaler>,
     accum_count: usize,
+    /// The loss of the last batch (an optimizer step records the loss of its window's last batch).
+    last_loss: f64,
     te_stopped: bool,
     /// Whether the last `run` ended on a stop request.
     pub stopped: bool,
@@ -219,6 +221,7 @@ impl Trainer {
             accum: None,
             scaler: (cfg_mp_fp16).then(LossScaler::default),
             accum_count: 0,
+            last_loss: 0.0,
             te_stopped: false,
             stopped: false,
             events: None,
@@ -334,7 +337,6 @@ impl Trainer {
             );
         }
         let accum = self.cfg.gradient_accumulation_steps.max(1);
-        let device = loss.device().clone();
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
         let grads = (loss * (scale / accum as f64))?.backward()?;
         match &mut self.accum {
@@ -352,35 +354,89 @@ impl Trainer {
             }
         }
         self.accum_count += 1;
+        self.last_loss = value;
         if self.accum_count == accum {
-            let mut grads = self.accum.take().expect("gradients accumulated");
-            self.accum_count = 0;
-            let overflow = match &self.scaler {
-                Some(s) => !s.unscale(&mut grads, self.optimizer.groups.iter().flat_map(|g| &g.params))?,
-                None => false,
-            };
-            self.stop_text_encoder_if_due();
-            if !overflow {
-                let factor = self.lr.factor(self.lr_step());
-                crate::nn::profile::time("optimizer (+ clipping)", &device, || {
-                    let clip = match self.cfg.max_grad_norm {
-                        n if n > 0.0 => self.optimizer.clip_coef(&grads, n)?,
-                        _ => 1.0,
-                    };
-                    self.optimizer.step_scaled(&grads, factor, clip)?;
-                    if let Some(n) = self.cfg.scale_weight_norms.filter(|&n| n > 0.0) {
-                        self.network.apply_max_norm(n)?;
-                    }
-                    Ok(())
-                })?;
-            }
-            if let Some(s) = &mut self.scaler {
-                s.update(overflow);
-            }
-            self.step += 1;
-            self.losses.push(value);
+            self.optimizer_step()?;
         }
         Ok(value)
+    }
+
+    /// Trains on batch `batch_in_epoch` of this epoch's `plan` and moves past it; the epoch's last batch ends its
+    /// accumulation window. Returns the batch's loss.
+    pub fn train_planned(&mut self, plan: &[(usize, Vec<usize>)]) -> Result<f64> {
+        let Some((di, idx)) = plan.get(self.batch_in_epoch) else {
+            bail!("batch {} of an epoch of {} batches", self.batch_in_epoch + 1, plan.len());
+        };
+        let batch = self.make_batch(*di, idx)?;
+        let loss = self.train_batch(&batch)?;
+        self.batch_in_epoch += 1;
+        if self.batch_in_epoch == plan.len() {
+            self.finish_window()?;
+        }
+        Ok(loss)
+    }
+
+    /// Trains on the dataset's next batch (the next epoch's first after an epoch's last), as `train_planned`.
+    pub fn train_next_batch(&mut self) -> Result<f64> {
+        if self.epoch_plan(self.epoch).is_empty() {
+            bail!("the trainer has no dataset batches (give batches with step_with)");
+        }
+        if self.batch_in_epoch >= self.epoch_plan(self.epoch).len() {
+            self.epoch += 1;
+            self.batch_in_epoch = 0;
+        }
+        let plan = self.epoch_plan(self.epoch);
+        self.train_planned(&plan)
+    }
+
+    /// Ends the gradient accumulation window early with an optimizer step on what it holds, as accelerate does at
+    /// the end of an epoch (sd-scripts counts `ceil(batches / gradient_accumulation_steps)` steps per epoch); false
+    /// when the window is empty.
+    pub fn finish_window(&mut self) -> Result<bool> {
+        if self.accum_count == 0 {
+            return Ok(false);
+        }
+        self.optimizer_step()?;
+        Ok(true)
+    }
+
+    /// The optimizer step on the accumulated gradients (skipped on an fp16 overflow): unscaling, clipping, the
+    /// update, max-norm; the step counter and the loss record advance.
+    fn optimizer_step(&mut self) -> Result<()> {
+        let Some(mut grads) = self.accum.take() else { return Ok(()) };
+        self.accum_count = 0;
+        let device = self.model.device.clone();
+        let overflow = match &self.scaler {
+            Some(s) => !s.unscale(&mut grads, self.optimizer.groups.iter().flat_map(|g| &g.params))?,
+            None => false,
+        };
+        self.stop_text_encoder_if_due();
+        if !overflow {
+            let factor = self.lr.factor(self.lr_step());
+            crate::nn::profile::time("optimizer (+ clipping)", &device, || {
+                let clip = match self.cfg.max_grad_norm {
+                    n if n > 0.0 => self.optimizer.clip_coef(&grads, n)?,
+                    _ => 1.0,
+                };
+                self.optimizer.step_scaled(&grads, factor, clip)?;
+                if let Some(n) = self.cfg.scale_weight_norms.filter(|&n| n > 0.0) {
+                    self.network.apply_max_norm(n)?;
+                }
+                Ok(())
+            })?;
+        }
+        if let Some(s) = &mut self.scaler {
+            s.update(overflow);
+        }
+        self.step += 1;
+        self.losses.push(self.last_loss);
+        Ok(())
+    }
+
+    /// The batch of the current epoch where the unfinished accumulation window began (where a resumed run
+    /// continues: the window's gradients are not saved, its batches run again).
+    pub fn window_start(&self) -> usize {
+        self.batch_in_epoch - self.accum_count.min(self.batch_in_epoch)
     }
 
     /// `stop_text_encoder_training`: after N steps the text-encoder group keeps its weights.
@@ -496,11 +552,8 @@ impl Trainer {
                     self.save_state_now()?;
                     return Ok(());
                 }
-                let (di, idx) = &plan[self.batch_in_epoch];
-                let batch = self.make_batch(*di, idx)?;
                 let before = self.step;
-                let loss = self.train_batch(&batch)?;
-                self.batch_in_epoch += 1;
+                let loss = self.train_planned(&plan)?;
                 if self.step > before {
                     self.log_metrics(loss)?;
                     on_event(self, Event::Step(loss));

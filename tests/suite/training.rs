@@ -147,6 +147,53 @@ fn every_optimizer_resumes_exactly() {
 }
 
 #[test]
+fn gradient_accumulation_ends_its_window_with_the_epoch_and_resumes_exactly_from_inside_one() {
+    // 4 batches per epoch, 3 per optimizer step: as accelerate, the epoch's 4th batch makes a step on its own, so
+    // sd-scripts' ceil(4 / 3) = 2 steps per epoch and 4 steps take 2 epochs
+    let dir = scratch("train-resume-accum");
+    let train = |out: &str| {
+        recipe(
+            &dir,
+            json!({
+                "learning_rate": 5e-4, "max_train_steps": 4, "seed": 9, "gradient_accumulation_steps": 3,
+                "output_dir": dir.join("out"), "output_name": out, "log_every_n_steps": 0,
+            }),
+        )
+    };
+    let mut full = build::build(&train("full")).unwrap();
+    assert_eq!((full.total_steps, full.epochs), (4, 2));
+    let mut steps_at = Vec::new();
+    full.run(&mut |t, _| steps_at.push((t.epoch, t.batch_in_epoch))).unwrap();
+    assert_eq!(full.step, 4);
+    assert_eq!(steps_at, [(0, 3), (0, 4), (1, 3), (1, 4)], "(epoch, batches done) at each step");
+    // a stop two batches into step 3's window: the state resumes at the window's start
+    let mut first = build::build(&train("part")).unwrap();
+    let stop = |t: &sdtune::train::Trainer, on: bool| t.stop.store(on, std::sync::atomic::Ordering::SeqCst);
+    first.run(&mut |t, _| stop(t, t.step == 2)).unwrap();
+    assert_eq!((first.step, first.epoch, first.batch_in_epoch), (2, 1, 0));
+    stop(&first, false);
+    first.train_next_batch().unwrap();
+    first.train_next_batch().unwrap();
+    assert_eq!((first.step, first.batch_in_epoch), (2, 2));
+    stop(&first, true);
+    first.run(&mut |_, _| {}).unwrap();
+    assert!(first.stopped);
+    let state = first.state_dir();
+    drop(first);
+    let info: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(state.join("state.json")).unwrap()).unwrap();
+    let at = |k: &str| info[k].as_u64().unwrap();
+    assert_eq!((at("step"), at("epoch"), at("batch_in_epoch")), (2, 1, 0));
+    let mut resumed = build::resume(&state, None).unwrap();
+    resumed.run(&mut |_, _| {}).unwrap();
+    assert_eq!(resumed.step, 4);
+    let (a, b) = (weights(&full), weights(&resumed));
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    eprintln!("stopped inside an accumulation window: resumed vs uninterrupted: max |Δw| = {d:e}");
+    assert!(d <= 1e-6, "max |Δw| = {d}");
+}
+
+#[test]
 fn fp16_runs_resume_exactly() {
     // fp16: the dynamic loss scale travels in the state
     let (d, _) = stop_and_resume("fp16", 8, json!({ "mixed_precision": "fp16" }));
