@@ -33,6 +33,24 @@ pub fn dtype_name(d: DType) -> &'static str {
     }
 }
 
+/// Marks of running out of GPU memory in an error chain (CUDA's allocator, cuBLAS's workspace).
+const OUT_OF_MEMORY: &[&str] = &["CUDA_ERROR_OUT_OF_MEMORY", "CUBLAS_STATUS_ALLOC_FAILED"];
+
+/// What to do about running out of GPU memory, appended to such an error.
+const OUT_OF_MEMORY_HINT: &str = "the GPU ran out of memory: lower train_batch_size or the resolution, use \
+    mixed_precision \"bf16\" (or \"fp16\"), cache_latents, optimizer_type \"AdamW8bit\", or close other programs using \
+    the GPU";
+
+/// An error message with what the user can do about it appended, where the cause is one they can act on (out of
+/// GPU memory); other messages unchanged. Adding it twice adds it once.
+pub fn with_hint(msg: String) -> String {
+    if OUT_OF_MEMORY.iter().any(|m| msg.contains(m)) && !msg.contains(OUT_OF_MEMORY_HINT) {
+        format!("{msg} — {OUT_OF_MEMORY_HINT}")
+    } else {
+        msg
+    }
+}
+
 /// The default device: the first CUDA GPU when built with CUDA and one is present, else the CPU.
 pub fn default_device() -> Device {
     #[cfg(feature = "cuda")]
@@ -111,5 +129,22 @@ pub fn keep_freed_memory() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
         libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn running_out_of_gpu_memory_says_what_to_change() {
+        // cudarc's driver error as candle passes it on, inside a chain
+        let oom = r#"conv2d (+ adapters) backward: DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#;
+        let msg = with_hint(oom.to_string());
+        assert!(msg.starts_with(oom) && msg.contains("train_batch_size") && msg.contains("AdamW8bit"), "{msg}");
+        assert_eq!(with_hint(msg.clone()), msg, "the hint is added once");
+        assert!(with_hint("matmul: CublasError(CUBLAS_STATUS_ALLOC_FAILED)".into()).contains("ran out of memory"));
+        let other = "model.safetensors: not a safetensors file".to_string();
+        assert_eq!(with_hint(other.clone()), other);
     }
 }

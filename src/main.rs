@@ -408,7 +408,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(msg) => {
-            eprintln!("error: {}", msg.replace('\n', " "));
+            eprintln!("error: {}", sdtune::device::with_hint(msg).replace('\n', " "));
             ExitCode::FAILURE
         }
     }

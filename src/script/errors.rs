@@ -7,7 +7,10 @@ pub type RhaiResult<T> = Result<T, Box<EvalAltResult>>;
 
 /// Converts an error chain into a Rhai runtime error (the call site's position is filled in by Rhai).
 pub fn rt<T>(r: anyhow::Result<T>) -> RhaiResult<T> {
-    r.map_err(|e| Box::new(EvalAltResult::ErrorRuntime(format!("{e:#}").into(), Position::NONE)))
+    r.map_err(|e| {
+        let msg = crate::device::with_hint(format!("{e:#}"));
+        Box::new(EvalAltResult::ErrorRuntime(msg.into(), Position::NONE))
+    })
 }
 
 /// A one-line description: `FILE:LINE:COL: message`.
