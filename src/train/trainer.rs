@@ -75,6 +75,9 @@ pub struct Trainer {
     accum_count: usize,
     /// The loss of the last batch (an optimizer step records the loss of its window's last batch).
     last_loss: f64,
+    /// Set while a failure would leave weights that must not be saved as a state (inside the optimizer step, or
+    /// after a non-finite loss).
+    no_state_on_error: bool,
     te_stopped: bool,
     /// Whether the last `run` ended on a stop request.
     pub stopped: bool,
@@ -222,6 +225,7 @@ impl Trainer {
             scaler: (cfg_mp_fp16).then(LossScaler::default),
             accum_count: 0,
             last_loss: 0.0,
+            no_state_on_error: false,
             te_stopped: false,
             stopped: false,
             events: None,
@@ -331,6 +335,7 @@ impl Trainer {
         let loss = result?;
         let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         if !value.is_finite() {
+            self.no_state_on_error = true;
             bail!(
                 "the loss is {value} at step {}: training stopped; saved files were left as they were",
                 self.step + 1
@@ -405,6 +410,8 @@ impl Trainer {
     fn optimizer_step(&mut self) -> Result<()> {
         let Some(mut grads) = self.accum.take() else { return Ok(()) };
         self.accum_count = 0;
+        // an error from here on may leave some weights updated and others not
+        self.no_state_on_error = true;
         let device = self.model.device.clone();
         let overflow = match &self.scaler {
             Some(s) => !s.unscale(&mut grads, self.optimizer.groups.iter().flat_map(|g| &g.params))?,
@@ -430,6 +437,7 @@ impl Trainer {
         }
         self.step += 1;
         self.losses.push(self.last_loss);
+        self.no_state_on_error = false;
         Ok(())
     }
 
@@ -553,18 +561,23 @@ impl Trainer {
                     return Ok(());
                 }
                 let before = self.step;
-                let loss = self.train_planned(&plan)?;
+                let loss = match self.train_planned(&plan) {
+                    Ok(loss) => loss,
+                    Err(e) => return Err(self.save_after_error(e)),
+                };
                 if self.step > before {
                     self.log_metrics(loss)?;
                     on_event(self, Event::Step(loss));
                     if self.cfg.save_every_n_steps.is_some_and(|n| n > 0 && self.step % n == 0) {
-                        self.save_network(&format!("{}-step{:08}", self.cfg.output_name, self.step))?;
+                        self.save_intermediate(&format!("{}-step{:08}", self.cfg.output_name, self.step))?;
                         self.prune(true)?;
                     }
                     if self.cfg.sample_every_n_steps.is_some_and(|n| n > 0 && self.step % n == 0)
                         && self.cfg.sample_every_n_epochs.is_none()
                     {
-                        self.sample_images(on_event)?;
+                        if let Err(e) = self.sample_images(on_event) {
+                            return Err(self.save_after_error(e));
+                        }
                     }
                 }
             }
@@ -576,11 +589,13 @@ impl Trainer {
             }
             self.epoch_losses.clear();
             if self.cfg.save_every_n_epochs.is_some_and(|n| n > 0 && self.epoch % n == 0) && self.epoch < self.epochs {
-                self.save_network(&format!("{}-{:06}", self.cfg.output_name, self.epoch))?;
+                self.save_intermediate(&format!("{}-{:06}", self.cfg.output_name, self.epoch))?;
                 self.prune(false)?;
             }
             if self.cfg.sample_every_n_epochs.is_some_and(|n| n > 0 && self.epoch % n == 0) {
-                self.sample_images(on_event)?;
+                if let Err(e) = self.sample_images(on_event) {
+                    return Err(self.save_after_error(e));
+                }
             }
         }
         self.save_network(&self.cfg.output_name.clone())?;
@@ -588,6 +603,37 @@ impl Trainer {
             self.save_state_now()?;
         }
         Ok(())
+    }
+
+    /// An intermediate save: the network as `name`, and with `save_state` the state too (as sd-scripts saves one
+    /// with each model), so that a run that crashes later resumes from here.
+    fn save_intermediate(&self, name: &str) -> Result<()> {
+        self.save_network(name)?;
+        if self.cfg.save_state {
+            self.save_state_now()?;
+        }
+        Ok(())
+    }
+
+    /// A batch failed (out of GPU memory, an unreadable image, ...): unless the weights may be inconsistent (a
+    /// failed optimizer step) or diverged (a non-finite loss), the state as of the last step is saved first, so
+    /// the run resumes once the cause is fixed. The error then says where the state went.
+    fn save_after_error(&mut self, e: anyhow::Error) -> anyhow::Error {
+        if self.no_state_on_error || self.step == 0 {
+            return e;
+        }
+        match self.save_state_now() {
+            Ok(dir) => e.context(format!(
+                "training stopped at step {} of {}; its state was saved to {dir} (continue with `sdtune train --resume \
+                 {dir}` or resume(\"{dir}\") once the cause below is fixed)",
+                self.step,
+                self.total_steps,
+                dir = dir.display()
+            )),
+            Err(save) => {
+                e.context(format!("training stopped at step {}; saving its state failed too: {save:#}", self.step))
+            }
+        }
     }
 
     fn output_dir(&self) -> PathBuf {

@@ -194,6 +194,70 @@ fn gradient_accumulation_ends_its_window_with_the_epoch_and_resumes_exactly_from
 }
 
 #[test]
+fn a_batch_that_fails_saves_the_state_and_the_run_resumes_exactly() {
+    // the images become unreadable after step 2 (as a GPU running out of memory would fail the step): the error
+    // names the file and the saved state; with the images back, the resumed run ends where an uninterrupted one does
+    let dir = scratch("train-fail-resume");
+    let train = |out: &str| {
+        recipe(
+            &dir,
+            json!({
+                "learning_rate": 5e-4, "max_train_steps": 5, "seed": 4, "save_every_n_steps": 1, "save_state": true,
+                "output_dir": dir.join("out"), "output_name": out, "log_every_n_steps": 0,
+            }),
+        )
+    };
+    let mut full = build::build(&train("full")).unwrap();
+    full.run(&mut |_, _| {}).unwrap();
+    let images: Vec<_> = walk(&dir.join("data")).into_iter().filter(|p| p.extension().unwrap() == "png").collect();
+    let originals: Vec<Vec<u8>> = images.iter().map(|p| std::fs::read(p).unwrap()).collect();
+    let mut part = build::build(&train("part")).unwrap();
+    let e = part
+        .run(&mut |t, _| {
+            if t.step == 2 {
+                // the state saved with step 1's network is there before the failure
+                let info = std::fs::read_to_string(t.state_dir().join("state.json")).unwrap();
+                assert!(info.contains("\"step\": 1"), "{info}");
+                for p in &images {
+                    std::fs::write(p, b"not a png").unwrap();
+                }
+            }
+        })
+        .unwrap_err();
+    let msg = format!("{e:#}");
+    eprintln!("{msg}");
+    let state = dir.join("out/part-state");
+    assert!(msg.contains("training stopped at step 2 of 5"), "{msg}");
+    assert!(msg.contains(&format!("--resume {}`", state.display())), "{msg}");
+    assert!(msg.contains(".png"), "the error names the unreadable image: {msg}");
+    assert_eq!(part.state_dir(), state);
+    drop(part);
+    for (p, bytes) in images.iter().zip(&originals) {
+        std::fs::write(p, bytes).unwrap();
+    }
+    let mut resumed = build::resume(&state, None).unwrap();
+    assert_eq!(resumed.step, 2);
+    resumed.run(&mut |_, _| {}).unwrap();
+    let (a, b) = (weights(&full), weights(&resumed));
+    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    assert!(d <= 1e-6, "max |Δw| = {d}");
+}
+
+/// Every file under `dir`.
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
 fn fp16_runs_resume_exactly() {
     // fp16: the dynamic loss scale travels in the state
     let (d, _) = stop_and_resume("fp16", 8, json!({ "mixed_precision": "fp16" }));
