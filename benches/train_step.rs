@@ -2,6 +2,10 @@
 //! encoder, batch 4 of 64×64 images (8×8 latents, cached), f32, AdamW. Prints a markdown row.
 //!
 //! `cargo bench --bench train_step`
+//!
+//! `cargo bench --bench train_step -- RESOLUTION on|off` instead times UNet LoRA at RESOLUTION² (uncached latents
+//! are still encoded once, outside the timing) with gradient checkpointing on or off, and prints the process's
+//! peak resident memory; run each setting in its own process to compare peaks.
 
 use serde_json::json;
 use std::time::Instant;
@@ -11,16 +15,43 @@ fn main() {
     sdtune::device::keep_freed_memory();
     let root = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let dir = root.join("target/bench-train");
-    let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 1, 16, 64, 0).unwrap();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let (res, checkpointing) = match args.as_slice() {
+        [r, c] => (r.parse::<usize>().expect("RESOLUTION: a number"), c == "on"),
+        _ => (64, false),
+    };
+    let data =
+        sdtune::data::synthetic::write_shapes(&dir.join(format!("data{res}")), "toy", 1, 16, res as u32, 0).unwrap();
     let recipe = |unet_only: bool| {
         json!({
             "model": root.join("tests/fixtures/tiny-sd15/tiny-sd15.safetensors"),
             "dataset": data,
-            "dataset_options": { "resolution": 64, "caption_extension": ".txt", "batch_size": 4 },
+            "dataset_options": { "resolution": res, "caption_extension": ".txt", "batch_size": 4 },
             "network": { "dim": 8, "alpha": 8.0, "train_text_encoder": !unet_only },
-            "train": { "learning_rate": 1e-4, "max_train_steps": 1000, "cache_latents": true, "output_dir": dir.join("out"), "overwrite": true, "log_every_n_steps": 0 },
+            "train": { "learning_rate": 1e-4, "max_train_steps": 1000, "cache_latents": true, "output_dir": dir.join("out"), "overwrite": true, "log_every_n_steps": 0, "gradient_checkpointing": checkpointing },
         })
     };
+    if args.len() == 2 {
+        println!("| UNet LoRA, batch 4 | gradient checkpointing | ms / step (median of 8) | peak RSS |");
+        println!("|---|---|---|---|");
+        let mut tr = sdtune::train::build::build(&recipe(true)).unwrap();
+        let plan = tr.epoch_plan(0);
+        let batches: Vec<_> = plan.iter().map(|(di, idx)| tr.make_batch(*di, idx).unwrap()).collect();
+        let mut times = Vec::new();
+        for i in 0..10 {
+            let t = Instant::now();
+            tr.train_batch(&batches[i % batches.len()]).unwrap();
+            if i >= 2 {
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }
+        times.sort_by(f64::total_cmp);
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let peak = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap_or("VmHWM: ?").trim_start_matches("VmHWM:");
+        let on = if checkpointing { "on" } else { "off" };
+        println!("| {res}×{res} | {on} | {:.1} | {} |", times[times.len() / 2], peak.trim());
+        return;
+    }
     println!("| configuration | steps | ms / step (median) | ms / step (mean) |");
     println!("|---|---|---|---|");
     for unet_only in [true, false] {

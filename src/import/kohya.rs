@@ -133,7 +133,7 @@ const KEYS: &[(&str, Rule)] = &[
     ("max_train_epochs", Special),
     ("max_train_steps", Special),
     ("gradient_accumulation_steps", Same),
-    ("gradient_checkpointing", Special),
+    ("gradient_checkpointing", Same),
     ("mixed_precision", Same),
     ("full_bf16", Same),
     ("full_fp16", Same),
@@ -509,11 +509,6 @@ fn special(
                          sdtune counts bucketed batches, which can give a few more steps per epoch)",
                     );
                 }
-            }
-        }
-        "gradient_checkpointing" => {
-            if present {
-                report.ignored(key, "not supported yet; it only saves memory, results are the same without it");
             }
         }
         "stop_text_encoder_training_pct" => {

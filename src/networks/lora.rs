@@ -106,24 +106,48 @@ impl LoraModule {
 }
 
 /// The adapter a module attaches to its layer.
-pub struct LoraAdapter(pub Arc<LoraModule>);
+pub struct LoraAdapter {
+    pub module: Arc<LoraModule>,
+    /// Whether module dropout skipped the last forward.
+    skipped: AtomicBool,
+}
+
+impl LoraAdapter {
+    pub fn new(module: Arc<LoraModule>) -> Self {
+        Self { module, skipped: AtomicBool::new(false) }
+    }
+}
 
 impl Adapter for LoraAdapter {
     fn forward(&self, x: &Tensor) -> Result<Option<Tensor>> {
-        let m = &self.0;
-        if m.state.training.load(Ordering::Relaxed) {
-            if let Some(p) = m.state.dropouts.module.filter(|&p| p > 0.0) {
-                if m.state.rng.lock().expect("rng lock").uniform() < p {
-                    return Ok(None);
-                }
-            }
+        let m = &self.module;
+        let skip = m.state.training.load(Ordering::Relaxed)
+            && m.state.dropouts.module.is_some_and(|p| p > 0.0 && m.state.rng.lock().expect("rng lock").uniform() < p);
+        self.skipped.store(skip, Ordering::Relaxed);
+        if skip {
+            return Ok(None);
         }
         // x goes in as it is: linear and conv adapters cast it inside their op (the graph keeps no f32 copy of x)
         Ok(Some(m.project(x)?))
     }
 
     fn owner(&self) -> usize {
-        self.0.state.id
+        self.module.state.id
+    }
+
+    fn params(&self) -> Vec<Var> {
+        if self.skipped.load(Ordering::Relaxed) {
+            return Vec::new();
+        }
+        vec![self.module.down.clone(), self.module.up.clone()]
+    }
+
+    fn stream(&self) -> Option<u64> {
+        Some(self.module.state.rng.lock().expect("rng lock").state())
+    }
+
+    fn set_stream(&self, state: u64) {
+        *self.module.state.rng.lock().expect("rng lock") = Rng::new(state);
     }
 }
 

@@ -230,7 +230,7 @@ impl Network {
         self.set_multiplier(multiplier);
         for (_, m) in &self.modules {
             m.layer.slot.detach(self.state.id);
-            m.layer.slot.attach(Arc::new(LoraAdapter(m.clone())));
+            m.layer.slot.attach(Arc::new(LoraAdapter::new(m.clone())));
         }
     }
 

@@ -2,7 +2,7 @@
 //! it, so networks can be applied, removed and merged without rebuilding the model.
 
 use anyhow::Result;
-use candle_core::Tensor;
+use candle_core::{Tensor, Var};
 use std::sync::{Arc, Mutex, RwLock};
 
 /// Something added to a layer's output: `y = W·x + Σ adapter(x)`.
@@ -11,6 +11,18 @@ pub trait Adapter: Send + Sync {
     fn forward(&self, x: &Tensor) -> Result<Option<Tensor>>;
     /// The network this adapter belongs to (for removal).
     fn owner(&self) -> usize;
+    /// The trainable variables its last forward used (none when that forward skipped it): gradient
+    /// checkpointing hands them their gradients.
+    fn params(&self) -> Vec<Var> {
+        Vec::new()
+    }
+    /// The position of the random stream its dropout draws from, if any (saved so that a recomputation draws
+    /// the same masks).
+    fn stream(&self) -> Option<u64> {
+        None
+    }
+    /// Moves its random stream to `state` (from `stream`).
+    fn set_stream(&self, _state: u64) {}
 }
 
 /// The mutable part of a layer.
@@ -55,6 +67,11 @@ impl Slot {
         let before = st.adapters.len();
         st.adapters.retain(|a| a.owner() != owner);
         before - st.adapters.len()
+    }
+
+    /// The adapters attached now.
+    pub fn adapters(&self) -> Vec<Arc<dyn Adapter>> {
+        self.0.read().expect("layer lock").adapters.clone()
     }
 
     pub fn set_weight(&self, w: Tensor) {

@@ -2,6 +2,7 @@
 
 pub mod adapter;
 mod attention;
+pub mod checkpoint;
 mod conv;
 pub mod fused;
 pub mod grad;

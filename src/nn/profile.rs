@@ -1,7 +1,8 @@
 //! Op-kind timing: while enabled, each layer kind's forward (Linear with its adapters, Conv2d, GroupNorm, LayerNorm,
 //! attention) and each of sdtune's own backward passes (`nn::grad::attach`: "… backward") waits for the device
 //! before and after itself and adds the time to its kind; so does a training step's optimizer. candle's own
-//! backward ops are not split.
+//! backward ops are not split. A checkpointed block's "(recomputed)" kind covers the block's forward and backward run
+//! again, whose ops also count under their own kinds.
 //! Synchronising costs a little, so profiled runs are slightly slower than plain ones; off, it costs one
 //! thread-local read per layer. Recording is per thread: what other threads run at the same time is not counted.
 

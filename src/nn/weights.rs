@@ -34,6 +34,17 @@ impl Weights {
         }
     }
 
+    /// The slots of the layers registered so far under this view's prefix (a block's own layers, once built).
+    pub fn slots_under(&self) -> Vec<super::adapter::Slot> {
+        let Some(r) = &self.registry else { return Vec::new() };
+        let dotted = format!("{}.", self.prefix);
+        r.layers()
+            .into_iter()
+            .filter(|l| l.name == self.prefix || l.name.starts_with(&dotted))
+            .map(|l| l.slot)
+            .collect()
+    }
+
     /// Shares an existing map.
     pub fn from_arc(map: Arc<HashMap<String, Tensor>>, source: &str) -> Self {
         Self { map, prefix: String::new(), source: source.into(), registry: None }

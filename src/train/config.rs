@@ -118,6 +118,9 @@ pub struct TrainConfig {
     #[serde(default)]
     pub network_train_text_encoder_only: bool,
     pub stop_text_encoder_training: Option<usize>,
+    /// Recompute each UNet block in the backward instead of keeping its intermediate tensors.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     #[serde(default)]
     pub cache_latents: bool,
     #[serde(default)]
@@ -166,7 +169,6 @@ fn ten() -> usize {
 
 /// sd-scripts options recognised but not implemented yet: an error names them instead of ignoring them.
 pub const NOT_YET: &[&str] = &[
-    "gradient_checkpointing",
     "full_fp16",
     "fp8_base",
     "max_token_length",

@@ -329,21 +329,13 @@ impl Trainer {
         let mut rng =
             seed_for(self.cfg.seed, self.step * self.cfg.gradient_accumulation_steps.max(1) + self.accum_count, 1);
         *self.network.state.rng.lock().expect("rng lock") = seed_for(self.cfg.seed, self.step, 2);
+        // training mode (dropout, checkpoints) lasts through the backward, which recomputes checkpointed blocks
         self.network.set_training(true);
-        let result = self.compute_loss(b, &mut rng);
+        self.model.unet.set_gradient_checkpointing(self.cfg.gradient_checkpointing);
+        let result = self.loss_and_gradients(b, &mut rng);
+        self.model.unet.set_gradient_checkpointing(false);
         self.network.set_training(false);
-        let loss = result?;
-        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
-        if !value.is_finite() {
-            self.no_state_on_error = true;
-            bail!(
-                "the loss is {value} at step {}: training stopped; saved files were left as they were",
-                self.step + 1
-            );
-        }
-        let accum = self.cfg.gradient_accumulation_steps.max(1);
-        let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
-        let grads = (loss * (scale / accum as f64))?.backward()?;
+        let (value, grads) = result?;
         match &mut self.accum {
             None => self.accum = Some(grads),
             Some(acc) => {
@@ -360,7 +352,7 @@ impl Trainer {
         }
         self.accum_count += 1;
         self.last_loss = value;
-        if self.accum_count == accum {
+        if self.accum_count == self.cfg.gradient_accumulation_steps.max(1) {
             self.optimizer_step()?;
         }
         Ok(value)
@@ -392,6 +384,23 @@ impl Trainer {
         }
         let plan = self.epoch_plan(self.epoch);
         self.train_planned(&plan)
+    }
+
+    /// The batch's loss and the gradients of its share of the step (scaled for fp16 and accumulation). A
+    /// non-finite loss is an error naming the step.
+    fn loss_and_gradients(&mut self, b: &Batch, rng: &mut Rng) -> Result<(f64, GradStore)> {
+        let loss = self.compute_loss(b, rng)?;
+        let value = loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        if !value.is_finite() {
+            self.no_state_on_error = true;
+            bail!(
+                "the loss is {value} at step {}: training stopped; saved files were left as they were",
+                self.step + 1
+            );
+        }
+        let accum = self.cfg.gradient_accumulation_steps.max(1);
+        let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
+        Ok((value, (loss * (scale / accum as f64))?.backward()?))
     }
 
     /// Ends the gradient accumulation window early with an optimizer step on what it holds, as accelerate does at
@@ -698,7 +707,7 @@ impl Trainer {
             m.extend(crate::data::metadata::ss_metadata(d)?);
         }
         m.insert("ss_num_epochs".into(), self.epochs.to_string());
-        m.insert("ss_gradient_checkpointing".into(), "False".into());
+        m.insert("ss_gradient_checkpointing".into(), if c.gradient_checkpointing { "True" } else { "False" }.into());
         m.insert("ss_gradient_accumulation_steps".into(), c.gradient_accumulation_steps.to_string());
         m.insert("ss_max_train_steps".into(), self.total_steps.to_string());
         m.insert("ss_lr_warmup_steps".into(), c.warmup_steps(self.total_steps).to_string());

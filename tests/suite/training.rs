@@ -258,6 +258,45 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 }
 
 #[test]
+fn gradient_checkpointing_trains_the_same_weights() {
+    // UNet and text-encoder LoRA with conv layers (resnet blocks), network and rank dropout (the recomputation must
+    // draw the same masks) and module dropout: 3 steps with and without checkpointing
+    let dir = scratch("train-checkpointing");
+    let run = |on: bool| {
+        let mut r = recipe(
+            &dir,
+            json!({
+                "learning_rate": 0.5, "max_train_steps": 3, "seed": 11, "gradient_checkpointing": on,
+                "optimizer_type": "SGDNesterov",
+                "output_dir": dir.join("out"), "output_name": format!("ckpt-{on}"), "log_every_n_steps": 0,
+            }),
+        );
+        r["network"] = json!({
+            "dim": 4, "alpha": 4.0, "conv_dim": 2, "conv_alpha": 1.0,
+            "dropout": 0.1, "rank_dropout": 0.1, "module_dropout": 0.1,
+        });
+        let mut tr = build::build(&r).unwrap();
+        let start = weights(&tr);
+        sdtune::nn::profile::start();
+        tr.run(&mut |_, _| {}).unwrap();
+        let kinds: Vec<_> = sdtune::nn::profile::stop().into_iter().map(|(k, n, _)| (k, n)).collect();
+        (start, weights(&tr), tr.losses.clone(), kinds)
+    };
+    let (start, plain, plain_losses, plain_kinds) = run(false);
+    let (_, ckpt, ckpt_losses, ckpt_kinds) = run(true);
+    let recomputed = |k: &[(&str, usize)]| k.iter().filter(|(n, _)| n.ends_with("(recomputed)")).count();
+    assert_eq!(recomputed(&plain_kinds), 0);
+    assert_eq!(recomputed(&ckpt_kinds), 2, "resnet and transformer blocks recomputed: {ckpt_kinds:?}");
+    assert_eq!(plain_losses, ckpt_losses);
+    // SGD: the weights move linearly in the gradients, which differ only in summation order
+    let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let (d, moved) = (max_diff(&plain, &ckpt), max_diff(&plain, &start));
+    eprintln!("gradient checkpointing: max |Δw| = {d:e} over {} weights, which moved up to {moved:.3}", plain.len());
+    assert!(moved > 1e-2, "the steps barely moved the weights ({moved}): the comparison would be empty");
+    assert!(d <= 1e-6, "max |Δw| = {d}");
+}
+
+#[test]
 fn fp16_runs_resume_exactly() {
     // fp16: the dynamic loss scale travels in the state
     let (d, _) = stop_and_resume("fp16", 8, json!({ "mixed_precision": "fp16" }));
@@ -334,8 +373,8 @@ fn unknown_and_unsupported_options_are_named() {
     let dir = scratch("train-opts");
     let e = build::build(&recipe(&dir, json!({ "learning_rat": 1e-4 }))).err().unwrap().to_string();
     assert!(e.contains("learning_rat") && e.contains("learning_rate"), "{e}");
-    let e = build::build(&recipe(&dir, json!({ "gradient_checkpointing": true }))).err().unwrap().to_string();
-    assert!(e.contains("gradient_checkpointing") && e.contains("not supported yet"), "{e}");
+    let e = build::build(&recipe(&dir, json!({ "max_token_length": 225 }))).err().unwrap().to_string();
+    assert!(e.contains("max_token_length") && e.contains("not supported yet"), "{e}");
     let e = build::build(&recipe(&dir, json!({ "use_8bit_adam": true, "optimizer_type": "Lion" }))).err().unwrap();
     assert!(e.to_string().contains("use_8bit_adam and optimizer_type Lion"), "{e}");
     let e = build::build(&recipe(&dir, json!({ "optimizer_type": "Lion8bit" }))).err().unwrap().to_string();

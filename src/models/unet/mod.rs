@@ -6,9 +6,13 @@ mod config;
 pub use blocks::{Downsample2D, ResnetBlock2D, SpatialTransformer, Upsample2D};
 pub use config::{HeadSpec, UNetConfig, UNetHyper};
 
+use crate::nn::adapter::Slot;
+use crate::nn::checkpoint::checkpoint;
 use crate::nn::{Conv2d, GroupNorm, Linear, Weights};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 
 /// Sinusoidal timestep embedding as diffusers computes it (`flip_sin_to_cos`, shift 0), in f32: `[cos | sin]`.
 pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
@@ -20,16 +24,34 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&[args.cos()?, args.sin()?], 1)?)
 }
 
+/// A block with the slots of its adaptable layers (what a gradient checkpoint needs to recompute it).
+struct Block<B> {
+    block: Arc<B>,
+    slots: Vec<Slot>,
+}
+
+impl<B> Block<B> {
+    /// Builds the block from `w` and collects the layers it registered.
+    fn new(w: &Weights, build: impl FnOnce(&Weights) -> Result<B>) -> Result<Self> {
+        let block = Arc::new(build(w)?);
+        Ok(Self { block, slots: w.slots_under() })
+    }
+}
+
 struct Level {
-    resnets: Vec<ResnetBlock2D>,
-    attentions: Vec<SpatialTransformer>,
+    resnets: Vec<Block<ResnetBlock2D>>,
+    attentions: Vec<Block<SpatialTransformer>>,
 }
 
 impl Level {
     fn new(w: &Weights, n: usize, attn: bool, heads: usize, groups: usize, eps: f64) -> Result<Self> {
-        let resnets = (0..n).map(|j| ResnetBlock2D::new(&w.pp("resnets").pp(j), groups, eps)).collect::<Result<_>>()?;
+        let resnets = (0..n)
+            .map(|j| Block::new(&w.pp("resnets").pp(j), |w| ResnetBlock2D::new(w, groups, eps)))
+            .collect::<Result<_>>()?;
         let attentions = if attn {
-            (0..n).map(|j| SpatialTransformer::new(&w.pp("attentions").pp(j), heads, groups)).collect::<Result<_>>()?
+            (0..n)
+                .map(|j| Block::new(&w.pp("attentions").pp(j), |w| SpatialTransformer::new(w, heads, groups)))
+                .collect::<Result<_>>()?
         } else {
             Vec::new()
         };
@@ -44,12 +66,14 @@ pub struct UNet {
     time_1: Linear,
     time_2: Linear,
     down: Vec<(Level, Option<Downsample2D>)>,
-    mid_res0: ResnetBlock2D,
-    mid_attn: SpatialTransformer,
-    mid_res1: ResnetBlock2D,
+    mid_res0: Block<ResnetBlock2D>,
+    mid_attn: Block<SpatialTransformer>,
+    mid_res1: Block<ResnetBlock2D>,
     up: Vec<(Level, Option<Upsample2D>)>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
+    /// Gradient checkpointing of every resnet and transformer block while training.
+    checkpointing: AtomicBool,
 }
 
 impl UNet {
@@ -76,14 +100,37 @@ impl UNet {
             time_1: Linear::new(&w.pp("time_embedding.linear_1"))?,
             time_2: Linear::new(&w.pp("time_embedding.linear_2"))?,
             down,
-            mid_res0: ResnetBlock2D::new(&mid.pp("resnets.0"), g, eps)?,
-            mid_attn: SpatialTransformer::new(&mid.pp("attentions.0"), cfg.heads(levels - 1), g)?,
-            mid_res1: ResnetBlock2D::new(&mid.pp("resnets.1"), g, eps)?,
+            mid_res0: Block::new(&mid.pp("resnets.0"), |w| ResnetBlock2D::new(w, g, eps))?,
+            mid_attn: Block::new(&mid.pp("attentions.0"), |w| SpatialTransformer::new(w, cfg.heads(levels - 1), g))?,
+            mid_res1: Block::new(&mid.pp("resnets.1"), |w| ResnetBlock2D::new(w, g, eps))?,
             up,
             norm_out: GroupNorm::new(&w.pp("conv_norm_out"), g, eps)?,
             conv_out: Conv2d::new(&w.pp("conv_out"), 1, 1)?,
             cfg,
+            checkpointing: AtomicBool::new(false),
         })
+    }
+
+    /// Turns gradient checkpointing on or off: with it, training keeps only each block's input and output, and
+    /// the backward computes the blocks again (less memory, about one more forward of time).
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.checkpointing.store(on, Ordering::Relaxed);
+    }
+
+    fn resnet(&self, r: &Block<ResnetBlock2D>, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        if !self.checkpointing.load(Ordering::Relaxed) {
+            return r.block.forward(x, Some(temb));
+        }
+        let b = r.block.clone();
+        checkpoint("resnet block (recomputed)", x, temb, &r.slots, Arc::new(move |x, t| b.forward(x, Some(t))))
+    }
+
+    fn transformer(&self, a: &Block<SpatialTransformer>, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        if !self.checkpointing.load(Ordering::Relaxed) {
+            return a.block.forward(x, context);
+        }
+        let b = a.block.clone();
+        checkpoint("transformer block (recomputed)", x, context, &a.slots, Arc::new(move |x, c| b.forward(x, c)))
     }
 
     /// Predicts noise (or v) for `sample` `[B, C, H, W]` at `timesteps` (`[B]`, `[1]` or scalar) given `context` `[B, S, D]`.
@@ -116,9 +163,9 @@ impl UNet {
         let mut skips = vec![x.clone()];
         for (level, ds) in &self.down {
             for (j, res) in level.resnets.iter().enumerate() {
-                x = res.forward(&x, Some(&temb))?;
+                x = self.resnet(res, &x, &temb)?;
                 if let Some(attn) = level.attentions.get(j) {
-                    x = attn.forward(&x, context)?;
+                    x = self.transformer(attn, &x, context)?;
                 }
                 skips.push(x.clone());
             }
@@ -127,15 +174,15 @@ impl UNet {
                 skips.push(x.clone());
             }
         }
-        x = self.mid_res0.forward(&x, Some(&temb))?;
-        x = self.mid_attn.forward(&x, context)?;
-        x = self.mid_res1.forward(&x, Some(&temb))?;
+        x = self.resnet(&self.mid_res0, &x, &temb)?;
+        x = self.transformer(&self.mid_attn, &x, context)?;
+        x = self.resnet(&self.mid_res1, &x, &temb)?;
         for (level, us) in &self.up {
             for (j, res) in level.resnets.iter().enumerate() {
                 let skip = skips.pop().expect("one skip per up resnet");
-                x = res.forward(&Tensor::cat(&[&x, &skip], 1)?, Some(&temb))?;
+                x = self.resnet(res, &Tensor::cat(&[&x, &skip], 1)?, &temb)?;
                 if let Some(attn) = level.attentions.get(j) {
-                    x = attn.forward(&x, context)?;
+                    x = self.transformer(attn, &x, context)?;
                 }
             }
             if let Some(us) = us {
