@@ -15,6 +15,15 @@ fn recipe(dir: &std::path::Path, train: serde_json::Value) -> serde_json::Value 
     })
 }
 
+/// `recipe` writing to `dir/out` as `out`, without progress logging.
+fn recipe_to(dir: &std::path::Path, out: &str, mut train: serde_json::Value) -> serde_json::Value {
+    let o = train.as_object_mut().unwrap();
+    o.insert("output_dir".into(), json!(dir.join("out")));
+    o.insert("output_name".into(), json!(out));
+    o.insert("log_every_n_steps".into(), json!(0));
+    recipe(dir, train)
+}
+
 fn weights(tr: &sdtune::train::Trainer) -> Vec<f32> {
     tr.network
         .vars()
@@ -79,6 +88,21 @@ fn a_trained_lora_lowers_the_loss_on_its_data() {
     assert!(lines.lines().last().unwrap().contains("\"lr/unet\""));
 }
 
+/// The largest difference between two runs' LoRA weights.
+fn weight_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max)
+}
+
+/// Resumes the state in `state` (which must be at step `at`) to its end; the largest difference from the weights of
+/// the uninterrupted run `full`.
+fn resume_to_end(state: &std::path::Path, at: usize, full: &sdtune::train::Trainer) -> f32 {
+    let mut resumed = build::resume(state, None).unwrap();
+    assert_eq!(resumed.step, at);
+    resumed.run(&mut |_, _| {}).unwrap();
+    assert_eq!(resumed.step, full.step);
+    weight_diff(&weights(full), &weights(&resumed))
+}
+
 /// Runs 12 steps uninterrupted, and 5 + resume + 7; returns max |Δw| and the saved optimizer state's dtypes.
 fn stop_and_resume(name: &str, dim: usize, extra: serde_json::Value) -> (f32, Vec<candle_core::DType>) {
     let dir = scratch(&format!("train-resume-{name}"));
@@ -112,13 +136,8 @@ fn stop_and_resume(name: &str, dim: usize, extra: serde_json::Value) -> (f32, Ve
     let mut dtypes: Vec<candle_core::DType> = saved.tensors.values().map(|t| t.dtype()).collect();
     dtypes.dedup();
     drop(first);
-    let mut resumed = build::resume(&state, None).unwrap();
-    assert_eq!(resumed.step, 5);
-    resumed.run(&mut |_, _| {}).unwrap();
-    assert_eq!(resumed.step, 12);
-    let (a, b) = (weights(&full), weights(&resumed));
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    let moved = a.iter().map(|x| x.abs()).fold(0f32, f32::max);
+    let d = resume_to_end(&state, 5, &full);
+    let moved = weights(&full).iter().map(|x| x.abs()).fold(0f32, f32::max);
     eprintln!("{name}: resumed vs uninterrupted: max |Δw| = {d:e} (max |w| {moved:.3})");
     (d, dtypes)
 }
@@ -152,13 +171,9 @@ fn gradient_accumulation_ends_its_window_with_the_epoch_and_resumes_exactly_from
     // sd-scripts' ceil(4 / 3) = 2 steps per epoch and 4 steps take 2 epochs
     let dir = scratch("train-resume-accum");
     let train = |out: &str| {
-        recipe(
-            &dir,
-            json!({
-                "learning_rate": 5e-4, "max_train_steps": 4, "seed": 9, "gradient_accumulation_steps": 3,
-                "output_dir": dir.join("out"), "output_name": out, "log_every_n_steps": 0,
-            }),
-        )
+        let options =
+            json!({ "learning_rate": 5e-4, "max_train_steps": 4, "seed": 9, "gradient_accumulation_steps": 3 });
+        recipe_to(&dir, out, options)
     };
     let mut full = build::build(&train("full")).unwrap();
     assert_eq!((full.total_steps, full.epochs), (4, 2));
@@ -184,11 +199,7 @@ fn gradient_accumulation_ends_its_window_with_the_epoch_and_resumes_exactly_from
         serde_json::from_str(&std::fs::read_to_string(state.join("state.json")).unwrap()).unwrap();
     let at = |k: &str| info[k].as_u64().unwrap();
     assert_eq!((at("step"), at("epoch"), at("batch_in_epoch")), (2, 1, 0));
-    let mut resumed = build::resume(&state, None).unwrap();
-    resumed.run(&mut |_, _| {}).unwrap();
-    assert_eq!(resumed.step, 4);
-    let (a, b) = (weights(&full), weights(&resumed));
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let d = resume_to_end(&state, 2, &full);
     eprintln!("stopped inside an accumulation window: resumed vs uninterrupted: max |Δw| = {d:e}");
     assert!(d <= 1e-6, "max |Δw| = {d}");
 }
@@ -199,13 +210,10 @@ fn a_batch_that_fails_saves_the_state_and_the_run_resumes_exactly() {
     // names the file and the saved state; with the images back, the resumed run ends where an uninterrupted one does
     let dir = scratch("train-fail-resume");
     let train = |out: &str| {
-        recipe(
-            &dir,
-            json!({
-                "learning_rate": 5e-4, "max_train_steps": 5, "seed": 4, "save_every_n_steps": 1, "save_state": true,
-                "output_dir": dir.join("out"), "output_name": out, "log_every_n_steps": 0,
-            }),
-        )
+        let options = json!({
+            "learning_rate": 5e-4, "max_train_steps": 5, "seed": 4, "save_every_n_steps": 1, "save_state": true,
+        });
+        recipe_to(&dir, out, options)
     };
     let mut full = build::build(&train("full")).unwrap();
     full.run(&mut |_, _| {}).unwrap();
@@ -235,11 +243,7 @@ fn a_batch_that_fails_saves_the_state_and_the_run_resumes_exactly() {
     for (p, bytes) in images.iter().zip(&originals) {
         std::fs::write(p, bytes).unwrap();
     }
-    let mut resumed = build::resume(&state, None).unwrap();
-    assert_eq!(resumed.step, 2);
-    resumed.run(&mut |_, _| {}).unwrap();
-    let (a, b) = (weights(&full), weights(&resumed));
-    let d = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+    let d = resume_to_end(&state, 2, &full);
     assert!(d <= 1e-6, "max |Δw| = {d}");
 }
 
@@ -263,14 +267,11 @@ fn gradient_checkpointing_trains_the_same_weights() {
     // draw the same masks) and module dropout: 3 steps with and without checkpointing
     let dir = scratch("train-checkpointing");
     let run = |on: bool| {
-        let mut r = recipe(
-            &dir,
-            json!({
-                "learning_rate": 0.5, "max_train_steps": 3, "seed": 11, "gradient_checkpointing": on,
-                "optimizer_type": "SGDNesterov",
-                "output_dir": dir.join("out"), "output_name": format!("ckpt-{on}"), "log_every_n_steps": 0,
-            }),
-        );
+        let options = json!({
+            "learning_rate": 0.5, "max_train_steps": 3, "seed": 11, "gradient_checkpointing": on,
+            "optimizer_type": "SGDNesterov",
+        });
+        let mut r = recipe_to(&dir, &format!("ckpt-{on}"), options);
         r["network"] = json!({
             "dim": 4, "alpha": 4.0, "conv_dim": 2, "conv_alpha": 1.0,
             "dropout": 0.1, "rank_dropout": 0.1, "module_dropout": 0.1,
@@ -289,8 +290,7 @@ fn gradient_checkpointing_trains_the_same_weights() {
     assert_eq!(recomputed(&ckpt_kinds), 2, "resnet and transformer blocks recomputed: {ckpt_kinds:?}");
     assert_eq!(plain_losses, ckpt_losses);
     // SGD: the weights move linearly in the gradients, which differ only in summation order
-    let max_diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-    let (d, moved) = (max_diff(&plain, &ckpt), max_diff(&plain, &start));
+    let (d, moved) = (weight_diff(&plain, &ckpt), weight_diff(&plain, &start));
     eprintln!("gradient checkpointing: max |Δw| = {d:e} over {} weights, which moved up to {moved:.3}", plain.len());
     assert!(moved > 1e-2, "the steps barely moved the weights ({moved}): the comparison would be empty");
     assert!(d <= 1e-6, "max |Δw| = {d}");
