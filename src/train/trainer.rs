@@ -375,14 +375,15 @@ impl Trainer {
 
     /// Trains on the dataset's next batch (the next epoch's first after an epoch's last), as `train_planned`.
     pub fn train_next_batch(&mut self) -> Result<f64> {
-        if self.epoch_plan(self.epoch).is_empty() {
+        let mut plan = self.epoch_plan(self.epoch);
+        if plan.is_empty() {
             bail!("the trainer has no dataset batches (give batches with step_with)");
         }
-        if self.batch_in_epoch >= self.epoch_plan(self.epoch).len() {
+        if self.batch_in_epoch >= plan.len() {
             self.epoch += 1;
             self.batch_in_epoch = 0;
+            plan = self.epoch_plan(self.epoch);
         }
-        let plan = self.epoch_plan(self.epoch);
         self.train_planned(&plan)
     }
 
