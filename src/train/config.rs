@@ -180,13 +180,28 @@ pub const NOT_YET: &[&str] = &[
     "loraplus_lr_ratio",
 ];
 
+/// Whether a value leaves an option off: false, null, an empty string, or `max_token_length` 75 (CLIP's own length,
+/// what sd-scripts does without it).
+fn leaves_off(key: &str, v: &serde_json::Value) -> bool {
+    use serde_json::Value;
+    match v {
+        Value::Null => true,
+        Value::Bool(on) => !on,
+        Value::String(s) => s.is_empty() || (key == "max_token_length" && s == "75"),
+        Value::Number(n) => key == "max_token_length" && n.as_f64() == Some(75.0),
+        _ => false,
+    }
+}
+
 impl TrainConfig {
     /// From a JSON object of sd-scripts option names.
-    pub fn from_json(v: serde_json::Value) -> Result<Self> {
-        if let Some(obj) = v.as_object() {
-            if let Some(k) = obj.keys().find(|k| NOT_YET.contains(&k.as_str())) {
-                bail!("training option `{k}` is not supported yet");
+    pub fn from_json(mut v: serde_json::Value) -> Result<Self> {
+        if let Some(obj) = v.as_object_mut() {
+            if let Some((k, value)) = obj.iter().find(|(k, v)| NOT_YET.contains(&k.as_str()) && !leaves_off(k, v)) {
+                bail!("training option `{k}` is not supported yet (given {value}; leave it out or off)");
             }
+            // given but off (as sd-scripts configs written in full have them): nothing to do
+            obj.retain(|k, _| !NOT_YET.contains(&k.as_str()));
         }
         let mut c: TrainConfig = serde_json::from_value(v).map_err(|e| anyhow::anyhow!("train: {e}"))?;
         for (flag, on, name) in

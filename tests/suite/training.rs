@@ -374,7 +374,12 @@ fn unknown_and_unsupported_options_are_named() {
     let e = build::build(&recipe(&dir, json!({ "learning_rat": 1e-4 }))).err().unwrap().to_string();
     assert!(e.contains("learning_rat") && e.contains("learning_rate"), "{e}");
     let e = build::build(&recipe(&dir, json!({ "max_token_length": 225 }))).err().unwrap().to_string();
-    assert!(e.contains("max_token_length") && e.contains("not supported yet"), "{e}");
+    assert!(e.contains("max_token_length") && e.contains("not supported yet") && e.contains("225"), "{e}");
+    // given but off, as configs written in full have them: accepted
+    let off = json!({ "max_token_length": 75, "full_fp16": false, "fp8_base": null, "network_weights": "" });
+    build::build(&recipe(&dir, off)).unwrap();
+    let e = build::build(&recipe(&dir, json!({ "full_fp16": true }))).err().unwrap().to_string();
+    assert!(e.contains("full_fp16") && e.contains("not supported yet"), "{e}");
     let e = build::build(&recipe(&dir, json!({ "use_8bit_adam": true, "optimizer_type": "Lion" }))).err().unwrap();
     assert!(e.to_string().contains("use_8bit_adam and optimizer_type Lion"), "{e}");
     let e = build::build(&recipe(&dir, json!({ "optimizer_type": "Lion8bit" }))).err().unwrap().to_string();
