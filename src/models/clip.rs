@@ -1,8 +1,10 @@
 //! The CLIP text encoder in transformers' `CLIPTextModel` layout (SD1: CLIP-L, SD2: OpenCLIP-H as converted).
 
+use crate::nn::checkpoint::Checkpointed;
 use crate::nn::{attention, quick_gelu, LayerNorm, Linear, Weights};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The MLP activation.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -80,6 +82,8 @@ struct EncoderLayer {
     ln2: LayerNorm,
     fc1: Linear,
     fc2: Linear,
+    heads: usize,
+    activation: Activation,
 }
 
 impl EncoderLayer {
@@ -94,15 +98,17 @@ impl EncoderLayer {
             ln2: LayerNorm::new(&w.pp("layer_norm2"), cfg.eps)?,
             fc1: Linear::new(&w.pp("mlp.fc1"))?,
             fc2: Linear::new(&w.pp("mlp.fc2"))?,
+            heads: cfg.heads,
+            activation: cfg.activation,
         })
     }
 
-    fn forward(&self, x: &Tensor, cfg: &ClipConfig) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.ln1.forward(x)?;
-        let a = attention(&self.q.forward(&h)?, &self.k.forward(&h)?, &self.v.forward(&h)?, cfg.heads, true)?;
+        let a = attention(&self.q.forward(&h)?, &self.k.forward(&h)?, &self.v.forward(&h)?, self.heads, true)?;
         let x = (x + self.out.forward(&a)?)?;
         let h = self.fc1.forward(&self.ln2.forward(&x)?)?;
-        let h = match cfg.activation {
+        let h = match self.activation {
             Activation::QuickGelu => quick_gelu(&h)?,
             Activation::Gelu => h.gelu_erf()?,
         };
@@ -123,8 +129,10 @@ pub struct ClipTextModel {
     pub cfg: ClipConfig,
     token_embedding: Tensor,
     position_embedding: Tensor,
-    layers: Vec<EncoderLayer>,
+    layers: Vec<Checkpointed<EncoderLayer>>,
     final_ln: LayerNorm,
+    /// Gradient checkpointing of every encoder layer while training.
+    checkpointing: AtomicBool,
 }
 
 impl ClipTextModel {
@@ -134,9 +142,17 @@ impl ClipTextModel {
         let token_embedding = emb.get_shape("token_embedding.weight", &[cfg.vocab_size, cfg.hidden])?;
         let position_embedding = emb.get_shape("position_embedding.weight", &[cfg.max_positions, cfg.hidden])?;
         let enc = tm.pp("encoder.layers");
-        let layers = (0..cfg.layers).map(|i| EncoderLayer::new(&enc.pp(i), &cfg)).collect::<Result<Vec<_>>>()?;
+        let layers = (0..cfg.layers)
+            .map(|i| Checkpointed::new(&enc.pp(i), |w| EncoderLayer::new(w, &cfg)))
+            .collect::<Result<Vec<_>>>()?;
         let final_ln = LayerNorm::new(&tm.pp("final_layer_norm"), cfg.eps)?;
-        Ok(Self { cfg, token_embedding, position_embedding, layers, final_ln })
+        let checkpointing = AtomicBool::new(false);
+        Ok(Self { cfg, token_embedding, position_embedding, layers, final_ln, checkpointing })
+    }
+
+    /// Turns gradient checkpointing of the encoder layers on or off (see `UNet::set_gradient_checkpointing`).
+    pub fn set_gradient_checkpointing(&self, on: bool) {
+        self.checkpointing.store(on, Ordering::Relaxed);
     }
 
     /// Encodes `ids` (`[B, S]`, integer): the hidden state `clip_skip` layers from the end (1 = last),
@@ -155,8 +171,9 @@ impl ClipTextModel {
         let mut x = tok.broadcast_add(&pos)?;
         let run = if pooled { self.layers.len() } else { self.layers.len() + 1 - clip_skip };
         let mut chosen = None;
+        let on = self.checkpointing.load(Ordering::Relaxed);
         for (i, layer) in self.layers.iter().enumerate().take(run) {
-            x = layer.forward(&x, &self.cfg)?;
+            x = layer.run(on, "text encoder layer (recomputed)", &x, None, |l, x, _| l.forward(x))?;
             if i + clip_skip == self.layers.len() {
                 chosen = Some(x.clone());
             }

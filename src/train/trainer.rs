@@ -331,9 +331,9 @@ impl Trainer {
         *self.network.state.rng.lock().expect("rng lock") = seed_for(self.cfg.seed, self.step, 2);
         // training mode (dropout, checkpoints) lasts through the backward, which recomputes checkpointed blocks
         self.network.set_training(true);
-        self.model.unet.set_gradient_checkpointing(self.cfg.gradient_checkpointing);
+        self.set_gradient_checkpointing(self.cfg.gradient_checkpointing);
         let result = self.loss_and_gradients(b, &mut rng);
-        self.model.unet.set_gradient_checkpointing(false);
+        self.set_gradient_checkpointing(false);
         self.network.set_training(false);
         let (value, grads) = result?;
         match &mut self.accum {
@@ -385,6 +385,12 @@ impl Trainer {
             plan = self.epoch_plan(self.epoch);
         }
         self.train_planned(&plan)
+    }
+
+    /// Gradient checkpointing of the UNet's blocks and the text encoder's layers, on or off.
+    fn set_gradient_checkpointing(&self, on: bool) {
+        self.model.unet.set_gradient_checkpointing(on);
+        self.model.text_encoder.set_gradient_checkpointing(on);
     }
 
     /// The batch's loss and the gradients of its share of the step (scaled for fp16 and accumulation). A

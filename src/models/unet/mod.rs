@@ -6,13 +6,11 @@ mod config;
 pub use blocks::{Downsample2D, ResnetBlock2D, SpatialTransformer, Upsample2D};
 pub use config::{HeadSpec, UNetConfig, UNetHyper};
 
-use crate::nn::adapter::Slot;
-use crate::nn::checkpoint::checkpoint;
+use crate::nn::checkpoint::Checkpointed;
 use crate::nn::{Conv2d, GroupNorm, Linear, Weights};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 /// Sinusoidal timestep embedding as diffusers computes it (`flip_sin_to_cos`, shift 0), in f32: `[cos | sin]`.
 pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
@@ -24,33 +22,19 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
     Ok(Tensor::cat(&[args.cos()?, args.sin()?], 1)?)
 }
 
-/// A block with the slots of its adaptable layers (what a gradient checkpoint needs to recompute it).
-struct Block<B> {
-    block: Arc<B>,
-    slots: Vec<Slot>,
-}
-
-impl<B> Block<B> {
-    /// Builds the block from `w` and collects the layers it registered.
-    fn new(w: &Weights, build: impl FnOnce(&Weights) -> Result<B>) -> Result<Self> {
-        let block = Arc::new(build(w)?);
-        Ok(Self { block, slots: w.slots_under() })
-    }
-}
-
 struct Level {
-    resnets: Vec<Block<ResnetBlock2D>>,
-    attentions: Vec<Block<SpatialTransformer>>,
+    resnets: Vec<Checkpointed<ResnetBlock2D>>,
+    attentions: Vec<Checkpointed<SpatialTransformer>>,
 }
 
 impl Level {
     fn new(w: &Weights, n: usize, attn: bool, heads: usize, groups: usize, eps: f64) -> Result<Self> {
         let resnets = (0..n)
-            .map(|j| Block::new(&w.pp("resnets").pp(j), |w| ResnetBlock2D::new(w, groups, eps)))
+            .map(|j| Checkpointed::new(&w.pp("resnets").pp(j), |w| ResnetBlock2D::new(w, groups, eps)))
             .collect::<Result<_>>()?;
         let attentions = if attn {
             (0..n)
-                .map(|j| Block::new(&w.pp("attentions").pp(j), |w| SpatialTransformer::new(w, heads, groups)))
+                .map(|j| Checkpointed::new(&w.pp("attentions").pp(j), |w| SpatialTransformer::new(w, heads, groups)))
                 .collect::<Result<_>>()?
         } else {
             Vec::new()
@@ -66,9 +50,9 @@ pub struct UNet {
     time_1: Linear,
     time_2: Linear,
     down: Vec<(Level, Option<Downsample2D>)>,
-    mid_res0: Block<ResnetBlock2D>,
-    mid_attn: Block<SpatialTransformer>,
-    mid_res1: Block<ResnetBlock2D>,
+    mid_res0: Checkpointed<ResnetBlock2D>,
+    mid_attn: Checkpointed<SpatialTransformer>,
+    mid_res1: Checkpointed<ResnetBlock2D>,
     up: Vec<(Level, Option<Upsample2D>)>,
     norm_out: GroupNorm,
     conv_out: Conv2d,
@@ -100,9 +84,11 @@ impl UNet {
             time_1: Linear::new(&w.pp("time_embedding.linear_1"))?,
             time_2: Linear::new(&w.pp("time_embedding.linear_2"))?,
             down,
-            mid_res0: Block::new(&mid.pp("resnets.0"), |w| ResnetBlock2D::new(w, g, eps))?,
-            mid_attn: Block::new(&mid.pp("attentions.0"), |w| SpatialTransformer::new(w, cfg.heads(levels - 1), g))?,
-            mid_res1: Block::new(&mid.pp("resnets.1"), |w| ResnetBlock2D::new(w, g, eps))?,
+            mid_res0: Checkpointed::new(&mid.pp("resnets.0"), |w| ResnetBlock2D::new(w, g, eps))?,
+            mid_attn: Checkpointed::new(&mid.pp("attentions.0"), |w| {
+                SpatialTransformer::new(w, cfg.heads(levels - 1), g)
+            })?,
+            mid_res1: Checkpointed::new(&mid.pp("resnets.1"), |w| ResnetBlock2D::new(w, g, eps))?,
             up,
             norm_out: GroupNorm::new(&w.pp("conv_norm_out"), g, eps)?,
             conv_out: Conv2d::new(&w.pp("conv_out"), 1, 1)?,
@@ -117,20 +103,16 @@ impl UNet {
         self.checkpointing.store(on, Ordering::Relaxed);
     }
 
-    fn resnet(&self, r: &Block<ResnetBlock2D>, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        if !self.checkpointing.load(Ordering::Relaxed) {
-            return r.block.forward(x, Some(temb));
-        }
-        let b = r.block.clone();
-        checkpoint("resnet block (recomputed)", x, temb, &r.slots, Arc::new(move |x, t| b.forward(x, Some(t))))
+    fn resnet(&self, r: &Checkpointed<ResnetBlock2D>, x: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let on = self.checkpointing.load(Ordering::Relaxed);
+        r.run(on, "resnet block (recomputed)", x, Some(temb), |b, x, t| b.forward(x, t))
     }
 
-    fn transformer(&self, a: &Block<SpatialTransformer>, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        if !self.checkpointing.load(Ordering::Relaxed) {
-            return a.block.forward(x, context);
-        }
-        let b = a.block.clone();
-        checkpoint("transformer block (recomputed)", x, context, &a.slots, Arc::new(move |x, c| b.forward(x, c)))
+    fn transformer(&self, a: &Checkpointed<SpatialTransformer>, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let on = self.checkpointing.load(Ordering::Relaxed);
+        a.run(on, "transformer block (recomputed)", x, Some(context), |b, x, c| {
+            b.forward(x, c.context("a transformer block takes the text context")?)
+        })
     }
 
     /// Predicts noise (or v) for `sample` `[B, C, H, W]` at `timesteps` (`[B]`, `[1]` or scalar) given `context` `[B, S, D]`.
