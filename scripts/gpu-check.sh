@@ -81,6 +81,11 @@ SDTUNE_CONV=candle timeout "$(left 120)" "$BIN" run benches/gpu/step.rhai /tmp/s
 echo "=== 6. sdtune with the optimizer as composed candle ops (SDTUNE_FUSED=off), if time is left"
 SDTUNE_FUSED=off timeout "$(left 120)" "$BIN" run benches/gpu/step.rhai /tmp/sd15-random cuda bf16 3 | tee "$R/sdtune-unfused.jsonl"
 
+echo "=== 7. sdtune with gradient_checkpointing (its peak memory), if time is left"
+m=$(sample_memory mem-sdtune-checkpointing.txt)
+timeout "$(left 90)" "$BIN" run benches/gpu/step.rhai /tmp/sd15-random cuda bf16 3 checkpointing | tee "$R/sdtune-checkpointing.jsonl"
+kill "$m" 2>/dev/null
+
 $PY benches/gpu/table.py "$R"
 echo; cat "$R/ops-sdtune.md" "$R/ops-torch.md" 2>/dev/null; tail -1 "$R/kernels.md" 2>/dev/null
 if [ -n "${OUT:-}" ]; then

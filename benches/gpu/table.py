@@ -53,6 +53,10 @@ ps, pt = peak_gib("mem-sdtune.txt"), peak_gib("mem-torch.txt")
 fmt = lambda x: f"{x:.2f}" if x is not None else "-"
 print(f"| peak GPU memory, GiB (nvidia-smi, above idle) | {fmt(ps)} | {fmt(pt)} | "
       f"{(f'{ps / pt:.2f}' if ps and pt else '-')} | | | | |")
+g = last_json("sdtune-checkpointing.jsonl")
+gms = (g or {}).get("step_ms")
+print(f"| sdtune LoRA step with gradient_checkpointing: ms / peak GiB | "
+      f"{f'{gms:.1f}' if gms else 'not run'} / {fmt(peak_gib('mem-sdtune-checkpointing.txt'))} | | | | | | |")
 prof = None
 try:
     prof = next((json.loads(l) for l in open(os.path.join(d, "sdtune.jsonl")) if '"sdtune-profile"' in l), None)
