@@ -37,9 +37,9 @@ pub fn dtype_name(d: DType) -> &'static str {
 const OUT_OF_MEMORY: &[&str] = &["CUDA_ERROR_OUT_OF_MEMORY", "CUBLAS_STATUS_ALLOC_FAILED"];
 
 /// What to do about running out of GPU memory, appended to such an error.
-const OUT_OF_MEMORY_HINT: &str = "the GPU ran out of memory: lower train_batch_size or the resolution, use \
-    mixed_precision \"bf16\" (or \"fp16\"), cache_latents, optimizer_type \"AdamW8bit\", or close other programs using \
-    the GPU";
+const OUT_OF_MEMORY_HINT: &str = "the GPU ran out of memory: lower train_batch_size or the resolution, turn on \
+    gradient_checkpointing, use mixed_precision \"bf16\" (or \"fp16\"), cache_latents, optimizer_type \"AdamW8bit\", or \
+    close other programs using the GPU";
 
 /// An error message with what the user can do about it appended, where the cause is one they can act on (out of
 /// GPU memory); other messages unchanged. Adding it twice adds it once.
@@ -141,7 +141,7 @@ mod tests {
         // cudarc's driver error as candle passes it on, inside a chain
         let oom = r#"conv2d (+ adapters) backward: DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")"#;
         let msg = with_hint(oom.to_string());
-        assert!(msg.starts_with(oom) && msg.contains("train_batch_size") && msg.contains("AdamW8bit"), "{msg}");
+        assert!(msg.starts_with(oom) && msg.contains("gradient_checkpointing") && msg.contains("AdamW8bit"), "{msg}");
         assert_eq!(with_hint(msg.clone()), msg, "the hint is added once");
         assert!(with_hint("matmul: CublasError(CUBLAS_STATUS_ALLOC_FAILED)".into()).contains("ran out of memory"));
         let other = "model.safetensors: not a safetensors file".to_string();
