@@ -1,5 +1,5 @@
 //! Multi-head scaled dot-product attention, computed in query chunks (at most `CHUNK_BYTES` of f32 scores at a
-//! time) with candle's fused softmax, and a backward that recomputes each chunk's probabilities (FlashAttention's
+//! time, `CPU_CHUNK_BYTES` on the CPU) with candle's fused softmax, and a backward that recomputes each chunk's probabilities (FlashAttention's
 //! scheme, written with GEMMs): the graph keeps only q, k, v and the output, never the `[B, H, Sq, Sk]` scores.
 //! Scores and softmax are f32; on CUDA with half-precision inputs the f32 GEMMs run as TF32 (`Tf32`). On CUDA,
 //! bf16/f16 inputs go through the fused kernel of `nn::fused::flash` instead (unless `SDTUNE_FUSED=off`).
@@ -12,19 +12,25 @@ use candle_core::{DType, Device, Tensor, D};
 /// The most f32 attention scores held at once (bytes).
 const CHUNK_BYTES: usize = 256 << 20;
 
+/// The same on the CPU: chunks whose scores stay in cache through the passes over them (GEMM, softmax, GEMM; and
+/// again in the backward). 1–2 MiB measured best: the tiny model's step at 256² took 2.0 s against 3.2 s with
+/// 256 MiB, 2.4 s with 512 KiB (BENCHMARKS.md).
+const CPU_CHUNK_BYTES: usize = 2 << 20;
+
 /// Attention over `[B, S, C]` inputs with `heads` heads, softmax in f32 (f64 for f64 inputs); `causal` masks
 /// future positions (CLIP).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Result<Tensor> {
     super::profile::time("attention (scores, softmax, values)", q.device(), || {
         let (b, sq, _) = q.dims3()?;
-        let rows = chunk_rows(b * heads, k.dim(1)?);
+        let budget = if q.device().is_cpu() { CPU_CHUNK_BYTES } else { CHUNK_BYTES };
+        let rows = chunk_rows(budget, b * heads, k.dim(1)?);
         attention_chunked(q, k, v, heads, causal, rows.min(sq.max(1)))
     })
 }
 
-/// Query rows per chunk for `bh` batch·heads and `sk` keys.
-fn chunk_rows(bh: usize, sk: usize) -> usize {
-    (CHUNK_BYTES / (4 * bh * sk).max(1)).max(1)
+/// Query rows per chunk of at most `bytes` of f32 scores, for `bh` batch·heads and `sk` keys.
+fn chunk_rows(bytes: usize, bh: usize, sk: usize) -> usize {
+    (bytes / (4 * bh * sk).max(1)).max(1)
 }
 
 fn attention_chunked(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool, rows: usize) -> Result<Tensor> {
