@@ -175,15 +175,38 @@ __device__ void load_rows(float* Lq, float* Dq, const float* lse, const float* d
   }
 }
 
-// the warp's 16 query rows (w16 …) of P = exp(S·scale − lse) and dS = P ⊙ (dP − Δ), S = Q·Kᵀ and dP = dO·Vᵀ going
-// through the f32 scratch tiles Ss, dPs; query tile q0, key tile k0 (all tiles TILE rows, row stride TILE or dp)
+// The backward kernels' shared memory (sizes: flash.rs's `smem`): the Q, dO, K and V tiles (TILE × dp), P and dS
+// (TILE × TILE), then in f32 `accs` accumulators (TILE × dp each: dK and dV, or dQ), the scratch tiles S and dP
+// (TILE × TILE), and the query tile's lse and Δ rows.
 template <typename T>
-__device__ void probs_and_dscores(T* Ps, T* dSs, float* Ss, float* dPs, const T* Qs, const T* dOs, const T* Ks,
-                                  const T* Vs, const float* Lq, const float* Dq, int w16, int q0, int k0, int Sq,
-                                  int Sk, int dp, float scale, int causal) {
-  float *S = Ss + w16 * TILE, *dP = dPs + w16 * TILE;
-  abt(S, Qs + w16 * dp, Ks, dp);
-  abt(dP, dOs + w16 * dp, Vs, dp);
+struct BwdTiles {
+  T *Q, *dO, *K, *V, *P, *dS;
+  float *acc, *S, *dP, *Lq, *Dq;
+  __device__ BwdTiles(unsigned char* smem, int dp, int accs) {
+    Q = (T*)smem;
+    dO = Q + TILE * dp;
+    K = dO + TILE * dp;
+    V = K + TILE * dp;
+    P = V + TILE * dp;
+    dS = P + TILE * TILE;
+    acc = (float*)(dS + TILE * TILE);
+    S = acc + accs * TILE * dp;
+    dP = S + TILE * TILE;
+    Lq = dP + TILE * TILE;
+    Dq = Lq + TILE;
+  }
+};
+
+// the warp's 16 query rows (w16 …) of P = exp(S·scale − lse) and dS = P ⊙ (dP − Δ), S = Q·Kᵀ and dP = dO·Vᵀ going
+// through the f32 scratch tiles; query tile q0, key tile k0 (all tiles TILE rows, row stride TILE or dp)
+template <typename T>
+__device__ void probs_and_dscores(const BwdTiles<T>& t, int w16, int q0, int k0, int Sq, int Sk, int dp, float scale,
+                                  int causal) {
+  T *Ps = t.P, *dSs = t.dS;
+  const float *Lq = t.Lq, *Dq = t.Dq;
+  float *S = t.S + w16 * TILE, *dP = t.dP + w16 * TILE;
+  abt(S, t.Q + w16 * dp, t.K, dp);
+  abt(dP, t.dO + w16 * dp, t.V, dp);
   __syncwarp();
   const int lane = threadIdx.x & 31;
   for (int r = 0; r < 16; r++)
@@ -206,37 +229,27 @@ template <typename T>
 __device__ void flash_bwd_kv(const T* q, const T* k, const T* v, const T* dO, const float* lse, const float* delta,
                              T* dk, T* dv, int H, int Sq, int Sk, int C, int d, int dp, float scale, int causal) {
   DYNAMIC_SMEM(smem);
-  T* Ks = (T*)smem;
-  T* Vs = Ks + TILE * dp;
-  T* Qs = Vs + TILE * dp;
-  T* dOs = Qs + TILE * dp;
-  T* Ps = dOs + TILE * dp;
-  T* dSs = Ps + TILE * TILE;
-  float* dKs = (float*)(dSs + TILE * TILE);
-  float* dVs = dKs + TILE * dp;
-  float* Ss = dVs + TILE * dp;
-  float* dPs = Ss + TILE * TILE;
-  float* Lq = dPs + TILE * TILE;
-  float* Dq = Lq + TILE;
+  const BwdTiles<T> t(smem, dp, 2);
+  float *dKs = t.acc, *dVs = t.acc + TILE * dp;
   const int bh = blockIdx.y, b = bh / H, h = bh - b * H, k0 = blockIdx.x * TILE;
   const int warp = threadIdx.x / 32;
   const size_t qoff = (size_t)b * Sq * C + (size_t)h * d, koff = (size_t)b * Sk * C + (size_t)h * d;
-  load_tile(Ks, k + koff, k0, Sk, C, d, dp);
-  load_tile(Vs, v + koff, k0, Sk, C, d, dp);
+  load_tile(t.K, k + koff, k0, Sk, C, d, dp);
+  load_tile(t.V, v + koff, k0, Sk, C, d, dp);
   for (int i = threadIdx.x; i < TILE * dp; i += THREADS) dKs[i] = dVs[i] = 0.0f;
   for (int q0 = causal ? k0 : 0; q0 < Sq; q0 += TILE) {
     __syncthreads();  // the previous query tile is no longer read
-    load_tile(Qs, q + qoff, q0, Sq, C, d, dp);
-    load_tile(dOs, dO + qoff, q0, Sq, C, d, dp);
-    load_rows(Lq, Dq, lse, delta, bh, q0, Sq);
+    load_tile(t.Q, q + qoff, q0, Sq, C, d, dp);
+    load_tile(t.dO, dO + qoff, q0, Sq, C, d, dp);
+    load_rows(t.Lq, t.Dq, lse, delta, bh, q0, Sq);
     __syncthreads();
     // P, dS for the warp's 16 queries × the 64 keys
     const int w16 = warp * 16;
-    probs_and_dscores(Ps, dSs, Ss, dPs, Qs, dOs, Ks, Vs, Lq, Dq, w16, q0, k0, Sq, Sk, dp, scale, causal);
+    probs_and_dscores(t, w16, q0, k0, Sq, Sk, dp, scale, causal);
     __syncthreads();
     // the warp's 16 keys: dV += Pᵀ·dO, dK += dSᵀ·Q (Pᵀ read column-major from P's rows of queries)
-    acc_pv<T, true>(dVs + w16 * dp, Ps + w16, dOs, dp);
-    acc_pv<T, true>(dKs + w16 * dp, dSs + w16, Qs, dp);
+    acc_pv<T, true>(dVs + w16 * dp, t.P + w16, t.dO, dp);
+    acc_pv<T, true>(dKs + w16 * dp, t.dS + w16, t.Q, dp);
     __syncwarp();
   }
   __syncthreads();
@@ -254,33 +267,24 @@ template <typename T>
 __device__ void flash_bwd_q(const T* q, const T* k, const T* v, const T* dO, const float* lse, const float* delta,
                             T* dq, int H, int Sq, int Sk, int C, int d, int dp, float scale, int causal) {
   DYNAMIC_SMEM(smem);
-  T* Qs = (T*)smem;
-  T* dOs = Qs + TILE * dp;
-  T* Ks = dOs + TILE * dp;
-  T* Vs = Ks + TILE * dp;
-  T* Ps = Vs + TILE * dp;
-  T* dSs = Ps + TILE * TILE;
-  float* dQs = (float*)(dSs + TILE * TILE);
-  float* Ss = dQs + TILE * dp;
-  float* dPs = Ss + TILE * TILE;
-  float* Lq = dPs + TILE * TILE;
-  float* Dq = Lq + TILE;
+  const BwdTiles<T> t(smem, dp, 1);
+  float* dQs = t.acc;
   const int bh = blockIdx.y, b = bh / H, h = bh - b * H, q0 = blockIdx.x * TILE;
   const int warp = threadIdx.x / 32, w16 = warp * 16;
   const size_t qoff = (size_t)b * Sq * C + (size_t)h * d, koff = (size_t)b * Sk * C + (size_t)h * d;
-  load_tile(Qs, q + qoff, q0, Sq, C, d, dp);
-  load_tile(dOs, dO + qoff, q0, Sq, C, d, dp);
+  load_tile(t.Q, q + qoff, q0, Sq, C, d, dp);
+  load_tile(t.dO, dO + qoff, q0, Sq, C, d, dp);
   for (int i = threadIdx.x; i < TILE * dp; i += THREADS) dQs[i] = 0.0f;
-  load_rows(Lq, Dq, lse, delta, bh, q0, Sq);
+  load_rows(t.Lq, t.Dq, lse, delta, bh, q0, Sq);
   const int kend = causal ? min(Sk, q0 + TILE) : Sk;
   for (int k0 = 0; k0 < kend; k0 += TILE) {
     __syncthreads();
-    load_tile(Ks, k + koff, k0, Sk, C, d, dp);
-    load_tile(Vs, v + koff, k0, Sk, C, d, dp);
+    load_tile(t.K, k + koff, k0, Sk, C, d, dp);
+    load_tile(t.V, v + koff, k0, Sk, C, d, dp);
     __syncthreads();
-    probs_and_dscores(Ps, dSs, Ss, dPs, Qs, dOs, Ks, Vs, Lq, Dq, w16, q0, k0, Sq, Sk, dp, scale, causal);
+    probs_and_dscores(t, w16, q0, k0, Sq, Sk, dp, scale, causal);
     __syncwarp();
-    acc_pv<T, false>(dQs + w16 * dp, dSs + w16 * TILE, Ks, dp);
+    acc_pv<T, false>(dQs + w16 * dp, t.dS + w16 * TILE, t.K, dp);
     __syncwarp();
   }
   __syncthreads();

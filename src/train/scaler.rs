@@ -2,9 +2,10 @@
 //! is multiplied by the scale before backward, gradients are divided by it before clipping; a step whose
 //! gradients overflow (inf or NaN) is skipped and halves the scale; 2000 good steps in a row double it.
 
+use super::optim::DeviceSum;
 use anyhow::Result;
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::Var;
 
 const INIT_SCALE: f64 = 65536.0;
 const GROWTH_FACTOR: f64 = 2.0;
@@ -32,22 +33,15 @@ impl LossScaler {
     /// the device until one read at the end: `0·g` is 0 for a finite value and NaN for inf or NaN, so the sum of
     /// all of them is 0 exactly when every gradient is finite (summing the values themselves could overflow).
     pub fn unscale<'a>(&self, grads: &mut GradStore, params: impl Iterator<Item = &'a Var>) -> Result<bool> {
-        let mut poisoned: Option<Tensor> = None;
+        let mut poisoned = DeviceSum::default();
         for p in params {
             if let Some(g) = grads.get(p.as_tensor()) {
                 let g = (g / self.scale)?;
-                let zeros = g.affine(0.0, 0.0)?.sum_all()?.to_dtype(DType::F32)?;
-                poisoned = Some(match poisoned {
-                    Some(acc) => (acc + zeros)?,
-                    None => zeros,
-                });
+                poisoned.add(g.affine(0.0, 0.0)?.sum_all()?, 1.0)?;
                 grads.insert(p.as_tensor(), g);
             }
         }
-        Ok(match poisoned {
-            Some(acc) => acc.to_scalar::<f32>()? == 0.0,
-            None => true,
-        })
+        Ok(poisoned.value()? == 0.0)
     }
 
     /// After a step: back off on overflow (the step was skipped), else count towards growth.
@@ -69,7 +63,7 @@ impl LossScaler {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
 
     #[test]
     fn overflow_skips_and_backs_off_good_steps_grow() {

@@ -38,8 +38,10 @@ struct Case {
 };
 
 static size_t smem_fwd(int dp) { return 3 * TILE * dp * 2 + TILE * TILE * 2 + TILE * TILE * 4 + TILE * dp * 4 + 2 * TILE * 4; }
-static size_t smem_kv(int dp) { return 4 * TILE * dp * 2 + 2 * TILE * TILE * 2 + 2 * TILE * dp * 4 + 2 * TILE * TILE * 4 + 2 * TILE * 4; }
-static size_t smem_q(int dp) { return 4 * TILE * dp * 2 + 2 * TILE * TILE * 2 + TILE * dp * 4 + 2 * TILE * TILE * 4 + 2 * TILE * 4; }
+// the backward kernels' BwdTiles, with `accs` f32 accumulators (dK and dV: 2, dQ: 1)
+static size_t smem_bwd(int dp, int accs) {
+  return 4 * TILE * dp * 2 + 2 * TILE * TILE * 2 + accs * TILE * dp * 4 + 2 * TILE * TILE * 4 + 2 * TILE * 4;
+}
 
 static double rel_err(const std::vector<double>& ours, const std::vector<double>& ref) {
   double e = 0, m = 1e-30;
@@ -140,11 +142,11 @@ static bool run(const Case& c, std::mt19937& rng) {
         }
         delta[((size_t)b * c.H + h) * c.Sq + i] = s;
       }
-  emu_launch({kt, bh, 1}, THREADS, smem_kv(dp), [&] {
+  emu_launch({kt, bh, 1}, THREADS, smem_bwd(dp, 2), [&] {
     K::bwd_kv(q.data(), k.data(), v.data(), dO.data(), lse.data(), delta.data(), dk.data(), dv.data(), c.H,
                       c.Sq, c.Sk, C, c.d, dp, scale, c.causal);
   });
-  emu_launch({qt, bh, 1}, THREADS, smem_q(dp), [&] {
+  emu_launch({qt, bh, 1}, THREADS, smem_bwd(dp, 1), [&] {
     K::bwd_q(q.data(), k.data(), v.data(), dO.data(), lse.data(), delta.data(), dq.data(), c.H, c.Sq, c.Sk,
                      C, c.d, dp, scale, c.causal);
   });

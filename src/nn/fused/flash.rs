@@ -51,14 +51,12 @@ impl Flash {
     fn scale(&self) -> f32 {
         1.0 / (self.d as f32).sqrt()
     }
-    /// Dynamic shared memory (bytes) of the forward, the dK/dV and the dQ kernel (see flash.cu's layouts).
+    /// Dynamic shared memory (bytes) of the forward, the dK/dV and the dQ kernel (see flash.cu's layouts; the
+    /// backward kernels share `BwdTiles`, with two f32 accumulators or one).
     fn smem(&self) -> [usize; 3] {
         let (t, dp) = (TILE, self.dp());
-        [
-            3 * t * dp * 2 + t * t * 2 + t * t * 4 + t * dp * 4 + 2 * t * 4,
-            4 * t * dp * 2 + 2 * t * t * 2 + 2 * t * dp * 4 + 2 * t * t * 4 + 2 * t * 4,
-            4 * t * dp * 2 + 2 * t * t * 2 + t * dp * 4 + 2 * t * t * 4 + 2 * t * 4,
-        ]
+        let backward = |accs: usize| 4 * t * dp * 2 + 2 * t * t * 2 + accs * t * dp * 4 + 2 * t * t * 4 + 2 * t * 4;
+        [3 * t * dp * 2 + t * t * 2 + t * t * 4 + t * dp * 4 + 2 * t * 4, backward(2), backward(1)]
     }
 
     fn check(&self, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<()> {

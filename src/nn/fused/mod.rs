@@ -77,51 +77,30 @@ trait Elem: candle_core::WithDType {
     /// The elements of a CPU storage of this type.
     fn cpu_mut(s: &mut CpuStorage) -> Option<&mut [Self]>;
 }
-impl Elem for f32 {
-    fn get(self) -> f32 {
-        self
-    }
-    fn put(x: f32) -> Self {
-        x
-    }
-    fn cpu_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
-        if let CpuStorage::F32(v) = s {
-            Some(v)
-        } else {
-            None
+
+/// `impl Elem` for a float type: its conversions through f32 and its `CpuStorage` variant.
+macro_rules! elem {
+    ($t:ty, $variant:ident, $to_f32:expr, $from_f32:expr) => {
+        impl Elem for $t {
+            fn get(self) -> f32 {
+                ($to_f32)(self)
+            }
+            fn put(x: f32) -> Self {
+                ($from_f32)(x)
+            }
+            fn cpu_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
+                if let CpuStorage::$variant(v) = s {
+                    Some(v)
+                } else {
+                    None
+                }
+            }
         }
-    }
+    };
 }
-impl Elem for bf16 {
-    fn get(self) -> f32 {
-        self.to_f32()
-    }
-    fn put(x: f32) -> Self {
-        bf16::from_f32(x)
-    }
-    fn cpu_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
-        if let CpuStorage::BF16(v) = s {
-            Some(v)
-        } else {
-            None
-        }
-    }
-}
-impl Elem for f16 {
-    fn get(self) -> f32 {
-        self.to_f32()
-    }
-    fn put(x: f32) -> Self {
-        f16::from_f32(x)
-    }
-    fn cpu_mut(s: &mut CpuStorage) -> Option<&mut [Self]> {
-        if let CpuStorage::F16(v) = s {
-            Some(v)
-        } else {
-            None
-        }
-    }
-}
+elem!(f32, F32, |x: f32| x, |x: f32| x);
+elem!(bf16, BF16, bf16::to_f32, bf16::from_f32);
+elem!(f16, F16, f16::to_f32, f16::from_f32);
 
 /// The contiguous elements of a CPU storage of `T`s.
 fn elems<'a, T: candle_core::WithDType>(s: &'a CpuStorage, l: &Layout) -> candle_core::Result<&'a [T]> {

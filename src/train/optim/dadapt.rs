@@ -2,9 +2,9 @@
 //! DAdaptAdam (dadaptation). Both take one base LR (usually 1.0) for all groups, as their implementations do,
 //! and keep d optimizer-wide.
 
-use super::{scalar, Args, ParamGroup};
+use super::{read_both, Args, DeviceSum, ParamGroup};
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 
 /// Prodigy's settings (prodigyopt's names and defaults).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -66,35 +66,6 @@ fn dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
 /// `Σ |a|`, a 0-d tensor on its device.
 fn abs_sum(a: &Tensor) -> Result<Tensor> {
     Ok(a.abs()?.sum_all()?)
-}
-
-/// A sum over parameters kept on their device in f64, so that a step reads its sums once instead of once per
-/// tensor (on a GPU each read waits for all queued work).
-#[derive(Default)]
-struct DeviceSum(Option<Tensor>);
-
-impl DeviceSum {
-    /// Adds `factor·x` for a 0-d `x`.
-    fn add(&mut self, x: Tensor, factor: f64) -> Result<()> {
-        let x = x.to_dtype(DType::F64)?;
-        let x = if factor == 1.0 { x } else { (x * factor)? };
-        self.0 = Some(match self.0.take() {
-            Some(acc) => (acc + x)?,
-            None => x,
-        });
-        Ok(())
-    }
-}
-
-/// The values of two sums, read in one transfer (0 for a sum that got nothing).
-fn read_both(a: DeviceSum, b: DeviceSum) -> Result<(f64, f64)> {
-    match (a.0, b.0) {
-        (Some(a), Some(b)) => {
-            let v = Tensor::stack(&[a, b], 0)?.to_vec1::<f64>()?;
-            Ok((v[0], v[1]))
-        }
-        (a, b) => Ok((a.map_or(Ok(0.0), |t| scalar(&t))?, b.map_or(Ok(0.0), |t| scalar(&t))?)),
-    }
 }
 
 fn bias_correction(on: bool, (b1, b2): (f64, f64), k: f64) -> f64 {

@@ -13,7 +13,7 @@ pub use dadapt::{DAdaptAdam, Prodigy};
 
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{DType, Tensor, Var};
 
 /// Parameters that share a learning rate.
 pub struct ParamGroup {
@@ -430,6 +430,40 @@ impl Optimizer {
         }
         let norm = (acc.to_vec1::<f32>()?[0] as f64).sqrt();
         Ok((max_norm / (norm + 1e-6)).min(1.0))
+    }
+}
+
+/// A sum over parameters kept on their device in f64, so that a step reads its sums once instead of once per
+/// tensor (on a GPU each read waits for all queued work).
+#[derive(Default)]
+pub(crate) struct DeviceSum(Option<Tensor>);
+
+impl DeviceSum {
+    /// Adds `factor·x` for a 0-d `x`.
+    pub(crate) fn add(&mut self, x: Tensor, factor: f64) -> Result<()> {
+        let x = x.to_dtype(DType::F64)?;
+        let x = if factor == 1.0 { x } else { (x * factor)? };
+        self.0 = Some(match self.0.take() {
+            Some(acc) => (acc + x)?,
+            None => x,
+        });
+        Ok(())
+    }
+
+    /// The sum (one read; 0 when nothing was added).
+    pub(crate) fn value(self) -> Result<f64> {
+        self.0.map_or(Ok(0.0), |t| scalar(&t))
+    }
+}
+
+/// The values of two sums, read in one transfer (0 for a sum that got nothing).
+pub(crate) fn read_both(a: DeviceSum, b: DeviceSum) -> Result<(f64, f64)> {
+    match (a.0, b.0) {
+        (Some(a), Some(b)) => {
+            let v = Tensor::stack(&[a, b], 0)?.to_vec1::<f64>()?;
+            Ok((v[0], v[1]))
+        }
+        (a, b) => Ok((DeviceSum(a).value()?, DeviceSum(b).value()?)),
     }
 }
 
