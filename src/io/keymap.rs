@@ -57,12 +57,14 @@ fn unet_resnet(pairs: &mut Vec<(String, String)>, ldm: &str, diff: &str) {
     }
 }
 
-/// The SD1/SD2 UNet table (keys without `model.diffusion_model.`).
+/// The UNet table (keys without `model.diffusion_model.`; `label_emb` is SDXL's added conditioning).
 pub fn unet_table(levels: usize, layers: usize, up_attn: &[bool]) -> KeyTable {
     let n = layers;
     let mut t = vec![
         p("time_embed.0", "time_embedding.linear_1"),
         p("time_embed.2", "time_embedding.linear_2"),
+        p("label_emb.0.0", "add_embedding.linear_1"),
+        p("label_emb.0.2", "add_embedding.linear_2"),
         p("input_blocks.0.0", "conv_in"),
         p("middle_block.1", "mid_block.attentions.0"),
         p("out.0", "conv_norm_out"),

@@ -36,6 +36,8 @@ pub struct ClipConfig {
     pub max_positions: usize,
     pub activation: Activation,
     pub eps: f64,
+    /// Width of the pooled-output projection (`CLIPTextModelWithProjection`, SDXL's second encoder).
+    pub projection: Option<usize>,
 }
 
 impl ClipConfig {
@@ -51,6 +53,7 @@ impl ClipConfig {
         }
         let intermediate = tm.get("encoder.layers.0.mlp.fc1.weight")?.dims()[0];
         let heads = heads.unwrap_or_else(|| default_heads(hidden));
+        let projection = w.get_opt("text_projection.weight").map(|t| t.dims()[0]);
         Ok(Self {
             vocab_size,
             hidden,
@@ -60,6 +63,7 @@ impl ClipConfig {
             max_positions: pos.dims()[0],
             activation,
             eps: 1e-5,
+            projection,
         })
     }
 }
@@ -120,7 +124,8 @@ impl EncoderLayer {
 pub struct ClipOutput {
     /// The context fed to the UNet (`[B, S, hidden]`).
     pub context: Tensor,
-    /// The final-layer-normed state at the first end-of-text token (`[B, hidden]`), when asked for.
+    /// The final-layer-normed state at the first end-of-text token (`[B, hidden]`), projected when the model has
+    /// a projection (`[B, projection]`), when asked for.
     pub pooled: Option<Tensor>,
 }
 
@@ -131,6 +136,7 @@ pub struct ClipTextModel {
     position_embedding: Tensor,
     layers: Vec<Checkpointed<EncoderLayer>>,
     final_ln: LayerNorm,
+    projection: Option<Linear>,
     /// Gradient checkpointing of every encoder layer while training.
     checkpointing: AtomicBool,
 }
@@ -146,8 +152,9 @@ impl ClipTextModel {
             .map(|i| Checkpointed::new(&enc.pp(i), |w| EncoderLayer::new(w, &cfg)))
             .collect::<Result<Vec<_>>>()?;
         let final_ln = LayerNorm::new(&tm.pp("final_layer_norm"), cfg.eps)?;
+        let projection = cfg.projection.map(|_| Linear::new(&w.pp("text_projection"))).transpose()?;
         let checkpointing = AtomicBool::new(false);
-        Ok(Self { cfg, token_embedding, position_embedding, layers, final_ln, checkpointing })
+        Ok(Self { cfg, token_embedding, position_embedding, layers, final_ln, projection, checkpointing })
     }
 
     /// Turns gradient checkpointing of the encoder layers on or off (see `UNet::set_gradient_checkpointing`).
@@ -193,7 +200,11 @@ impl ClipTextModel {
                     last.get(bi)?.get(p)
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
-            Some(Tensor::stack(&rows, 0)?)
+            let pooled = Tensor::stack(&rows, 0)?;
+            Some(match &self.projection {
+                Some(p) => p.forward(&pooled)?,
+                None => pooled,
+            })
         } else {
             None
         };

@@ -1,8 +1,8 @@
-//! A loaded SD1/SD2 model: components built from a checkpoint, plus its family facts and configs.
+//! A loaded SD1/SD2/SDXL model: components built from a checkpoint, plus its family facts and configs.
 
 use super::clip::{Activation, ClipConfig, ClipOutput, ClipTextModel};
 use super::tokenizer::ClipTokenizer;
-use super::unet::{HeadSpec, UNet, UNetConfig, UNetHyper};
+use super::unet::{sdxl_vector, HeadSpec, UNet, UNetConfig, UNetHyper};
 use super::vae::{Posterior, Vae, VaeConfig};
 use super::Family;
 use crate::io::checkpoint::{self, Checkpoint, Components, DiffusersConfigs};
@@ -48,23 +48,31 @@ pub enum SaveFormat {
     Diffusers,
 }
 
-/// A Stable Diffusion 1.x / 2.x model.
+/// A Stable Diffusion 1.x / 2.x / XL model.
 pub struct StableDiffusion {
     pub family: Family,
     pub v_pred: bool,
     pub clip_skip: usize,
     pub vae_scale: f64,
     pub dtype: DType,
+    /// The VAE's compute dtype: `dtype`, except f32 for a VAE that overflows in f16 (SDXL's, `force_upcast`).
+    pub vae_dtype: DType,
     pub device: Device,
     pub source: PathBuf,
     pub tokenizer: ClipTokenizer,
     pub text_encoder: ClipTextModel,
+    /// SDXL's second text encoder (OpenCLIP-bigG with its pooled projection).
+    pub text_encoder_2: Option<ClipTextModel>,
+    /// The padding id of SDXL's second tokenizer (`!`, 0).
+    pub pad_id_2: u32,
     pub unet: UNet,
     pub vae: Vae,
     /// The weights in diffusers names, kept for saving.
     pub components: Components,
     /// The text encoder's adaptable layers (for networks).
     pub te_layers: Registry,
+    /// SDXL's second text encoder's adaptable layers.
+    pub te2_layers: Registry,
     /// The UNet's adaptable layers (for networks).
     pub unet_layers: Registry,
     pub scheduler_config: Value,
@@ -107,31 +115,26 @@ impl StableDiffusion {
         let cfgs = &ck.configs;
         let src = path.display().to_string();
 
-        // Text encoder.
+        // Text encoders.
         let te_layers = Registry::default();
+        let te2_layers = Registry::default();
         let unet_layers = Registry::default();
         let te_w = Weights::new(ck.components.text_encoder.clone(), &format!("{src} (text encoder)"))
             .with_registry(te_layers.clone());
-        let activation = match cfgs.text_encoder.as_ref().and_then(|v| v.get("hidden_act")).and_then(Value::as_str) {
-            Some("gelu") => Activation::Gelu,
-            Some("quick_gelu") => Activation::QuickGelu,
-            Some(other) => {
-                bail!("{src}: text encoder hidden_act {other:?} is not supported (expected quick_gelu or gelu)")
+        let default_act = if family == Family::Sd2 { Activation::Gelu } else { Activation::QuickGelu };
+        let text_encoder = build_text_encoder(&te_w, cfgs.text_encoder.as_ref(), default_act, &src)?;
+        let text_encoder_2 = match family {
+            Family::Sdxl => {
+                let w = Weights::new(ck.components.text_encoder_2.clone(), &format!("{src} (text encoder 2)"))
+                    .with_registry(te2_layers.clone());
+                let te2 = build_text_encoder(&w, cfgs.text_encoder_2.as_ref(), Activation::Gelu, &src)?;
+                if te2.cfg.projection.is_none() {
+                    bail!("{src}: SDXL's second text encoder has no `text_projection`");
+                }
+                Some(te2)
             }
-            None if family == Family::Sd2 => Activation::Gelu,
-            None => Activation::QuickGelu,
+            _ => None,
         };
-        let te_heads = cfgs
-            .text_encoder
-            .as_ref()
-            .and_then(|v| v.get("num_attention_heads"))
-            .and_then(Value::as_u64)
-            .map(|h| h as usize);
-        let mut te_cfg = ClipConfig::infer(&te_w, te_heads, activation)?;
-        if let Some(eps) = cfgs.text_encoder.as_ref().and_then(|v| v.get("layer_norm_eps")).and_then(Value::as_f64) {
-            te_cfg.eps = eps;
-        }
-        let text_encoder = ClipTextModel::new(&te_w, te_cfg)?;
 
         // UNet.
         let unet_w =
@@ -152,14 +155,36 @@ impl StableDiffusion {
                     eps: 1e-5,
                     upcast_attention: family == Family::Sd2,
                     sample_size: 64,
+                    addition_time_embed_dim: None,
                 }
             }
         };
+        let mut hyper = hyper;
+        if let (None, Some(adm), Some(te2)) = (
+            hyper.addition_time_embed_dim,
+            unet_w.get_opt("add_embedding.linear_1.weight").map(|t| t.dims()[1]),
+            &text_encoder_2,
+        ) {
+            // the vector is the pooled embedding followed by 6 size embeddings
+            let pooled = te2.cfg.projection.unwrap_or(0);
+            if adm <= pooled || (adm - pooled) % 6 != 0 {
+                bail!("{src}: the UNet's added-conditioning input ({adm}) is not the pooled width {pooled} plus 6 size embeddings");
+            }
+            hyper.addition_time_embed_dim = Some((adm - pooled) / 6);
+        }
         let unet = UNet::new(&unet_w, UNetConfig::infer(&unet_w, hyper)?)?;
 
         // VAE.
-        let vae_w = Weights::new(ck.components.vae.clone(), &format!("{src} (vae)"));
         let vae_cfg_json = if opts.vae.is_some() { None } else { cfgs.vae.clone() };
+        // SDXL's VAE overflows in f16 (diffusers' `force_upcast`, sd-scripts' `--no_half_vae`): it runs in f32
+        let force_upcast = vae_cfg_json.as_ref().and_then(|v| v.get("force_upcast")).and_then(Value::as_bool);
+        let vae_dtype = if opts.dtype == DType::F16 && force_upcast.unwrap_or(family == Family::Sdxl) {
+            ck.components.vae = checkpoint::cast_map(&ck.components.vae, DType::F32)?;
+            DType::F32
+        } else {
+            opts.dtype
+        };
+        let vae_w = Weights::new(ck.components.vae.clone(), &format!("{src} (vae)"));
         let scale = vae_cfg_json
             .as_ref()
             .and_then(|v| v.get("scaling_factor"))
@@ -194,14 +219,18 @@ impl StableDiffusion {
             clip_skip: opts.clip_skip,
             vae_scale: scale,
             dtype: opts.dtype,
+            vae_dtype,
             device: opts.device.clone(),
             source: path.to_path_buf(),
             tokenizer: ClipTokenizer::new(pad_id),
             text_encoder,
+            text_encoder_2,
+            pad_id_2: cfgs.pad_id_2.unwrap_or(0),
             unet,
             vae,
             components: ck.components,
             te_layers,
+            te2_layers,
             unet_layers,
             scheduler_config,
             metadata: ck.metadata,
@@ -215,6 +244,8 @@ impl StableDiffusion {
 
     /// The text-encoder context for ids `[B, 77]`: the hidden state `clip_skip` from the end (default: the
     /// model's), final-layer-normed unless `final_ln` is false; `pooled` adds the pooled output.
+    /// SDXL: the penultimate states of both encoders without the final LayerNorm, side by side (`clip_skip` 2
+    /// only; `final_ln` does not apply), and always the second encoder's projected pooled output.
     pub fn encode_ids(
         &self,
         ids: &Tensor,
@@ -223,24 +254,69 @@ impl StableDiffusion {
         pooled: bool,
     ) -> Result<ClipOutput> {
         let ids = ids.to_device(&self.device)?;
-        self.text_encoder.encode(&ids, clip_skip.unwrap_or(self.clip_skip), final_ln, pooled)
+        let Some(te2) = &self.text_encoder_2 else {
+            return self.text_encoder.encode(&ids, clip_skip.unwrap_or(self.clip_skip), final_ln, pooled);
+        };
+        if let Some(n) = clip_skip.filter(|&n| n != 2) {
+            bail!("clip_skip {n}: SDXL always takes the penultimate layer of both text encoders (clip_skip 2)");
+        }
+        let one = self.text_encoder.encode(&ids, 2, false, false)?;
+        let two = te2.encode(&self.ids_2(&ids)?, 2, false, true)?;
+        Ok(ClipOutput { context: Tensor::cat(&[&one.context, &two.context], 2)?, pooled: two.pooled })
     }
 
-    /// The UNet prediction (noise, or v for v-prediction models).
+    /// SDXL's second tokenizer's ids from the first's: the same tokens, padded with `pad_id_2` after the first
+    /// end-of-text token.
+    fn ids_2(&self, ids: &Tensor) -> Result<Tensor> {
+        let eos = super::tokenizer::EOS as i64;
+        let pad = self.pad_id_2 as i64;
+        let rows = ids.to_dtype(DType::I64)?.to_vec2::<i64>()?;
+        let mut out = Vec::with_capacity(ids.elem_count());
+        for row in &rows {
+            let end = row.iter().position(|&x| x == eos).unwrap_or(row.len());
+            out.extend(row.iter().enumerate().map(|(i, &x)| if i > end { pad } else { x }));
+        }
+        Ok(Tensor::from_vec(out, ids.dims(), ids.device())?)
+    }
+
+    /// SDXL's added conditioning vector from the pooled text embedding `[B, P]` and `time_ids` `[B, 6]`
+    /// (original height, width, crop top, left, target height, width); `None` for SD 1.x/2.x.
+    pub fn sdxl_y(&self, pooled: &Tensor, time_ids: &Tensor) -> Result<Option<Tensor>> {
+        match self.unet.cfg.hyper.addition_time_embed_dim {
+            Some(dim) if self.unet.cfg.adm_in.is_some() => {
+                let t = time_ids.to_device(&self.device)?.to_dtype(DType::F32)?;
+                Ok(Some(sdxl_vector(&pooled.to_device(&self.device)?, &t, dim)?))
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Whether the UNet takes SDXL's added conditioning vector.
+    pub fn is_xl(&self) -> bool {
+        self.unet.cfg.adm_in.is_some()
+    }
+
+    /// The UNet prediction (noise, or v for v-prediction models) for SD 1.x/2.x.
     pub fn unet(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.unet_with(sample, timesteps, context, None)
+    }
+
+    /// The UNet prediction with SDXL's conditioning vector `y` (`sdxl_y`); `y` is `None` for SD 1.x/2.x.
+    pub fn unet_with(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
         let s = sample.to_device(&self.device)?.to_dtype(self.dtype)?;
         let c = context.to_device(&self.device)?.to_dtype(self.dtype)?;
-        self.unet.forward(&s, &timesteps.to_device(&self.device)?, &c)
+        let y = y.map(|y| y.to_device(&self.device)).transpose()?;
+        self.unet.forward(&s, &timesteps.to_device(&self.device)?, &c, y.as_ref())
     }
 
     /// The VAE posterior of an image in [-1, 1].
     pub fn vae_encode(&self, image: &Tensor) -> Result<Posterior> {
-        self.vae.encode(&image.to_device(&self.device)?.to_dtype(self.dtype)?)
+        self.vae.encode(&image.to_device(&self.device)?.to_dtype(self.vae_dtype)?)
     }
 
     /// Decodes raw latents (divide by `vae_scale` first when they come from a sampler).
     pub fn vae_decode(&self, latents: &Tensor) -> Result<Tensor> {
-        self.vae.decode(&latents.to_device(&self.device)?.to_dtype(self.dtype)?)
+        self.vae.decode(&latents.to_device(&self.device)?.to_dtype(self.vae_dtype)?)
     }
 
     /// Writes the model as a single file or a diffusers folder in `dtype`; refuses to replace an existing path
@@ -261,31 +337,12 @@ impl StableDiffusion {
                         .or_else(|_| std::fs::remove_file(path))
                         .with_context(|| format!("{}: cannot replace", path.display()))?;
                 }
-                let te = &self.text_encoder.cfg;
-                let te_json = json!({
-                    "architectures": ["CLIPTextModel"],
-                    "attention_dropout": 0.0,
-                    "bos_token_id": 0,
-                    "eos_token_id": 2,
-                    "pad_token_id": 1,
-                    "hidden_act": te.activation.hf_name(),
-                    "hidden_size": te.hidden,
-                    "initializer_factor": 1.0,
-                    "initializer_range": 0.02,
-                    "intermediate_size": te.intermediate,
-                    "layer_norm_eps": te.eps,
-                    "max_position_embeddings": te.max_positions,
-                    "model_type": "clip_text_model",
-                    "num_attention_heads": te.heads,
-                    "num_hidden_layers": te.layers,
-                    "projection_dim": te.hidden,
-                    "torch_dtype": dtype_name(dtype),
-                    "vocab_size": te.vocab_size
-                });
+                let te_json = clip_config_json(&self.text_encoder.cfg, dtype);
                 let cfgs = DiffusersConfigs {
                     unet: self.unet.cfg.to_diffusers_json(),
                     vae: self.vae.cfg.to_diffusers_json(),
                     text_encoder: te_json,
+                    text_encoder_2: self.text_encoder_2.as_ref().map(|t| clip_config_json(&t.cfg, dtype)),
                     scheduler: self.scheduler_config.clone(),
                     pad_token: if self.tokenizer.pad_id == 0 { "!" } else { "<|endoftext|>" },
                 };
@@ -293,6 +350,46 @@ impl StableDiffusion {
             }
         }
     }
+}
+
+/// Builds a text encoder from its weights and optional transformers config (heads, activation, epsilon).
+fn build_text_encoder(w: &Weights, cfg: Option<&Value>, default_act: Activation, src: &str) -> Result<ClipTextModel> {
+    let activation = match cfg.and_then(|v| v.get("hidden_act")).and_then(Value::as_str) {
+        Some("gelu") => Activation::Gelu,
+        Some("quick_gelu") => Activation::QuickGelu,
+        Some(other) => bail!("{src}: text encoder hidden_act {other:?} is not supported (expected quick_gelu or gelu)"),
+        None => default_act,
+    };
+    let heads = cfg.and_then(|v| v.get("num_attention_heads")).and_then(Value::as_u64).map(|h| h as usize);
+    let mut te_cfg = ClipConfig::infer(w, heads, activation)?;
+    if let Some(eps) = cfg.and_then(|v| v.get("layer_norm_eps")).and_then(Value::as_f64) {
+        te_cfg.eps = eps;
+    }
+    ClipTextModel::new(w, te_cfg)
+}
+
+/// The transformers `config.json` of a text encoder (`CLIPTextModelWithProjection` when it has a projection).
+fn clip_config_json(te: &ClipConfig, dtype: DType) -> Value {
+    json!({
+        "architectures": [if te.projection.is_some() { "CLIPTextModelWithProjection" } else { "CLIPTextModel" }],
+        "attention_dropout": 0.0,
+        "bos_token_id": 0,
+        "eos_token_id": 2,
+        "pad_token_id": 1,
+        "hidden_act": te.activation.hf_name(),
+        "hidden_size": te.hidden,
+        "initializer_factor": 1.0,
+        "initializer_range": 0.02,
+        "intermediate_size": te.intermediate,
+        "layer_norm_eps": te.eps,
+        "max_position_embeddings": te.max_positions,
+        "model_type": "clip_text_model",
+        "num_attention_heads": te.heads,
+        "num_hidden_layers": te.layers,
+        "projection_dim": te.projection.unwrap_or(te.hidden),
+        "torch_dtype": dtype_name(dtype),
+        "vocab_size": te.vocab_size
+    })
 }
 
 fn dtype_name(d: DType) -> &'static str {

@@ -33,7 +33,7 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
     let f = crate::io::tensors::read_safetensors(path, None, &model.device)?;
     let keys: Vec<&String> = f.tensors.keys().collect();
     if keys.iter().any(|k| SDXL_MARKERS.iter().any(|m| k.starts_with(m))) {
-        bail!("{name}: this is an SDXL network (keys like `lora_te1_*` / `lora_unet_input_blocks_*`); Stable Diffusion XL is not supported yet");
+        bail!("{name}: this is an SDXL network (keys like `lora_te1_*` / `lora_unet_input_blocks_*`); LoRA is not supported for Stable Diffusion XL (SDXL) yet: SDXL models load, sample and save");
     }
     let kind = NETWORK_TYPES.iter().find(|(frag, _, _)| keys.iter().any(|k| k.contains(frag)));
     match kind {

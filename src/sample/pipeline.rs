@@ -30,6 +30,9 @@ pub struct SampleOptions {
     pub latents: Option<Tensor>,
     /// Longest prompt in 75-token chunks (sd-scripts: 3 = 225 tokens).
     pub max_chunks: usize,
+    /// "leading" timestep spacing for the sigma schedulers (diffusers with SDXL base's scheduler config), instead of
+    /// their default "linspace" (sd-scripts).
+    pub leading: bool,
 }
 
 impl Default for SampleOptions {
@@ -48,6 +51,7 @@ impl Default for SampleOptions {
             clip_skip: None,
             latents: None,
             max_chunks: 3,
+            leading: false,
         }
     }
 }
@@ -118,6 +122,7 @@ pub fn scheduler_config(model: &StableDiffusion, opts: &SampleOptions) -> Schedu
         steps_offset: c.get("steps_offset").and_then(Value::as_u64).unwrap_or(1) as usize,
         eta: opts.eta,
         clip_sample: false,
+        leading: opts.leading,
     }
 }
 
@@ -153,15 +158,36 @@ pub fn sample_latents(
         eprintln!("warning: prompt truncated to {} tokens", 75 * opts.max_chunks);
     }
     let guided = opts.cfg > 1.0;
-    let expand = |t: &Tensor| -> Result<Tensor> { Ok(t.repeat((batch, 1, 1))?) };
-    let context = if guided { Tensor::cat(&[expand(&uncond)?, expand(&cond)?], 0)? } else { expand(&cond)? };
+    let expand = |t: &Tensor| -> Result<Tensor> {
+        let mut reps = vec![1; t.rank()];
+        reps[0] = batch;
+        Ok(t.repeat(reps)?)
+    };
+    let pair = |c: &Tensor, u: &Tensor| -> Result<Tensor> {
+        if guided {
+            Ok(Tensor::cat(&[expand(u)?, expand(c)?], 0)?)
+        } else {
+            expand(c)
+        }
+    };
+    let context = pair(&cond.context, &uncond.context)?;
+    let y = match (&cond.pooled, &uncond.pooled) {
+        (Some(pc), Some(pu)) if model.is_xl() => {
+            // sd-scripts' and diffusers' sampling: original size = target size = the image's, no crop
+            let ids = Tensor::from_vec(vec![h as f32, w as f32, 0., 0., h as f32, w as f32], (1, 6), &model.device)?;
+            let yc = model.sdxl_y(pc, &ids)?.expect("an SDXL model gives a vector");
+            let yu = model.sdxl_y(pu, &ids)?.expect("an SDXL model gives a vector");
+            Some(pair(&yc, &yu)?)
+        }
+        _ => None,
+    };
     let mut noise = SeededNoise(rng);
     let timesteps = sched.timesteps().to_vec();
     for (i, &t) in timesteps.iter().enumerate() {
         let x = if guided { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
         let x = sched.scale_model_input(&x, i)?;
         let ts = Tensor::from_vec(vec![t as f32; x.dim(0)?], x.dim(0)?, &model.device)?;
-        let out = model.unet(&x, &ts, &context)?.to_dtype(DType::F32)?;
+        let out = model.unet_with(&x, &ts, &context, y.as_ref())?.to_dtype(DType::F32)?;
         let out = if guided {
             let (u, c) = (out.narrow(0, 0, batch)?, out.narrow(0, batch, batch)?);
             (&u + ((c - &u)? * opts.cfg)?)?

@@ -1,6 +1,7 @@
 //! A1111 prompt weighting as sd-scripts reads it (`parse_prompt_attention`), and long-prompt text conditioning in
 //! 75-token chunks with weighted, mean-renormalised embeddings (sd-scripts' `lpw_stable_diffusion`).
 
+use crate::models::clip::ClipOutput;
 use crate::models::tokenizer::{BOS, EOS};
 use crate::models::StableDiffusion;
 use anyhow::Result;
@@ -164,7 +165,7 @@ pub fn encode_prompt_pair(
     negative: &str,
     max_chunks: usize,
     clip_skip: Option<usize>,
-) -> Result<(Tensor, Tensor, bool)> {
+) -> Result<(ClipOutput, ClipOutput, bool)> {
     let limit = USABLE * max_chunks;
     let (pt, pw, p_trunc) = tokens_with_weights(model, prompt, limit)?;
     let (nt, nw, n_trunc) = tokens_with_weights(model, negative, limit)?;
@@ -176,29 +177,33 @@ pub fn encode_prompt_pair(
 }
 
 /// Conditioning for several prompts (A1111 weighting, 75-token chunks up to `max_chunks`, as sampling does),
-/// padded to a common number of chunks: `[N, 77·chunks, D]`.
+/// padded to a common number of chunks: `[N, 77·chunks, D]`, and SDXL's pooled embeddings `[N, P]`.
 pub fn encode_prompts(
     model: &StableDiffusion,
     prompts: &[String],
     max_chunks: usize,
     clip_skip: Option<usize>,
-) -> Result<Tensor> {
+) -> Result<ClipOutput> {
     let limit = USABLE * max_chunks;
     let toks = prompts.iter().map(|p| tokens_with_weights(model, p, limit)).collect::<Result<Vec<_>>>()?;
     let longest = toks.iter().map(|(t, _, _)| t.len()).max().unwrap_or(0);
     let chunks = (longest.saturating_sub(1) / USABLE + 1).clamp(1, max_chunks.max(1));
     let parts =
         toks.iter().map(|(t, w, _)| encode_weighted(model, t, w, chunks, clip_skip)).collect::<Result<Vec<_>>>()?;
-    Ok(Tensor::cat(&parts, 0)?)
+    let contexts: Vec<&Tensor> = parts.iter().map(|p| &p.context).collect();
+    let pooled: Option<Vec<&Tensor>> = parts.iter().map(|p| p.pooled.as_ref()).collect();
+    Ok(ClipOutput { context: Tensor::cat(&contexts, 0)?, pooled: pooled.map(|p| Tensor::cat(&p, 0)).transpose()? })
 }
 
+/// One prompt's context over `chunks` 77-token chunks (sd-scripts' long-prompt layout), with SDXL's pooled
+/// embedding taken from the first chunk as sd-scripts does.
 fn encode_weighted(
     model: &StableDiffusion,
     tokens: &[u32],
     weights: &[f64],
     chunks: usize,
     clip_skip: Option<usize>,
-) -> Result<Tensor> {
+) -> Result<ClipOutput> {
     let pad = model.tokenizer.pad_id;
     let max_length = USABLE * chunks + 2;
     // [BOS] + tokens + [EOS] + pad…
@@ -220,6 +225,7 @@ fn encode_weighted(
         w.resize(chunks * CHUNK, 1.0);
     }
     let mut parts = Vec::with_capacity(chunks);
+    let mut pooled = None;
     for j in 0..chunks {
         let mut chunk: Vec<u32> = if chunks == 1 { ids.clone() } else { ids[j * USABLE..j * USABLE + CHUNK].to_vec() };
         if chunks > 1 {
@@ -236,18 +242,20 @@ fn encode_weighted(
             }
         }
         let ids_t = Tensor::from_vec(chunk.iter().map(|&x| x as i64).collect::<Vec<_>>(), (1, CHUNK), &model.device)?;
-        parts.push(model.encode_ids(&ids_t, clip_skip, true, false)?.context);
+        let out = model.encode_ids(&ids_t, clip_skip, true, false)?;
+        parts.push(out.context);
+        pooled = pooled.or(out.pooled);
     }
     let emb = Tensor::cat(&parts, 1)?;
     if w.iter().all(|&x| x == 1.0) {
-        return Ok(emb);
+        return Ok(ClipOutput { context: emb, pooled });
     }
     let emb32 = emb.to_dtype(DType::F32)?;
     let previous = emb32.mean_all()?.to_scalar::<f32>()? as f64;
     let wt = Tensor::from_vec(w.iter().map(|&x| x as f32).collect::<Vec<_>>(), (1, chunks * CHUNK, 1), &model.device)?;
     let weighted = emb32.broadcast_mul(&wt)?;
     let current = weighted.mean_all()?.to_scalar::<f32>()? as f64;
-    Ok((weighted * (previous / current))?.to_dtype(emb.dtype())?)
+    Ok(ClipOutput { context: (weighted * (previous / current))?.to_dtype(emb.dtype())?, pooled })
 }
 
 #[cfg(test)]

@@ -42,7 +42,12 @@ fn encode_ids(m: &Model, ids: &Tensor, opts: &Map) -> Result<Dynamic> {
     let o = Opts::new(opts, "encode_ids", ENCODE_KEYS)?;
     let pooled = o.bool("pooled")?.unwrap_or(false);
     let out = m.encode_ids(ids, o.usize("clip_skip")?, o.bool("final_ln")?.unwrap_or(true), pooled)?;
-    Ok(match out.pooled {
+    Ok(clip_output(out))
+}
+
+/// A context tensor, or `#{ context, pooled }` when there is a pooled output (asked for, or SDXL's).
+fn clip_output(out: crate::models::clip::ClipOutput) -> Dynamic {
+    match out.pooled {
         Some(p) => {
             let mut map = Map::new();
             map.insert("context".into(), Dynamic::from(out.context));
@@ -50,7 +55,29 @@ fn encode_ids(m: &Model, ids: &Tensor, opts: &Map) -> Result<Dynamic> {
             Dynamic::from_map(map)
         }
         None => Dynamic::from(out.context),
-    })
+    }
+}
+
+/// SDXL's conditioning vector from a pooled embedding and `[h, w, crop_top, crop_left, target_h, target_w]` (one
+/// row for every sample, or a `[B, 6]` tensor).
+fn sdxl_vector(m: &Model, pooled: &Tensor, ids: Dynamic) -> Result<Tensor> {
+    let b = pooled.dim(0)?;
+    let ids = match ids.clone().try_cast::<Tensor>() {
+        Some(t) => t,
+        None => {
+            let a = ids.try_cast::<rhai::Array>().ok_or_else(|| anyhow::anyhow!("sdxl_vector: size ids must be an array of 6 numbers or a [B, 6] tensor"))?;
+            let v = a
+                .iter()
+                .map(|x| x.as_float().or_else(|_| x.as_int().map(|i| i as f64)).map(|f| f as f32))
+                .collect::<std::result::Result<Vec<f32>, _>>()
+                .map_err(|t| anyhow::anyhow!("sdxl_vector: size ids must be numbers, got {t}"))?;
+            if v.len() != 6 {
+                bail!("sdxl_vector: expected 6 size ids [h, w, crop_top, crop_left, target_h, target_w], got {}", v.len());
+            }
+            Tensor::from_vec(v, (1, 6), &candle_core::Device::Cpu)?.repeat((b, 1))?
+        }
+    };
+    m.sdxl_y(pooled, &ids)?.ok_or_else(|| anyhow::anyhow!("sdxl_vector: this {} model takes no conditioning vector (SDXL only)", m.family.name()))
 }
 
 fn vae_encode(m: &Model, image: &Tensor) -> Result<Map> {
@@ -114,7 +141,7 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("to_debug", |m: &mut Model| format!("Model({}, {})", m.family.name(), m.source.display()));
     // text → conditioning with A1111 weighting and long prompts, as sampling reads prompts (3 chunks at most)
     engine.register_fn("encode_text", |m: &mut Model, p: &str| {
-        rt(crate::sample::prompt::encode_prompts(m, &[p.to_string()], 3, None))
+        rt(crate::sample::prompt::encode_prompts(m, &[p.to_string()], 3, None).map(clip_output))
     });
     engine.register_fn("encode_text", |m: &mut Model, ps: rhai::Array| {
         rt((|| {
@@ -122,7 +149,7 @@ pub fn register(engine: &mut Engine) {
                 .into_iter()
                 .map(|v| v.into_string().map_err(|t| anyhow::anyhow!("encode_text: expected strings, got {t}")))
                 .collect::<Result<Vec<_>>>()?;
-            crate::sample::prompt::encode_prompts(m, &texts, 3, None)
+            crate::sample::prompt::encode_prompts(m, &texts, 3, None).map(clip_output)
         })())
     });
     engine.register_fn("tokenize", |m: &mut Model, s: &str| rt(m.tokenize(s)));
@@ -131,6 +158,10 @@ pub fn register(engine: &mut Engine) {
     engine.register_fn("unet", |m: &mut Model, s: Tensor, t: Dynamic, c: Tensor| -> RhaiResult<Tensor> {
         rt(timesteps(t).and_then(|t| m.unet(&s, &t, &c)).and_then(|x| Ok(x.to_dtype(DType::F32)?)))
     });
+    engine.register_fn("unet", |m: &mut Model, s: Tensor, t: Dynamic, c: Tensor, y: Tensor| -> RhaiResult<Tensor> {
+        rt(timesteps(t).and_then(|t| m.unet_with(&s, &t, &c, Some(&y))).and_then(|x| Ok(x.to_dtype(DType::F32)?)))
+    });
+    engine.register_fn("sdxl_vector", |m: &mut Model, p: Tensor, ids: Dynamic| rt(sdxl_vector(m, &p, ids)));
     engine.register_fn("vae_encode", |m: &mut Model, i: Tensor| rt(vae_encode(m, &i)));
     engine.register_fn("vae_decode", |m: &mut Model, l: Tensor| {
         rt(m.vae_decode(&l).and_then(|x| Ok(x.to_dtype(DType::F32)?)))

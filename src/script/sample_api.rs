@@ -7,7 +7,7 @@ use crate::io::png::Image;
 use crate::sample::prompt::parse_prompt_attention;
 use crate::sample::prompt_file::parse_line;
 use crate::sample::{sample_image, sample_latents, SampleOptions};
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::Tensor;
 use rhai::{Array, Dynamic, Engine, Map};
 use std::path::Path;
@@ -26,6 +26,7 @@ pub(crate) const SAMPLE_KEYS: &[&str] = &[
     "eta",
     "clip_skip",
     "max_chunks",
+    "timestep_spacing",
 ];
 
 fn options(map: &Map) -> Result<SampleOptions> {
@@ -52,6 +53,11 @@ fn options(map: &Map) -> Result<SampleOptions> {
     s.clip_skip = o.usize("clip_skip")?;
     s.max_chunks = o.usize("max_chunks")?.unwrap_or(s.max_chunks);
     s.latents = o.tensor("latents")?;
+    s.leading = match o.string("timestep_spacing")?.as_deref() {
+        None | Some("linspace") => false,
+        Some("leading") => true,
+        Some(other) => bail!("sample: timestep_spacing {other:?} is not supported; expected \"linspace\" or \"leading\""),
+    };
     Ok(s)
 }
 

@@ -149,15 +149,22 @@ fn safetensors_of_an_unknown_model_is_a_one_line_error() {
 }
 
 #[test]
-fn sdxl_is_detected_and_reported_as_not_supported_yet() {
+fn sdxl_samples_and_its_networks_are_reported_as_not_supported_yet() {
     let dir = scratch("cli-sdxl");
+    let model = fixture("tiny-sdxl/tiny-sdxl.safetensors");
+    let lora = fixture("lora-sdxl/lora_sdxl_dim4_alpha1.safetensors");
     let s = script(
         &dir,
         "xl.rhai",
-        &format!("load_model({:?});\n", fixture("tiny-sdxl/tiny-sdxl.safetensors").to_string_lossy()),
+        &format!(
+            "let m = load_model({:?});\nprint(m.family);\nlet l = m.sample_latents(#{{ prompt: \"a fox\", width: 64, height: 64, steps: 2, seed: 1 }});\nprint(l.shape);\nload_network({:?}, m);\n",
+            model.to_string_lossy(),
+            lora.to_string_lossy()
+        ),
     );
-    let (code, _, stderr) = sdtune(&["run", &s]);
-    assert_one_line_error(code, &stderr, &["xl.rhai:1", "Stable Diffusion XL is not supported yet"]);
+    let (code, stdout, stderr) = sdtune(&["run", &s]);
+    assert!(stdout.contains("sdxl") && stdout.contains("[1, 4, 8, 8]"), "{stdout}");
+    assert_one_line_error(code, &stderr, &["xl.rhai:5", "not supported for Stable Diffusion XL"]);
 }
 
 #[test]

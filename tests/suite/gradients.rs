@@ -83,9 +83,10 @@ fn unet_gradients_are_complete_and_match_finite_differences() {
             eps: 1e-5,
             upcast_attention: false,
             sample_size: 8,
+            addition_time_embed_dim: None,
         };
         let unet = UNet::new(w, UNetConfig::infer(w, hyper).unwrap()).unwrap();
-        (unet.forward(&sample, &t, &ctx).unwrap() * &w_out).unwrap().sum_all().unwrap()
+        (unet.forward(&sample, &t, &ctx, None).unwrap() * &w_out).unwrap().sum_all().unwrap()
     };
     check(
         "unet",

@@ -15,5 +15,6 @@ mod repl;
 mod roundtrip;
 mod sampling;
 mod schedule;
+mod sdxl;
 mod tokenizer;
 mod training;

@@ -301,15 +301,16 @@ fn long_prompts_use_75_token_chunks_and_weights_keep_the_mean() {
     assert!(!truncated);
     let n = model.tokenizer.encode_full(&long).unwrap().len() - 2;
     assert!(n > 150 && n <= 225, "{n} tokens");
-    assert_eq!(c.dims(), &[1, 231, 32], "three 77-token chunks");
-    assert_eq!(u.dims(), c.dims(), "the negative prompt is padded to the same chunks");
+    assert_eq!(c.context.dims(), &[1, 231, 32], "three 77-token chunks");
+    assert_eq!(u.context.dims(), c.context.dims(), "the negative prompt is padded to the same chunks");
+    assert!(c.pooled.is_none(), "SD 1.x conditioning has no pooled embedding");
     let (_, _, truncated) = encode_prompt_pair(&model, &long.repeat(2), "", 3, None).unwrap();
     assert!(truncated);
     // short prompt: one chunk equal to plain encoding
     let (plain, _, _) = encode_prompt_pair(&model, "a cat", "", 3, None).unwrap();
     let ids = model.tokenize("a cat").unwrap();
     let direct = model.encode_ids(&ids, None, true, false).unwrap().context;
-    assert_eq!(max_abs_diff(&plain, &direct), 0.0);
+    assert_eq!(max_abs_diff(&plain.context, &direct), 0.0);
     // weighting: embedding·w, rescaled to the unweighted mean (sd-scripts' lpw formula)
     let (weighted, _, _) = encode_prompt_pair(&model, "a (cat:1.5)", "", 3, None).unwrap();
     let (t, w, _) = sdtune::sample::prompt::tokens_with_weights(&model, "a (cat:1.5)", 225).unwrap();
@@ -322,7 +323,7 @@ fn long_prompts_use_75_token_chunks_and_weights_keep_the_mean() {
     let ratio =
         direct.mean_all().unwrap().to_scalar::<f32>().unwrap() / scaled.mean_all().unwrap().to_scalar::<f32>().unwrap();
     let want = (scaled * ratio as f64).unwrap();
-    assert!(max_abs_diff(&weighted, &want) < 1e-5);
+    assert!(max_abs_diff(&weighted.context, &want) < 1e-5);
 }
 
 #[test]

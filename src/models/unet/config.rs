@@ -21,6 +21,8 @@ pub struct UNetHyper {
     pub eps: f64,
     pub upcast_attention: bool,
     pub sample_size: usize,
+    /// SDXL: width of each size/crop number's sinusoidal embedding (diffusers' `addition_time_embed_dim`).
+    pub addition_time_embed_dim: Option<usize>,
 }
 
 impl UNetHyper {
@@ -51,6 +53,7 @@ impl UNetHyper {
             eps: v.get("norm_eps").and_then(Value::as_f64).unwrap_or(1e-5),
             upcast_attention: v.get("upcast_attention").and_then(Value::as_bool).unwrap_or(false),
             sample_size: v.get("sample_size").and_then(Value::as_u64).unwrap_or(64) as usize,
+            addition_time_embed_dim: v.get("addition_time_embed_dim").and_then(Value::as_u64).map(|d| d as usize),
         })
     }
 }
@@ -70,6 +73,9 @@ pub struct UNetConfig {
     pub transformer_layers: Vec<usize>,
     pub cross_attention_dim: usize,
     pub use_linear_projection: bool,
+    /// SDXL: width of the added conditioning vector (pooled text embedding + size embeddings), diffusers'
+    /// `projection_class_embeddings_input_dim`.
+    pub adm_in: Option<usize>,
     pub hyper: UNetHyper,
 }
 
@@ -93,6 +99,10 @@ impl UNetConfig {
         let use_linear_projection = w.get("mid_block.attentions.0.proj_in.weight")?.rank() == 2;
         let conv_in = w.get("conv_in.weight")?;
         let conv_out = w.get("conv_out.weight")?;
+        let adm_in = w.get_opt("add_embedding.linear_1.weight").map(|t| t.dims()[1]);
+        if adm_in.is_some() && hyper.addition_time_embed_dim.is_none() {
+            bail!("UNet has an added-conditioning embedding (SDXL) but its addition_time_embed_dim is unknown");
+        }
         let cfg = Self {
             in_channels: conv_in.dims()[1],
             out_channels: conv_out.dims()[0],
@@ -103,6 +113,7 @@ impl UNetConfig {
             transformer_layers,
             cross_attention_dim,
             use_linear_projection,
+            adm_in,
             hyper,
         };
         for &c in &cfg.block_out_channels {
@@ -137,7 +148,7 @@ impl UNetConfig {
         let up: Vec<&str> = self.up_attn.iter().map(|&a| if a { "CrossAttnUpBlock2D" } else { "UpBlock2D" }).collect();
         let tl = &self.transformer_layers;
         let tl_v = if tl.iter().all(|&t| t == tl[0]) { json!(tl[0]) } else { json!(tl) };
-        json!({
+        let mut v = json!({
             "_class_name": "UNet2DConditionModel",
             "_diffusers_version": "0.39.0",
             "act_fn": "silu",
@@ -161,6 +172,12 @@ impl UNetConfig {
             "up_block_types": up,
             "upcast_attention": self.hyper.upcast_attention,
             "use_linear_projection": self.use_linear_projection
-        })
+        });
+        if let (Some(adm), Some(d)) = (self.adm_in, self.hyper.addition_time_embed_dim) {
+            v["addition_embed_type"] = json!("text_time");
+            v["addition_time_embed_dim"] = json!(d);
+            v["projection_class_embeddings_input_dim"] = json!(adm);
+        }
+        v
     }
 }

@@ -1,4 +1,4 @@
-//! `UNet2DConditionModel` for SD1.x and SD2.x in diffusers' layout, with per-sample timesteps.
+//! `UNet2DConditionModel` for SD1.x, SD2.x and SDXL in diffusers' layout, with per-sample timesteps.
 
 mod blocks;
 mod config;
@@ -20,6 +20,15 @@ pub fn timestep_embedding(timesteps: &Tensor, dim: usize) -> Result<Tensor> {
     let freqs = Tensor::from_vec(exponent, (1, half), t.device())?;
     let args = t.unsqueeze(1)?.broadcast_mul(&freqs)?;
     Ok(Tensor::cat(&[args.cos()?, args.sin()?], 1)?)
+}
+
+/// SDXL's added conditioning vector `[B, pooled + 6·dim]`: the pooled text embedding followed by the sinusoidal
+/// embeddings of `time_ids` `[B, 6]` (original height, width, crop top, left, target height, width), as diffusers'
+/// `add_time_proj` and sd-scripts' `get_size_embeddings` compute them.
+pub fn sdxl_vector(pooled: &Tensor, time_ids: &Tensor, dim: usize) -> Result<Tensor> {
+    let (b, n) = time_ids.dims2()?;
+    let sizes = timestep_embedding(&time_ids.flatten_all()?, dim)?.reshape((b, n * dim))?;
+    Ok(Tensor::cat(&[&pooled.to_dtype(DType::F32)?, &sizes], 1)?)
 }
 
 struct Level {
@@ -49,6 +58,8 @@ pub struct UNet {
     conv_in: Conv2d,
     time_1: Linear,
     time_2: Linear,
+    /// SDXL: the added-conditioning MLP (`add_embedding.linear_1`, `linear_2`).
+    add_embedding: Option<(Linear, Linear)>,
     down: Vec<(Level, Option<Downsample2D>)>,
     mid_res0: Checkpointed<ResnetBlock2D>,
     mid_attn: Checkpointed<SpatialTransformer>,
@@ -83,6 +94,13 @@ impl UNet {
             conv_in: Conv2d::new(&w.pp("conv_in"), 1, 1)?,
             time_1: Linear::new(&w.pp("time_embedding.linear_1"))?,
             time_2: Linear::new(&w.pp("time_embedding.linear_2"))?,
+            add_embedding: match cfg.adm_in {
+                Some(_) => Some((
+                    Linear::new(&w.pp("add_embedding.linear_1"))?,
+                    Linear::new(&w.pp("add_embedding.linear_2"))?,
+                )),
+                None => None,
+            },
             down,
             mid_res0: Checkpointed::new(&mid.pp("resnets.0"), |w| ResnetBlock2D::new(w, g, eps))?,
             mid_attn: Checkpointed::new(&mid.pp("attentions.0"), |w| {
@@ -115,8 +133,9 @@ impl UNet {
         })
     }
 
-    /// Predicts noise (or v) for `sample` `[B, C, H, W]` at `timesteps` (`[B]`, `[1]` or scalar) given `context` `[B, S, D]`.
-    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor) -> Result<Tensor> {
+    /// Predicts noise (or v) for `sample` `[B, C, H, W]` at `timesteps` (`[B]`, `[1]` or scalar) given `context`
+    /// `[B, S, D]` and, for SDXL, the added conditioning vector `y` `[B, adm_in]` (`sdxl_vector`).
+    pub fn forward(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
         let (b, c, h, wd) = sample.dims4()?;
         if c != self.cfg.in_channels {
             bail!("unet: sample has {c} channels, the model takes {}", self.cfg.in_channels);
@@ -140,6 +159,20 @@ impl UNet {
         let dtype = sample.dtype();
         let temb = timestep_embedding(&t, self.time_1.weight().dims()[1])?.to_dtype(dtype)?;
         let temb = self.time_2.forward(&self.time_1.forward(&temb)?.silu()?)?;
+        let temb = match (&self.add_embedding, y) {
+            (Some((l1, l2)), Some(y)) => {
+                let adm = self.cfg.adm_in.unwrap_or(0);
+                if y.dims() != [b, adm] {
+                    bail!("unet: the SDXL conditioning vector has shape {:?}, expected [{b}, {adm}]", y.dims());
+                }
+                (temb + l2.forward(&l1.forward(&y.to_dtype(dtype)?)?.silu()?)?)?
+            }
+            (Some(_), None) => bail!(
+                "unet: this SDXL UNet needs the conditioning vector (pooled text embedding and image sizes) besides the context"
+            ),
+            (None, Some(_)) => bail!("unet: a conditioning vector was given, but this UNet (SD 1.x/2.x) takes none"),
+            (None, None) => temb,
+        };
 
         let mut x = self.conv_in.forward(sample)?;
         let mut skips = vec![x.clone()];

@@ -1,8 +1,9 @@
 //! Sigma-parameterised schedulers (k-diffusion family): Euler, Euler ancestral, LMS, Heun, DPM2, DPM2 ancestral.
-//! All use "linspace" spacing and sigmas interpolated from the training schedule (or Karras sigmas).
+//! They use "linspace" spacing (or "leading" when configured) and sigmas interpolated from the training schedule
+//! (or Karras sigmas).
 
 use super::{
-    interp, k_pred_x0, k_scale, karras, linspace_timesteps, sigma_to_t, train_sigmas, NoiseSource, Prediction,
+    interp, k_pred_x0, k_scale, karras, leading_timesteps, linspace_timesteps, sigma_to_t, train_sigmas, NoiseSource, Prediction,
     Scheduler, SchedulerConfig,
 };
 use anyhow::Result;
@@ -18,7 +19,11 @@ struct Base {
 fn base(cfg: &SchedulerConfig, steps: usize) -> Base {
     let full = train_sigmas(&cfg.schedule);
     let log_sigmas: Vec<f32> = full.iter().map(|s| s.ln()).collect();
-    let mut timesteps = linspace_timesteps(cfg.schedule.len(), steps);
+    let mut timesteps = if cfg.leading {
+        leading_timesteps(cfg.schedule.len(), steps, cfg.steps_offset)
+    } else {
+        linspace_timesteps(cfg.schedule.len(), steps)
+    };
     let mut sig: Vec<f64> = timesteps.iter().map(|&t| interp(t, &full)).collect();
     if cfg.karras {
         sig = karras(sig[0], sig[sig.len() - 1], steps);
@@ -27,8 +32,14 @@ fn base(cfg: &SchedulerConfig, steps: usize) -> Base {
     Base { timesteps, sigmas: sig.into_iter().map(|s| s as f32).collect(), log_sigmas }
 }
 
-fn max_sigma(s: &[f32]) -> f64 {
-    s.iter().copied().fold(0f32, f32::max) as f64
+/// diffusers' `init_noise_sigma`: the largest sigma, or `√(σ_max² + 1)` with "leading" spacing.
+fn init_sigma(s: &[f32], leading: bool) -> f64 {
+    let max = s.iter().copied().fold(0f32, f32::max) as f64;
+    if leading {
+        (max * max + 1.0).sqrt()
+    } else {
+        max
+    }
 }
 
 /// `repeat_interleave(2)` of `v[from..to]`.
@@ -44,6 +55,8 @@ fn lerp_half(a: f32, b: f32) -> f32 {
 /// EulerDiscreteScheduler, or EulerAncestralDiscreteScheduler when `ancestral`.
 pub struct Euler {
     prediction: Prediction,
+    /// \"leading\" spacing (its `init_noise_sigma` differs).
+    leading: bool,
     timesteps: Vec<f64>,
     sigmas: Vec<f32>,
     ancestral: bool,
@@ -54,7 +67,7 @@ impl Euler {
         let b = base(cfg, steps);
         let mut sigmas = b.sigmas;
         sigmas.push(0.0);
-        Self { prediction: cfg.prediction, timesteps: b.timesteps, sigmas, ancestral }
+        Self { prediction: cfg.prediction, leading: cfg.leading, timesteps: b.timesteps, sigmas, ancestral }
     }
 }
 
@@ -64,7 +77,7 @@ impl Scheduler for Euler {
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        max_sigma(&self.sigmas)
+        init_sigma(&self.sigmas, self.leading)
     }
 
     fn sigmas(&self) -> Option<&[f32]> {
@@ -92,6 +105,8 @@ impl Scheduler for Euler {
 /// LMSDiscreteScheduler (order 4): linear multistep with coefficients integrated over the sigma intervals.
 pub struct Lms {
     prediction: Prediction,
+    /// \"leading\" spacing (its `init_noise_sigma` differs).
+    leading: bool,
     timesteps: Vec<f64>,
     sigmas: Vec<f32>,
     derivatives: Vec<Tensor>,
@@ -104,7 +119,7 @@ impl Lms {
         let b = base(cfg, steps);
         let mut sigmas = b.sigmas;
         sigmas.push(0.0);
-        Self { prediction: cfg.prediction, timesteps: b.timesteps, sigmas, derivatives: Vec::new() }
+        Self { prediction: cfg.prediction, leading: cfg.leading, timesteps: b.timesteps, sigmas, derivatives: Vec::new() }
     }
 
     /// ∫ over [σ_t, σ_{t+1}] of the Lagrange basis polynomial `current` on σ_t, σ_{t−1}, … (exact Gauss–Legendre).
@@ -129,7 +144,7 @@ impl Scheduler for Lms {
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        max_sigma(&self.sigmas)
+        init_sigma(&self.sigmas, self.leading)
     }
 
     fn sigmas(&self) -> Option<&[f32]> {
@@ -159,6 +174,8 @@ impl Scheduler for Lms {
 /// HeunDiscreteScheduler: an Euler step then a trapezoidal correction (two model evaluations per step).
 pub struct Heun {
     prediction: Prediction,
+    /// \"leading\" spacing (its `init_noise_sigma` differs).
+    leading: bool,
     timesteps: Vec<f64>,
     sigmas: Vec<f32>,
     /// (derivative, dt, sample) saved by the first-order half.
@@ -173,7 +190,7 @@ impl Heun {
         sigmas.push(0.0);
         let mut timesteps = vec![b.timesteps[0]];
         timesteps.extend(b.timesteps[1..].iter().flat_map(|&t| [t, t]));
-        Self { prediction: cfg.prediction, timesteps, sigmas, first: None }
+        Self { prediction: cfg.prediction, leading: cfg.leading, timesteps, sigmas, first: None }
     }
 }
 
@@ -183,7 +200,7 @@ impl Scheduler for Heun {
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        max_sigma(&self.sigmas)
+        init_sigma(&self.sigmas, self.leading)
     }
 
     fn sigmas(&self) -> Option<&[f32]> {
@@ -219,6 +236,8 @@ impl Scheduler for Heun {
 /// KDPM2DiscreteScheduler (DPM-Solver-2): a half step to the log-midpoint sigma, then the full step.
 pub struct KDpm2 {
     prediction: Prediction,
+    /// \"leading\" spacing (its `init_noise_sigma` differs).
+    leading: bool,
     timesteps: Vec<f64>,
     sigmas: Vec<f32>,
     sigmas_interpol: Vec<f32>,
@@ -246,6 +265,7 @@ impl KDpm2 {
         };
         Self {
             prediction: cfg.prediction,
+            leading: cfg.leading,
             timesteps,
             sigmas: expand(&s),
             sigmas_interpol: expand(&interpol),
@@ -260,7 +280,7 @@ impl Scheduler for KDpm2 {
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        max_sigma(&self.sigmas)
+        init_sigma(&self.sigmas, self.leading)
     }
 
     fn sigmas(&self) -> Option<&[f32]> {
@@ -295,6 +315,8 @@ impl Scheduler for KDpm2 {
 /// KDPM2AncestralDiscreteScheduler: DPM-Solver-2 towards the ancestral "down" sigma, plus fresh noise.
 pub struct KDpm2Ancestral {
     prediction: Prediction,
+    /// \"leading\" spacing (its `init_noise_sigma` differs).
+    leading: bool,
     timesteps: Vec<f64>,
     sigmas: Vec<f32>,
     sigmas_interpol: Vec<f32>,
@@ -331,6 +353,7 @@ impl KDpm2Ancestral {
         };
         Self {
             prediction: cfg.prediction,
+            leading: cfg.leading,
             timesteps,
             sigmas: expand(&s),
             sigmas_interpol: expand(&interpol),
@@ -347,7 +370,7 @@ impl Scheduler for KDpm2Ancestral {
     }
 
     fn init_noise_sigma(&self) -> f64 {
-        max_sigma(&self.sigmas)
+        init_sigma(&self.sigmas, self.leading)
     }
 
     fn sigmas(&self) -> Option<&[f32]> {

@@ -96,12 +96,23 @@ pub struct SchedulerConfig {
     pub eta: f64,
     /// Clamp predicted x0 to [-1, 1] (DDIM, DDPM).
     pub clip_sample: bool,
+    /// "leading" timestep spacing for the sigma schedulers (Euler, LMS, Heun, DPM2), as diffusers uses them with a
+    /// model's scheduler config that says so (SDXL base); otherwise their default "linspace", as sd-scripts.
+    pub leading: bool,
 }
 
 impl SchedulerConfig {
     /// SD's training schedule with the given prediction type.
     pub fn sd(prediction: Prediction) -> Self {
-        Self { schedule: NoiseSchedule::sd(), prediction, karras: false, steps_offset: 1, eta: 0.0, clip_sample: false }
+        Self {
+            schedule: NoiseSchedule::sd(),
+            prediction,
+            karras: false,
+            steps_offset: 1,
+            eta: 0.0,
+            clip_sample: false,
+            leading: false,
+        }
     }
 }
 

@@ -1,0 +1,154 @@
+//! SDXL: parity of both text encoders, the UNet with its added conditioning, the VAE and the Euler pipeline with
+//! the goldens diffusers/transformers produced for `tiny-sdxl` (f32), from the diffusers folder and the single file;
+//! single-file and diffusers round trips.
+
+use crate::common::*;
+use candle_core::Tensor;
+use sdtune::models::{Family, SaveFormat, StableDiffusion};
+use sdtune::sample::pipeline::scheduler_config;
+use sdtune::sample::schedulers::{self, Kind};
+use sdtune::sample::SampleOptions;
+use std::collections::HashMap;
+
+const ATOL: f64 = 1e-4;
+
+fn check_module_goldens(model: &StableDiffusion, tag: &str, g: &HashMap<String, Tensor>) {
+    assert_eq!(model.family, Family::Sdxl, "{tag}");
+    let (ids1, ids2) = (&g["te.in.input_ids_1"], &g["te.in.input_ids_2"]);
+    let te1 = &model.text_encoder;
+    let last = te1.encode(ids1, 1, true, true).unwrap();
+    assert_close(&format!("{tag} te1.last_hidden_state"), &last.context, &g["te.out.te1.last_hidden_state"], ATOL);
+    assert_close(&format!("{tag} te1.pooler_output"), &last.pooled.unwrap(), &g["te.out.te1.pooler_output"], ATOL);
+    let pen = te1.encode(ids1, 2, false, false).unwrap().context;
+    assert_close(&format!("{tag} te1.penultimate"), &pen, &g["te.out.te1.penultimate_hidden_state"], ATOL);
+    let te2 = model.text_encoder_2.as_ref().expect("SDXL has a second text encoder");
+    let last2 = te2.encode(ids2, 1, true, true).unwrap();
+    assert_close(&format!("{tag} te2.last_hidden_state"), &last2.context, &g["te.out.te2.last_hidden_state"], ATOL);
+    assert_close(&format!("{tag} te2.text_embeds"), &last2.pooled.unwrap(), &g["te.out.te2.text_embeds"], ATOL);
+    let pen2 = te2.encode(ids2, 2, false, false).unwrap().context;
+    assert_close(&format!("{tag} te2.penultimate"), &pen2, &g["te.out.te2.penultimate_hidden_state"], ATOL);
+
+    // the model's own conditioning from the first tokenizer's ids alone (the second's are derived)
+    let cond = model.encode_ids(ids1, None, true, false).unwrap();
+    assert_close(&format!("{tag} prompt_embeds"), &cond.context, &g["te.out.prompt_embeds"], ATOL);
+    assert_close(&format!("{tag} pooled"), &cond.pooled.unwrap(), &g["te.out.te2.text_embeds"], ATOL);
+
+    let y = model.sdxl_y(&g["unet.in.text_embeds"], &g["unet.in.time_ids"]).unwrap().expect("SDXL has a vector");
+    assert_close(&format!("{tag} add_embeds"), &y, &g["unet.debug.add_embeds"], ATOL);
+    let noise = model
+        .unet_with(&g["unet.in.sample"], &g["unet.in.timesteps"], &g["unet.in.encoder_hidden_states"], Some(&y))
+        .unwrap();
+    assert_close(&format!("{tag} unet.out.noise_pred"), &noise, &g["unet.out.noise_pred"], ATOL);
+    let e = model.unet(&g["unet.in.sample"], &g["unet.in.timesteps"], &g["unet.in.encoder_hidden_states"]).unwrap_err();
+    assert!(e.to_string().contains("conditioning vector"), "{e}");
+
+    let post = model.vae_encode(&g["vae.encode.in.image"]).unwrap();
+    assert_close(&format!("{tag} vae.encode.out.mean"), &post.mean, &g["vae.encode.out.mean"], ATOL);
+    assert_close(&format!("{tag} vae.encode.out.logvar"), &post.logvar, &g["vae.encode.out.logvar"], ATOL);
+    let image = model.vae_decode(&g["vae.decode.in.latents"]).unwrap();
+    assert_close(&format!("{tag} vae.decode.out.image"), &image, &g["vae.decode.out.image"], ATOL);
+    assert!((model.vae_scale - 0.13025).abs() < 1e-12, "{tag}: vae scale {}", model.vae_scale);
+}
+
+#[test]
+fn sdxl_module_goldens_match_from_folder_and_single_file() {
+    let g = goldens("tiny-sdxl/golden.safetensors");
+    check_module_goldens(&load(&fixture("tiny-sdxl")), "tiny-sdxl (diffusers folder)", &g);
+    check_module_goldens(&load(&fixture("tiny-sdxl/tiny-sdxl.safetensors")), "tiny-sdxl (single file)", &g);
+}
+
+/// diffusers' `StableDiffusionXLPipeline` with the Euler scheduler, 10 steps, CFG 5, 64×64, no crop.
+#[test]
+fn sdxl_euler_pipeline_matches_diffusers() {
+    let g = goldens("tiny-sdxl/golden.safetensors");
+    let meta = sdtune::io::tensors::read_metadata(&fixture("tiny-sdxl/golden.safetensors")).unwrap();
+    for path in [fixture("tiny-sdxl"), fixture("tiny-sdxl/tiny-sdxl.safetensors")] {
+        let model = load(&path);
+        let opts = SampleOptions {
+            prompt: meta["pipe_prompt"].clone(),
+            negative: meta["pipe_negative_prompt"].clone(),
+            width: 64,
+            height: 64,
+            steps: 10,
+            cfg: 5.0,
+            seed: 0,
+            sampler: "euler".into(),
+            latents: Some(g["pipe.in.latents"].clone()),
+            leading: true,
+            ..Default::default()
+        };
+        let mut seen = Vec::new();
+        let latents = sdtune::sample::sample_latents(&model, &opts, &mut |i, _, l| seen.push((i, l.clone()))).unwrap();
+        let steps = &g["pipe.euler.steps.latents"];
+        let want_ts: Vec<f32> = g["pipe.euler.steps.timesteps"].to_vec1::<f32>().unwrap();
+        for (i, l) in &seen {
+            let d = max_abs_diff(l, &steps.get(*i).unwrap());
+            assert!(d <= 1e-3, "{}: step {i}: latents max abs diff {d:e}", path.display());
+        }
+        assert_eq!(seen.len(), 10);
+        // "leading" spacing from SDXL base's scheduler config, and diffusers' init_noise_sigma for it (8.4500665)
+        let sched = schedulers::build(Kind::Euler, &scheduler_config(&model, &opts), 10).unwrap();
+        let ts: Vec<f32> = sched.timesteps().iter().map(|&t| t as f32).collect();
+        assert_eq!(ts, want_ts, "timesteps");
+        assert!((sched.init_noise_sigma() - 8.450066566467285).abs() < 1e-5, "{}", sched.init_noise_sigma());
+        let want = &g["pipe.euler.out.latents"];
+        let scale = want.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar::<f32>().unwrap() as f64;
+        let (d, tol) = (max_abs_diff(&latents, want), 1e-3 + 1e-4 * scale);
+        assert!(d <= tol, "{}: final latents max abs diff {d:e} > {tol:e}", path.display());
+        eprintln!("{}: sdxl euler final latents max abs diff {d:.2e} (|x| up to {scale:.1})", path.display());
+        let decoded = model.vae_decode(&(latents / model.vae_scale).unwrap()).unwrap();
+        assert_close("sdxl euler decoded", &decoded, &g["pipe.euler.out.decoded"], 1e-3);
+    }
+}
+
+#[test]
+fn sdxl_saves_as_single_file_and_diffusers_and_reloads_the_same() {
+    let g = goldens("tiny-sdxl/golden.safetensors");
+    let src = load(&fixture("tiny-sdxl/tiny-sdxl.safetensors"));
+    let dir = scratch("sdxl-roundtrip");
+    let single = dir.join("xl.safetensors");
+    src.save(&single, SaveFormat::SingleFile, candle_core::DType::F16, false).unwrap();
+    // the same keys, shapes and values as the single file diffusers' conversion script wrote
+    let orig = sdtune::io::tensors::read_safetensors(&fixture("tiny-sdxl/tiny-sdxl.safetensors"), None, &candle_core::Device::Cpu)
+        .unwrap()
+        .tensors;
+    let ours = sdtune::io::tensors::read_safetensors(&single, None, &candle_core::Device::Cpu).unwrap().tensors;
+    let mut ko: Vec<_> = orig.keys().collect();
+    let mut ku: Vec<_> = ours.keys().collect();
+    ko.sort();
+    ku.sort();
+    assert_eq!(ko, ku, "single-file keys");
+    for (k, t) in &orig {
+        assert_eq!(t.dims(), ours[k].dims(), "{k}");
+        assert_eq!(max_abs_diff(t, &ours[k]), 0.0, "{k}");
+    }
+    let folder = dir.join("xl-diffusers");
+    src.save(&folder, SaveFormat::Diffusers, candle_core::DType::F32, false).unwrap();
+    for f in ["model_index.json", "text_encoder_2/config.json", "tokenizer_2/special_tokens_map.json"] {
+        assert!(folder.join(f).is_file(), "{f}");
+    }
+    check_module_goldens(&load(&folder), "tiny-sdxl (saved as diffusers)", &g);
+}
+
+/// SDXL's VAE overflows in f16, so an f16 model keeps it in f32 (diffusers' `force_upcast`): its decode then
+/// matches the f32 golden exactly as the f32 model does (the fixture's weights are f16-exact).
+#[test]
+fn sdxl_in_f16_keeps_the_vae_in_f32() {
+    let g = goldens("tiny-sdxl/golden.safetensors");
+    let opts = sdtune::models::LoadOptions { dtype: candle_core::DType::F16, ..Default::default() };
+    let m = StableDiffusion::load(&fixture("tiny-sdxl/tiny-sdxl.safetensors"), &opts).unwrap();
+    assert_eq!((m.dtype, m.vae_dtype), (candle_core::DType::F16, candle_core::DType::F32));
+    let image = m.vae_decode(&g["vae.decode.in.latents"]).unwrap();
+    assert_eq!(image.dtype(), candle_core::DType::F32);
+    assert_close("f16 model: vae.decode.out.image", &image, &g["vae.decode.out.image"], ATOL);
+}
+
+#[test]
+fn sdxl_networks_and_training_say_they_are_not_supported_yet() {
+    let model = load(&fixture("tiny-sdxl/tiny-sdxl.safetensors"));
+    let e = sdtune::networks::file::load(&fixture("lora-sdxl/lora_sdxl_dim4_alpha1.safetensors"), &model)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("LoRA") && e.contains("SDXL"), "{e}");
+}
