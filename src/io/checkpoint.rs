@@ -170,7 +170,9 @@ pub fn split_single_file(mut all: HashMap<String, Tensor>, family: Family) -> Re
         vae_raw.into_iter().map(|(k, t)| Ok((k.clone(), vae_attention_shape(&k, t, false)?))).collect::<Result<_>>()?;
     let (text_encoder, text_encoder_2) = match family {
         Family::Sd1 => (hf_text_model(strip(&mut all, SD1_TE_PREFIX)), HashMap::new()),
-        Family::Sd2 => (openclip::to_hf(strip(&mut all, SD2_TE_PREFIX), SD2_TE_PREFIX, false, &mut all)?, HashMap::new()),
+        Family::Sd2 => {
+            (openclip::to_hf(strip(&mut all, SD2_TE_PREFIX), SD2_TE_PREFIX, false, &mut all)?, HashMap::new())
+        }
         Family::Sdxl => {
             let te1 = hf_text_model(strip(&mut all, SDXL_TE1_PREFIX));
             let te2 = strip(&mut all, SDXL_TE2_PREFIX);
@@ -227,7 +229,8 @@ pub fn to_single_file(c: &Components, family: Family) -> Result<HashMap<String, 
         bail!("{} VAE tensors have no LDM name, e.g. `{}`", bad.len(), bad[0]);
     }
     out.extend(vae.into_iter().map(|(k, t)| (format!("{VAE_PREFIX}{k}"), t)));
-    let prefixed = |m: HashMap<String, Tensor>, prefix: &'static str| m.into_iter().map(move |(k, t)| (format!("{prefix}{k}"), t));
+    let prefixed =
+        |m: HashMap<String, Tensor>, prefix: &'static str| m.into_iter().map(move |(k, t)| (format!("{prefix}{k}"), t));
     match family {
         Family::Sd1 => out.extend(prefixed(c.text_encoder.clone(), SD1_TE_PREFIX)),
         Family::Sd2 => out.extend(prefixed(openclip::from_hf(&c.text_encoder)?, SD2_TE_PREFIX)),

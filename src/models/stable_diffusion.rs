@@ -302,7 +302,13 @@ impl StableDiffusion {
     }
 
     /// The UNet prediction with SDXL's conditioning vector `y` (`sdxl_y`); `y` is `None` for SD 1.x/2.x.
-    pub fn unet_with(&self, sample: &Tensor, timesteps: &Tensor, context: &Tensor, y: Option<&Tensor>) -> Result<Tensor> {
+    pub fn unet_with(
+        &self,
+        sample: &Tensor,
+        timesteps: &Tensor,
+        context: &Tensor,
+        y: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let s = sample.to_device(&self.device)?.to_dtype(self.dtype)?;
         let c = context.to_device(&self.device)?.to_dtype(self.dtype)?;
         let y = y.map(|y| y.to_device(&self.device)).transpose()?;

@@ -65,19 +65,26 @@ fn sdxl_vector(m: &Model, pooled: &Tensor, ids: Dynamic) -> Result<Tensor> {
     let ids = match ids.clone().try_cast::<Tensor>() {
         Some(t) => t,
         None => {
-            let a = ids.try_cast::<rhai::Array>().ok_or_else(|| anyhow::anyhow!("sdxl_vector: size ids must be an array of 6 numbers or a [B, 6] tensor"))?;
+            let a = ids.try_cast::<rhai::Array>().ok_or_else(|| {
+                anyhow::anyhow!("sdxl_vector: size ids must be an array of 6 numbers or a [B, 6] tensor")
+            })?;
             let v = a
                 .iter()
                 .map(|x| x.as_float().or_else(|_| x.as_int().map(|i| i as f64)).map(|f| f as f32))
                 .collect::<std::result::Result<Vec<f32>, _>>()
                 .map_err(|t| anyhow::anyhow!("sdxl_vector: size ids must be numbers, got {t}"))?;
             if v.len() != 6 {
-                bail!("sdxl_vector: expected 6 size ids [h, w, crop_top, crop_left, target_h, target_w], got {}", v.len());
+                bail!(
+                    "sdxl_vector: expected 6 size ids [h, w, crop_top, crop_left, target_h, target_w], got {}",
+                    v.len()
+                );
             }
             Tensor::from_vec(v, (1, 6), &candle_core::Device::Cpu)?.repeat((b, 1))?
         }
     };
-    m.sdxl_y(pooled, &ids)?.ok_or_else(|| anyhow::anyhow!("sdxl_vector: this {} model takes no conditioning vector (SDXL only)", m.family.name()))
+    m.sdxl_y(pooled, &ids)?.ok_or_else(|| {
+        anyhow::anyhow!("sdxl_vector: this {} model takes no conditioning vector (SDXL only)", m.family.name())
+    })
 }
 
 fn vae_encode(m: &Model, image: &Tensor) -> Result<Map> {

@@ -56,7 +56,9 @@ fn options(map: &Map) -> Result<SampleOptions> {
     s.leading = match o.string("timestep_spacing")?.as_deref() {
         None | Some("linspace") => false,
         Some("leading") => true,
-        Some(other) => bail!("sample: timestep_spacing {other:?} is not supported; expected \"linspace\" or \"leading\""),
+        Some(other) => {
+            bail!("sample: timestep_spacing {other:?} is not supported; expected \"linspace\" or \"leading\"")
+        }
     };
     Ok(s)
 }

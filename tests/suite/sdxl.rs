@@ -109,9 +109,13 @@ fn sdxl_saves_as_single_file_and_diffusers_and_reloads_the_same() {
     let single = dir.join("xl.safetensors");
     src.save(&single, SaveFormat::SingleFile, candle_core::DType::F16, false).unwrap();
     // the same keys, shapes and values as the single file diffusers' conversion script wrote
-    let orig = sdtune::io::tensors::read_safetensors(&fixture("tiny-sdxl/tiny-sdxl.safetensors"), None, &candle_core::Device::Cpu)
-        .unwrap()
-        .tensors;
+    let orig = sdtune::io::tensors::read_safetensors(
+        &fixture("tiny-sdxl/tiny-sdxl.safetensors"),
+        None,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .tensors;
     let ours = sdtune::io::tensors::read_safetensors(&single, None, &candle_core::Device::Cpu).unwrap().tensors;
     let mut ko: Vec<_> = orig.keys().collect();
     let mut ku: Vec<_> = ours.keys().collect();
@@ -151,4 +155,39 @@ fn sdxl_networks_and_training_say_they_are_not_supported_yet() {
         .unwrap()
         .to_string();
     assert!(e.contains("LoRA") && e.contains("SDXL"), "{e}");
+}
+
+/// The SDXL parts of the script API: conditioning maps, `sdxl_vector`, the four-argument `unet`, and sampling with
+/// `timestep_spacing`.
+#[test]
+fn sdxl_works_from_a_script() {
+    let dir = scratch("sdxl-script");
+    let script = dir.join("xl.rhai");
+    std::fs::write(
+        &script,
+        r#"
+let m = load_model(ARGS[0]);
+let g = load_tensors(ARGS[1]);
+fn check(name, a, b) { let d = (a - b).abs_max(); if d > 1e-4 { throw `${name}: ${d}`; } }
+let c = m.encode_ids(g["te.in.input_ids_1"]);
+check("context", c.context, g["te.out.prompt_embeds"]);
+check("pooled", c.pooled, g["te.out.te2.text_embeds"]);
+let y = m.sdxl_vector(g["unet.in.text_embeds"], g["unet.in.time_ids"]);
+check("y", y, g["unet.debug.add_embeds"]);
+check("unet", m.unet(g["unet.in.sample"], g["unet.in.timesteps"], g["unet.in.encoder_hidden_states"], y), g["unet.out.noise_pred"]);
+let t = m.encode_text("a red fox");
+let y1 = m.sdxl_vector(t.pooled, [64, 64, 0, 0, 64, 64]);
+if y1.shape != [1, 68] { throw `y1 ${y1.shape}`; }
+let l = m.sample_latents(#{ prompt: "a red fox", width: 64, height: 64, steps: 2, seed: 1, sampler: "euler", timestep_spacing: "leading" });
+if l.shape != [1, 4, 8, 8] { throw `latents ${l.shape}`; }
+"#,
+    )
+    .unwrap();
+    let args = [
+        fixture("tiny-sdxl/tiny-sdxl.safetensors").display().to_string(),
+        fixture("tiny-sdxl/golden.safetensors").display().to_string(),
+    ];
+    if let Err(e) = sdtune::script::run_file(&script, &args) {
+        panic!("{e}");
+    }
 }

@@ -95,10 +95,9 @@ impl UNet {
             time_1: Linear::new(&w.pp("time_embedding.linear_1"))?,
             time_2: Linear::new(&w.pp("time_embedding.linear_2"))?,
             add_embedding: match cfg.adm_in {
-                Some(_) => Some((
-                    Linear::new(&w.pp("add_embedding.linear_1"))?,
-                    Linear::new(&w.pp("add_embedding.linear_2"))?,
-                )),
+                Some(_) => {
+                    Some((Linear::new(&w.pp("add_embedding.linear_1"))?, Linear::new(&w.pp("add_embedding.linear_2"))?))
+                }
                 None => None,
             },
             down,

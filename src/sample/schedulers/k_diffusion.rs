@@ -3,8 +3,8 @@
 //! (or Karras sigmas).
 
 use super::{
-    interp, k_pred_x0, k_scale, karras, leading_timesteps, linspace_timesteps, sigma_to_t, train_sigmas, NoiseSource, Prediction,
-    Scheduler, SchedulerConfig,
+    interp, k_pred_x0, k_scale, karras, leading_timesteps, linspace_timesteps, sigma_to_t, train_sigmas, NoiseSource,
+    Prediction, Scheduler, SchedulerConfig,
 };
 use anyhow::Result;
 use candle_core::Tensor;
@@ -119,7 +119,13 @@ impl Lms {
         let b = base(cfg, steps);
         let mut sigmas = b.sigmas;
         sigmas.push(0.0);
-        Self { prediction: cfg.prediction, leading: cfg.leading, timesteps: b.timesteps, sigmas, derivatives: Vec::new() }
+        Self {
+            prediction: cfg.prediction,
+            leading: cfg.leading,
+            timesteps: b.timesteps,
+            sigmas,
+            derivatives: Vec::new(),
+        }
     }
 
     /// ∫ over [σ_t, σ_{t+1}] of the Lagrange basis polynomial `current` on σ_t, σ_{t−1}, … (exact Gauss–Legendre).
