@@ -2,7 +2,7 @@
 //! `ss_*` metadata, `sshs_*` hashes, ModelSpec), atomically.
 
 use super::lora::{Dropouts, LoraModule};
-use super::{kohya_name, layers, new_state, Component, Network, NetworkConfig};
+use super::{new_state, Component, Network, NetworkConfig};
 use crate::io::py::{py_float, Py};
 use crate::models::{Family, StableDiffusion};
 use crate::nn::adapter::LayerKind;
@@ -32,8 +32,17 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
     let name = path.display().to_string();
     let f = crate::io::tensors::read_safetensors(path, None, &model.device)?;
     let keys: Vec<&String> = f.tensors.keys().collect();
-    if keys.iter().any(|k| SDXL_MARKERS.iter().any(|m| k.starts_with(m))) {
-        bail!("{name}: this is an SDXL network (keys like `lora_te1_*` / `lora_unet_input_blocks_*`); LoRA is not supported for Stable Diffusion XL (SDXL) yet: SDXL models load, sample and save");
+    let xl_network = keys.iter().any(|k| SDXL_MARKERS.iter().any(|m| k.starts_with(m)));
+    if xl_network != (model.family == Family::Sdxl) {
+        let what = if xl_network {
+            "an SDXL network (keys like `lora_te1_*` / `lora_unet_input_blocks_*`)"
+        } else {
+            "an SD 1.x/2.x network"
+        };
+        bail!(
+            "{name}: this is {what}, and the model is {}: a network only fits the model family it was trained for",
+            model.family.info().label
+        );
     }
     let kind = NETWORK_TYPES.iter().find(|(frag, _, _)| keys.iter().any(|k| k.contains(frag)));
     match kind {
@@ -41,9 +50,8 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
         Some((_, t, false)) => bail!("{name}: {t} networks are not supported yet (LoRA and LoRA-C3Lier are)"),
         Some(_) => {}
     }
-    model.family.ensure_supported("LoRA")?;
     let by_name: HashMap<String, (Component, crate::nn::adapter::LayerInfo)> =
-        layers(model).into_iter().map(|(c, l)| (kohya_name(c, &l.name), (c, l))).collect();
+        super::named_layers(model).into_iter().map(|(c, l, n)| (n, (c, l))).collect();
     let mut module_names: Vec<String> =
         keys.iter().filter_map(|k| k.strip_suffix(".lora_down.weight")).map(String::from).collect();
     module_names.sort();

@@ -158,8 +158,34 @@ fn new_state(dropouts: Dropouts, seed: u64) -> Arc<NetworkState> {
 
 fn layers(model: &StableDiffusion) -> Vec<(Component, LayerInfo)> {
     let te = model.te_layers.layers().into_iter().map(|l| (Component::TextEncoder, l));
+    let te2 = model.te2_layers.layers().into_iter().map(|l| (Component::TextEncoder, l));
     let un = model.unet_layers.layers().into_iter().map(|l| (Component::Unet, l));
-    te.chain(un).collect()
+    te.chain(te2).chain(un).collect()
+}
+
+/// Every adaptable layer of `model` with its sd-scripts module name. SD 1.x/2.x: `lora_te_` / `lora_unet_` + the
+/// diffusers path. SDXL: `lora_te1_` / `lora_te2_` + the transformers path, `lora_unet_` + the original (SGM) path,
+/// as sd-scripts names modules on its own SDXL UNet.
+pub fn named_layers(model: &StableDiffusion) -> Vec<(Component, LayerInfo, String)> {
+    if model.family != Family::Sdxl {
+        return layers(model).into_iter().map(|(c, l)| (c, l.clone(), kohya_name(c, &l.name))).collect();
+    }
+    let cfg = &model.unet.cfg;
+    let table = crate::io::keymap::unet_table(cfg.block_out_channels.len(), cfg.layers_per_block, &cfg.up_attn);
+    let sgm = |name: &str| table.rename(name, crate::io::keymap::Side::Diffusers).unwrap_or_else(|| name.to_string());
+    let te1 = model.te_layers.layers().into_iter().map(|l| {
+        let n = format!("lora_te1_{}", l.name.replace('.', "_"));
+        (Component::TextEncoder, l, n)
+    });
+    let te2 = model.te2_layers.layers().into_iter().map(|l| {
+        let n = format!("lora_te2_{}", l.name.replace('.', "_"));
+        (Component::TextEncoder, l, n)
+    });
+    let un = model.unet_layers.layers().into_iter().map(|l| {
+        let n = format!("lora_unet_{}", sgm(&l.name).replace('.', "_"));
+        (Component::Unet, l, n)
+    });
+    te1.chain(te2).chain(un).collect()
 }
 
 impl Network {
@@ -172,7 +198,7 @@ impl Network {
     /// A new network for `model`: down Kaiming-uniform (a = √5, i.e. U(±1/√fan_in)) or, for LoRA-FA,
     /// N(0, 2/(in + rank)); up zero; in f32.
     pub fn create(model: &StableDiffusion, cfg: &NetworkConfig, seed: u64) -> Result<Self> {
-        model.family.ensure_supported("LoRA")?;
+        model.family.ensure_supported("Creating a LoRA network")?;
         if cfg.dim == 0 {
             bail!("network dim must be at least 1");
         }
@@ -180,7 +206,7 @@ impl Network {
         let mut rng = Rng::new(seed);
         let dev = model.device.clone();
         let mut modules = Vec::new();
-        for (c, layer) in layers(model) {
+        for (c, layer, name) in named_layers(model) {
             if (c == Component::Unet && !cfg.train_unet) || (c == Component::TextEncoder && !cfg.train_text_encoder) {
                 continue;
             }
@@ -207,10 +233,7 @@ impl Network {
             let down = Var::from_tensor(&Tensor::from_vec(vals, down_shape.as_slice(), &dev)?.to_dtype(cfg.dtype)?)?;
             let up = Var::from_tensor(&Tensor::zeros(up_shape.as_slice(), cfg.dtype, &dev)?)?;
             let alpha = if alpha == 0.0 { r as f64 } else { alpha };
-            modules.push((
-                c,
-                Arc::new(LoraModule { name: kohya_name(c, &layer.name), layer, down, up, alpha, state: state.clone() }),
-            ));
+            modules.push((c, Arc::new(LoraModule { name, layer, down, up, alpha, state: state.clone() })));
         }
         if modules.is_empty() {
             bail!("no layers to train: enable train_unet or train_text_encoder");

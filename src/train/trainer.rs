@@ -98,6 +98,7 @@ impl Trainer {
         cfg: TrainConfig,
         recipe: serde_json::Value,
     ) -> Result<Self> {
+        model.family.ensure_supported("Training")?;
         if cfg.mixed_precision.as_deref() == Some("bf16") && model.device.is_cpu() {
             eprintln!("note: mixed_precision bf16 on the CPU keeps the frozen model in f32 (candle has no CPU bf16 convolution)");
         }

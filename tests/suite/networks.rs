@@ -174,7 +174,7 @@ fn foreign_networks_are_refused_with_reasons() {
     assert!(e.contains("do not") && e.contains("another model family"), "{e}");
     let sd15 = load(&fixture("tiny-sd15"));
     let e = file::load(&fixture("lora-sdxl/lora_sdxl_dim4_alpha1.safetensors"), &sd15).err().unwrap().to_string();
-    assert!(e.contains("SDXL network") && e.contains("not supported for Stable Diffusion XL"), "{e}");
+    assert!(e.contains("SDXL network") && e.contains("Stable Diffusion 1.x"), "{e}");
     let e = file::load(&fixture("tiny-sd15/golden.safetensors"), &sd15).err().unwrap().to_string();
     assert!(e.contains("not a network file"), "{e}");
 }

@@ -5,6 +5,7 @@
 use crate::common::*;
 use candle_core::Tensor;
 use sdtune::models::{Family, SaveFormat, StableDiffusion};
+use sdtune::networks::{Network, NetworkConfig};
 use sdtune::sample::pipeline::scheduler_config;
 use sdtune::sample::schedulers::{self, Kind};
 use sdtune::sample::SampleOptions;
@@ -147,14 +148,100 @@ fn sdxl_in_f16_keeps_the_vae_in_f32() {
     assert_close("f16 model: vae.decode.out.image", &image, &g["vae.decode.out.image"], ATOL);
 }
 
+fn lora_outputs_match(model: &StableDiffusion, g: &HashMap<String, Tensor>, prefix: &str) {
+    let noise = model
+        .unet_with(
+            &g["in.unet.sample"],
+            &g["in.unet.timesteps"],
+            &g["in.unet.encoder_hidden_states"],
+            Some(&g["in.unet.add_embeds"]),
+        )
+        .unwrap();
+    assert_close(&format!("{prefix}.unet.out.noise_pred"), &noise, &g[&format!("{prefix}.unet.out.noise_pred")], ATOL);
+    let (ids1, ids2) = (&g["in.te.input_ids_1"], &g["in.te.input_ids_2"]);
+    let last = model.text_encoder.encode(ids1, 1, true, true).unwrap();
+    let want = |k: &str| &g[&format!("{prefix}.te.out.{k}")];
+    assert_close(&format!("{prefix} te1.last_hidden_state"), &last.context, want("te1.last_hidden_state"), ATOL);
+    assert_close(&format!("{prefix} te1.pooler_output"), &last.pooled.unwrap(), want("te1.pooler_output"), ATOL);
+    let te2 = model.text_encoder_2.as_ref().unwrap().encode(ids2, 1, true, true).unwrap();
+    assert_close(&format!("{prefix} te2.last_hidden_state"), &te2.context, want("te2.last_hidden_state"), ATOL);
+    assert_close(&format!("{prefix} te2.text_embeds"), &te2.pooled.unwrap(), want("te2.text_embeds"), ATOL);
+    let cond = model.encode_ids(ids1, None, true, false).unwrap();
+    assert_close(&format!("{prefix} prompt_embeds"), &cond.context, want("prompt_embeds"), ATOL);
+}
+
+/// sd-scripts' SDXL LoRA (module names of its own SGM-layout UNet, `lora_te1_`/`lora_te2_`) applied at 1.0 and 0.5,
+/// removed, and merged, against sd-scripts' outputs and `sdxl_merge_lora` weights.
 #[test]
-fn sdxl_networks_and_training_say_they_are_not_supported_yet() {
+fn sdxl_lora_files_apply_and_merge_like_sd_scripts() {
+    let g = goldens("lora-sdxl/golden_lora.safetensors");
+    let lora = fixture("lora-sdxl/lora_sdxl_dim4_alpha1.safetensors");
     let model = load(&fixture("tiny-sdxl/tiny-sdxl.safetensors"));
-    let e = sdtune::networks::file::load(&fixture("lora-sdxl/lora_sdxl_dim4_alpha1.safetensors"), &model)
+    let net = sdtune::networks::file::load(&lora, &model).unwrap();
+    let count = |p: &str| net.modules.iter().filter(|(_, m)| m.name.starts_with(p)).count();
+    assert_eq!((count("lora_te1_"), count("lora_te2_"), count("lora_unet_")), (18, 18, 192));
+    for m in [1.0, 0.5] {
+        net.apply(m);
+        lora_outputs_match(&model, &g, &format!("m{m:.1}"));
+    }
+    net.remove();
+    // saved again: sd-scripts' key names, shapes and values
+    let out = scratch("sdxl-lora").join("again.safetensors");
+    sdtune::networks::file::save(&net, &out, &Default::default(), candle_core::DType::F32, false).unwrap();
+    let read = |p: &std::path::Path| {
+        sdtune::io::tensors::read_safetensors(p, None, &candle_core::Device::Cpu).unwrap().tensors
+    };
+    let (orig, again) = (read(&lora), read(&out));
+    assert_eq!(orig.len(), again.len());
+    for (k, t) in &orig {
+        assert_eq!(max_abs_diff(t, &again[k]), 0.0, "{k}");
+    }
+    let base = goldens("tiny-sdxl/golden.safetensors");
+    let y = model.sdxl_y(&base["unet.in.text_embeds"], &base["unet.in.time_ids"]).unwrap().unwrap();
+    let noise = model
+        .unet_with(
+            &base["unet.in.sample"],
+            &base["unet.in.timesteps"],
+            &base["unet.in.encoder_hidden_states"],
+            Some(&y),
+        )
+        .unwrap();
+    assert_close("removed", &noise, &base["unet.out.noise_pred"], ATOL);
+
+    // merging: the weights sdxl_merge_lora.py wrote (SGM paths), then the same outputs as applied at 1.0
+    let cfg = &model.unet.cfg;
+    let table = sdtune::io::keymap::unet_table(cfg.block_out_channels.len(), cfg.layers_per_block, &cfg.up_attn);
+    let layer = |sgm: &str| {
+        let path = table.rename(sgm, sdtune::io::keymap::Side::Ldm).unwrap();
+        model.unet_layers.layers().into_iter().find(|l| l.name == path).unwrap()
+    };
+    let stems: Vec<String> = g
+        .keys()
+        .filter_map(|k| k.strip_prefix("merge.").and_then(|k| k.strip_suffix(".weight.orig")).map(String::from))
+        .collect();
+    assert_eq!(stems.len(), 3);
+    for s in &stems {
+        assert_close(&format!("{s} orig"), &layer(s).slot.weight(), &g[&format!("merge.{s}.weight.orig")], 0.0);
+    }
+    net.merge(1.0).unwrap();
+    lora_outputs_match(&model, &g, "m1.0");
+    for s in &stems {
+        let merged = layer(s).slot.weight();
+        assert_close(&format!("{s} merged"), &merged, &g[&format!("merge.{s}.weight.merged")], ATOL);
+    }
+}
+
+#[test]
+fn sdxl_training_and_new_networks_say_they_are_not_supported_yet() {
+    let model = load(&fixture("tiny-sdxl/tiny-sdxl.safetensors"));
+    let e = Network::create(&model, &NetworkConfig::default(), 1).err().unwrap().to_string();
+    assert!(e.contains("not supported for Stable Diffusion XL"), "{e}");
+    // an SD 1.x network on SDXL, and the other way round
+    let e = sdtune::networks::file::load(&fixture("lora-sd15/lora_sd15_dim4_alpha2.safetensors"), &model)
         .err()
         .unwrap()
         .to_string();
-    assert!(e.contains("LoRA") && e.contains("SDXL"), "{e}");
+    assert!(e.contains("SD 1.x/2.x network") && e.contains("Stable Diffusion XL"), "{e}");
 }
 
 /// The SDXL parts of the script API: conditioning maps, `sdxl_vector`, the four-argument `unet`, and sampling with
