@@ -422,36 +422,33 @@ pub fn save_diffusers(dir: &Path, c: &Components, configs: &DiffusersConfigs, dt
         write_tokenizer("tokenizer", configs.pad_token)?;
         let scheduler_class =
             configs.scheduler.get("_class_name").and_then(Value::as_str).unwrap_or("PNDMScheduler").to_string();
-        let index = if configs.text_encoder_2.is_some() {
+        let mut index = serde_json::json!({
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.39.0",
+            "feature_extractor": [null, null],
+            "requires_safety_checker": false,
+            "safety_checker": [null, null],
+            "scheduler": ["diffusers", scheduler_class],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]
+        });
+        if configs.text_encoder_2.is_some() {
             write_tokenizer("tokenizer_2", "!")?;
-            serde_json::json!({
-                "_class_name": "StableDiffusionXLPipeline",
-                "_diffusers_version": "0.39.0",
-                "feature_extractor": [null, null],
-                "force_zeros_for_empty_prompt": true,
-                "image_encoder": [null, null],
-                "scheduler": ["diffusers", scheduler_class],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "tokenizer_2": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"]
-            })
-        } else {
-            serde_json::json!({
-                "_class_name": "StableDiffusionPipeline",
-                "_diffusers_version": "0.39.0",
-                "feature_extractor": [null, null],
-                "requires_safety_checker": false,
-                "safety_checker": [null, null],
-                "scheduler": ["diffusers", scheduler_class],
-                "text_encoder": ["transformers", "CLIPTextModel"],
-                "tokenizer": ["transformers", "CLIPTokenizer"],
-                "unet": ["diffusers", "UNet2DConditionModel"],
-                "vae": ["diffusers", "AutoencoderKL"]
-            })
-        };
+            let o = index.as_object_mut().expect("a JSON object");
+            o.remove("requires_safety_checker");
+            o.remove("safety_checker");
+            for (k, v) in [
+                ("_class_name", serde_json::json!("StableDiffusionXLPipeline")),
+                ("force_zeros_for_empty_prompt", serde_json::json!(true)),
+                ("image_encoder", serde_json::json!([null, null])),
+                ("text_encoder_2", serde_json::json!(["transformers", "CLIPTextModelWithProjection"])),
+                ("tokenizer_2", serde_json::json!(["transformers", "CLIPTokenizer"])),
+            ] {
+                o.insert(k.to_string(), v);
+            }
+        }
         wj(tmp.join("model_index.json"), &index)?;
         std::fs::rename(&tmp, dir)
             .with_context(|| format!("{}: cannot move the finished folder into place", dir.display()))?;
