@@ -156,6 +156,20 @@ pub fn crop_ltrb(bucket: (usize, usize), original: (usize, usize)) -> (f64, f64,
     (left, top, left + rw, top + rh)
 }
 
+/// SDXL's size conditioning of one sample, as sd-scripts batches it: `[original h, original w, crop top, crop left,
+/// target h, target w]` for an `original` (w, h) image in `bucket` (w, h), with `crop_ltrb` from `crop_ltrb`; a
+/// flipped image's crop left is `target w − right`.
+pub fn size_ids(
+    original: (usize, usize),
+    crop: (f64, f64, f64, f64),
+    bucket: (usize, usize),
+    flipped: bool,
+) -> [f32; 6] {
+    let (l, t, r, _) = crop;
+    let left = if flipped { bucket.0 as f64 - r } else { l };
+    [original.1 as f32, original.0 as f32, t as f32, left as f32, bucket.1 as f32, bucket.0 as f32]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -234,6 +248,11 @@ mod tests {
         assert_eq!(s(1920, 1080), ((1344, 768), (1365, 768)));
         assert_eq!(s(3000, 1000).0, (1728, 576));
         assert_eq!(crop_ltrb((384, 640), (1000, 1500)), (0.0, 32.0, 384.0, 608.0));
+        // the batch's size ids: (h, w) order, crop (top, left), flipped left = target w − right
+        let c = crop_ltrb((640, 384), (1497, 1000)); // letter-boxed width 574.848: left 32, right 606.848
+        assert_eq!(size_ids((1497, 1000), c, (640, 384), false), [1000.0, 1497.0, 0.0, 32.0, 384.0, 640.0]);
+        let flipped = size_ids((1497, 1000), c, (640, 384), true);
+        assert!((flipped[3] - 33.152).abs() < 1e-3, "{flipped:?}");
     }
 
     type Size = (usize, usize);

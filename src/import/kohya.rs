@@ -47,8 +47,8 @@ const KEYS: &[(&str, Rule)] = &[
     ("model_list", GUI_ONLY),
     ("max_token_length", Special),
     ("no_half_vae", NotApplicable("SDXL")),
-    ("sdxl_no_half_vae", NotApplicable("SDXL")),
-    ("sdxl_cache_text_encoder_outputs", NotApplicable("SDXL")),
+    ("sdxl_no_half_vae", Ignore("sdtune keeps the SDXL VAE in f32 whenever the model is loaded in f16")),
+    ("sdxl_cache_text_encoder_outputs", Ignore("text-encoder outputs are computed each step (the same result)")),
     ("disable_mmap_load_safetensors", Ignore("safetensors are always memory-mapped")),
     // data
     ("train_data_dir", Same),
@@ -335,9 +335,6 @@ pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Re
     }
     let get = |k: &str| gui.get(k).filter(|v| !unset(v));
     // what kind of training this is
-    if get("sdxl").is_some() || get("sdxl_checkbox").is_some() {
-        report.unsupported("sdxl", "SDXL training is not supported yet (SD 1.x / 2.x are)");
-    }
     for (k, fam) in [("flux1_checkbox", "FLUX.1"), ("sd3_checkbox", "SD3")] {
         if get(k).is_some() {
             report.unsupported(k, &format!("{fam} is not supported"));

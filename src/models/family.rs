@@ -50,13 +50,4 @@ impl Family {
             }
         })
     }
-
-    /// Errors for what a family cannot do yet: SDXL models load, encode, sample and save, but networks and
-    /// training are SD 1.x/2.x only so far.
-    pub fn ensure_supported(self, what: &str) -> Result<()> {
-        if self == Family::Sdxl {
-            bail!("{what} is not supported for Stable Diffusion XL (SDXL) yet: SDXL models load, sample and save; networks and training work with SD 1.x and 2.x");
-        }
-        Ok(())
-    }
 }

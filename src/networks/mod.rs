@@ -198,7 +198,9 @@ impl Network {
     /// A new network for `model`: down Kaiming-uniform (a = √5, i.e. U(±1/√fan_in)) or, for LoRA-FA,
     /// N(0, 2/(in + rank)); up zero; in f32.
     pub fn create(model: &StableDiffusion, cfg: &NetworkConfig, seed: u64) -> Result<Self> {
-        model.family.ensure_supported("Creating a LoRA network")?;
+        if model.family == Family::Sdxl && cfg.blocks != blocks::BlockConfig::default() {
+            bail!("block-wise dims, alphas and LR weights are for SD 1.x/2.x UNets; SDXL networks take one dim and alpha (and conv_dim/conv_alpha)");
+        }
         if cfg.dim == 0 {
             bail!("network dim must be at least 1");
         }

@@ -176,9 +176,9 @@ fn step_with(tr: &TrainerRef, m: &Map) -> Result<f64> {
             .and_then(|v| v.clone().try_cast::<Tensor>())
             .with_context(|| format!("step_with: `{k}` (a Tensor) is required"))
     };
-    if let Some(k) = m.keys().find(|k| !["input_ids", "latents", "noise", "timesteps", "weights"].contains(&k.as_str()))
-    {
-        bail!("step_with: unknown key `{k}`; accepted: input_ids, latents, noise, timesteps, weights");
+    const KEYS: &[&str] = &["input_ids", "latents", "noise", "timesteps", "weights", "time_ids"];
+    if let Some(k) = m.keys().find(|k| !KEYS.contains(&k.as_str())) {
+        bail!("step_with: unknown key `{k}`; accepted: {}", KEYS.join(", "));
     }
     let latents = get("latents")?;
     let b = latents.dim(0)?;
@@ -192,6 +192,7 @@ fn step_with(tr: &TrainerRef, m: &Map) -> Result<f64> {
         weights,
         noise: Some(get("noise")?),
         timesteps: Some(get("timesteps")?),
+        time_ids: m.contains_key("time_ids").then(|| get("time_ids")).transpose()?,
     };
     let mut t = tr.lock().map_err(|_| anyhow::anyhow!("the trainer is in use"))?;
     t.train_batch(&batch)

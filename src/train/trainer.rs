@@ -7,9 +7,11 @@ use super::lr::LrSchedule;
 use super::noise::{apply_multires_noise, apply_noise_offset, noisy_latents, zero_terminal_snr};
 use super::optim::{self, Optimizer, ParamGroup};
 use super::scaler::LossScaler;
+use crate::data::buckets::size_ids;
 use crate::data::cache::{cache_latents, CachedLatents};
 use crate::data::captions::{process_caption, Progress};
 use crate::data::DatasetGroup;
+use crate::models::clip::ClipOutput;
 use crate::models::StableDiffusion;
 use crate::networks::{file, Component, Network};
 use crate::rng::Rng;
@@ -23,7 +25,23 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+/// SDXL's conditioning vector for a batch: the pooled text embedding with the batch's size ids (or, without them,
+/// the latents' image size and no crop); `None` for SD 1.x/2.x.
+fn sdxl_vector(model: &StableDiffusion, cond: &ClipOutput, b: &Batch, latents: &Tensor) -> Result<Option<Tensor>> {
+    let Some(pooled) = cond.pooled.as_ref().filter(|_| model.is_xl()) else { return Ok(None) };
+    let ids = match &b.time_ids {
+        Some(t) => t.clone(),
+        None => {
+            let (n, _, h, w) = latents.dims4()?;
+            let (h, w) = ((h * 8) as f32, (w * 8) as f32);
+            Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &candle_core::Device::Cpu)?.repeat((n, 1))?
+        }
+    };
+    model.sdxl_y(pooled, &ids)
+}
+
 /// One batch as the step consumes it.
+#[derive(Clone)]
 pub struct Batch {
     /// Latents already multiplied by the VAE scale, `[B, C, h, w]`.
     pub latents: Tensor,
@@ -34,6 +52,9 @@ pub struct Batch {
     /// Fixed noise / timesteps (step_with); drawn when absent.
     pub noise: Option<Tensor>,
     pub timesteps: Option<Tensor>,
+    /// SDXL's size conditioning `[B, 6]` (original h, w, crop top, left, target h, w); when absent, the latents'
+    /// image size with no crop.
+    pub time_ids: Option<Tensor>,
 }
 
 /// What a running training reports to its caller.
@@ -98,7 +119,6 @@ impl Trainer {
         cfg: TrainConfig,
         recipe: serde_json::Value,
     ) -> Result<Self> {
-        model.family.ensure_supported("Training")?;
         if cfg.mixed_precision.as_deref() == Some("bf16") && model.device.is_cpu() {
             eprintln!("note: mixed_precision bf16 on the CPU keeps the frozen model in f32 (candle has no CPU bf16 convolution)");
         }
@@ -276,9 +296,12 @@ impl Trainer {
         let ts: Vec<i64> = timesteps.to_vec1()?;
         let ip = c.ip_noise_gamma.map(|g| if c.ip_noise_gamma_random_strength { rng.uniform() * g } else { g });
         let noisy = noisy_latents(&self.schedule, &latents, &noise, &timesteps, ip, rng)?;
-        let context = self.model.encode_ids(&b.input_ids, None, true, false)?.context;
-        let pred =
-            self.model.unet(&noisy, &timesteps.to_device(&self.model.device)?, &context)?.to_dtype(DType::F32)?;
+        let cond = self.model.encode_ids(&b.input_ids, None, true, false)?;
+        let y = sdxl_vector(&self.model, &cond, b, &latents)?;
+        let pred = self
+            .model
+            .unet_with(&noisy, &timesteps.to_device(&self.model.device)?, &cond.context, y.as_ref())?
+            .to_dtype(DType::F32)?;
         let target = if self.v_pred { self.schedule.velocity(&latents, &noise, &timesteps)? } else { noise };
         let huber = if loss_type == LossType::L2 {
             None
@@ -392,6 +415,9 @@ impl Trainer {
     fn set_gradient_checkpointing(&self, on: bool) {
         self.model.unet.set_gradient_checkpointing(on);
         self.model.text_encoder.set_gradient_checkpointing(on);
+        if let Some(te2) = &self.model.text_encoder_2 {
+            te2.set_gradient_checkpointing(on);
+        }
     }
 
     /// The batch's loss and the gradients of its share of the step (scaled for fp16 and accumulation). A
@@ -497,6 +523,7 @@ impl Trainer {
         let mut lats = Vec::new();
         let mut captions = Vec::new();
         let mut weights = Vec::new();
+        let mut sizes = Vec::new();
         match &self.caches[di] {
             Some(cache) => {
                 for &i in idx {
@@ -506,6 +533,7 @@ impl Trainer {
                         .with_context(|| format!("{}: no cached latents (unreadable image)", im.path.display()))?;
                     let sub = &ds.cfg.subsets[im.subset];
                     let flip = sub.flip_aug && rng.uniform() < 0.5;
+                    sizes.extend(size_ids(c.original_size, c.crop_ltrb, im.placement.bucket, flip));
                     lats.push(if flip {
                         c.latents_flipped.clone().unwrap_or(c.latents.clone())
                     } else {
@@ -519,6 +547,7 @@ impl Trainer {
                 let mut imgs = Vec::new();
                 for &i in idx {
                     let s = ds.sample(i, progress, &mut rng)?;
+                    sizes.extend(size_ids(s.original_size, s.crop_ltrb, s.bucket, s.flipped));
                     imgs.push(s.image.data.iter().map(|&b| b as f32 / 127.5 - 1.0).collect::<Vec<f32>>());
                     captions.push(s.caption);
                     weights.push(if s.is_reg { self.cfg.prior_loss_weight } else { 1.0 } as f32);
@@ -542,6 +571,7 @@ impl Trainer {
             weights: Tensor::new(weights.as_slice(), &candle_core::Device::Cpu)?,
             noise: None,
             timesteps: None,
+            time_ids: Some(Tensor::from_vec(sizes, (idx.len(), 6), &candle_core::Device::Cpu)?),
         })
     }
 

@@ -149,7 +149,7 @@ fn safetensors_of_an_unknown_model_is_a_one_line_error() {
 }
 
 #[test]
-fn sdxl_samples_with_a_lora_and_training_is_reported_as_not_supported_yet() {
+fn sdxl_samples_with_a_lora_and_refuses_sd1_block_options() {
     let dir = scratch("cli-sdxl");
     let model = fixture("tiny-sdxl/tiny-sdxl.safetensors");
     let lora = fixture("lora-sdxl/lora_sdxl_dim4_alpha1.safetensors");
@@ -157,14 +157,15 @@ fn sdxl_samples_with_a_lora_and_training_is_reported_as_not_supported_yet() {
         &dir,
         "xl.rhai",
         &format!(
-            "let m = load_model({:?});\nprint(m.family);\nm.apply_network(load_network({:?}, m), 0.5);\nlet l = m.sample_latents(#{{ prompt: \"a fox\", width: 64, height: 64, steps: 2, seed: 1 }});\nprint(l.shape);\nlora(m, #{{ dim: 4 }});\n",
+            "let m = load_model({:?});\nprint(m.family);\nm.apply_network(load_network({:?}, m), 0.5);\nlet l = m.sample_latents(#{{ prompt: \"a fox\", width: 64, height: 64, steps: 2, seed: 1 }});\nprint(l.shape);\nlora(m, #{{ dim: 4, block_dims: \"{}\" }});\n",
             model.to_string_lossy(),
-            lora.to_string_lossy()
+            lora.to_string_lossy(),
+            ["4"; 25].join(",")
         ),
     );
     let (code, stdout, stderr) = sdtune(&["run", &s]);
     assert!(stdout.contains("sdxl") && stdout.contains("[1, 4, 8, 8]"), "{stdout}");
-    assert_one_line_error(code, &stderr, &["xl.rhai:6", "not supported for Stable Diffusion XL"]);
+    assert_one_line_error(code, &stderr, &["xl.rhai:6", "SDXL networks take one dim"]);
 }
 
 #[test]

@@ -28,12 +28,12 @@ fn every_kohya_fixture_imports_or_says_what_is_unsupported() {
         ("preset-sd15_-_EDG_LoraOptiSettings.json", &[]),
         ("Standard-AdamW.json", &["DreamBooth training is not supported yet"]),
         ("dreambooth-AdamW.json", &["DreamBooth training is not supported yet"]),
-        ("SDXL-Standard-AdamW.json", &["SDXL training is not supported yet", "DreamBooth"]),
+        ("SDXL-Standard-AdamW.json", &["DreamBooth training is not supported yet"]),
         ("TI-AdamW8bit.json", &["textual inversion training is not supported yet"]),
         ("finetune-AdamW.json", &["fine-tuning training is not supported yet"]),
-        ("loha-Prodigy.json", &["SDXL training is not supported yet", "LyCORIS/LoHa is not supported yet"]),
+        ("loha-Prodigy.json", &["LyCORIS/LoHa is not supported yet"]),
         ("preset-lokr-sd15.json", &["LyCORIS/LoKr is not supported yet"]),
-        ("preset-SDXL_-_LoRA_AI_Now_prodigy_v1.0.json", &["SDXL training is not supported yet"]),
+        ("preset-SDXL_-_LoRA_AI_Now_prodigy_v1.0.json", &[]),
     ];
     for (name, unsupported) in expect {
         let imp = import::kohya(&config(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"));
@@ -324,4 +324,36 @@ fn sd_scripts_dataset_tomls_import_as_recipes_on_them() {
     let lines = imp.report.lines().join("\n");
     assert!(lines.contains("runwayml/stable-diffusion-v1-5 is a Hugging Face model id"), "{lines}");
     assert!(lines.contains("./test/img does not exist here"), "{lines}");
+}
+
+/// kohya_ss's SDXL LoRA preset imports cleanly and its recipe trains a LoRA on the tiny SDXL model with sd-scripts'
+/// SDXL module names.
+#[test]
+fn the_kohya_sdxl_preset_runs_on_tiny_sdxl() {
+    let name = "preset-SDXL_-_LoRA_AI_Now_prodigy_v1.0.json";
+    let dir = scratch("import-run-sdxl");
+    let imp = import::kohya(&config(name)).unwrap();
+    let mut flat = local(imp.options.clone(), &dir);
+    flat.insert("pretrained_model_name_or_path".into(), json!(fixture("tiny-sdxl/tiny-sdxl.safetensors")));
+    flat.insert("max_train_epochs".into(), json!(2)); // the preset's 160 epochs of one step each, cut short
+    flat.insert("resolution".into(), json!("64,64"));
+    flat.insert("min_bucket_reso".into(), json!(64));
+    flat.remove("sample_every_n_steps");
+    let (recipe, _) = build::recipe_from_flat(flat).unwrap();
+    let script = import::rhai::script(&recipe, &imp.report, name, "test");
+    let args: Vec<String> = [&recipe["model"], &recipe["dataset"], &recipe["train"]["output_dir"]]
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    let p = dir.join("recipe.rhai");
+    std::fs::write(&p, &script).unwrap();
+    if let Err(e) = sdtune::script::run_file(&p, &args) {
+        panic!("{name}: {e}");
+    }
+    let out =
+        dir.join("out").join(format!("{}.safetensors", recipe["train"]["output_name"].as_str().unwrap_or("last")));
+    let t = sdtune::io::tensors::read_safetensors(&out, None, &candle_core::Device::Cpu).unwrap().tensors;
+    assert!(t.keys().any(|k| k.starts_with("lora_unet_input_blocks_")), "SGM UNet names");
+    let meta = sdtune::io::tensors::read_metadata(&out).unwrap();
+    assert_eq!(meta["ss_base_model_version"], "sdxl_base_v1-0");
 }
