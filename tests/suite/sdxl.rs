@@ -390,3 +390,32 @@ if l.shape != [1, 4, 8, 8] { throw `latents ${l.shape}`; }
         panic!("{e}");
     }
 }
+
+/// An SDXL LoRA-C3Lier that sdtune trained (`tests/python/make_sdxl_lora.rhai`) means the same in diffusers:
+/// `StableDiffusionXLPipeline.load_lora_weights` gave these outputs (`tests/python/check_sdxl_lora_in_diffusers.py`).
+#[test]
+fn sdtune_sdxl_loras_load_in_diffusers_with_the_same_outputs() {
+    let g = goldens("lora-sdxl/sdtune_c3lier_in_diffusers.safetensors");
+    let base = goldens("tiny-sdxl/golden.safetensors");
+    let model = load(&fixture("tiny-sdxl/tiny-sdxl.safetensors"));
+    let net = sdtune::networks::file::load(&fixture("lora-sdxl/sdtune_c3lier.safetensors"), &model).unwrap();
+    assert!(net.modules.iter().any(|(_, m)| m.name.contains("_in_layers_2")), "has 3×3 conv (C3Lier) modules");
+    for m in [1.0, 0.5] {
+        net.apply(m);
+        let tag = format!("m{m:.1}");
+        let c = model.encode_ids(&base["te.in.input_ids_1"], None, true, false).unwrap();
+        assert_close(&format!("{tag} prompt_embeds"), &c.context, &g[&format!("{tag}.te.out.prompt_embeds")], ATOL);
+        let pooled = c.pooled.unwrap();
+        assert_close(&format!("{tag} text_embeds"), &pooled, &g[&format!("{tag}.te.out.te2.text_embeds")], ATOL);
+        let y = model.sdxl_y(&base["unet.in.text_embeds"], &base["unet.in.time_ids"]).unwrap().unwrap();
+        let noise = model
+            .unet_with(
+                &base["unet.in.sample"],
+                &base["unet.in.timesteps"],
+                &base["unet.in.encoder_hidden_states"],
+                Some(&y),
+            )
+            .unwrap();
+        assert_close(&format!("{tag} noise_pred"), &noise, &g[&format!("{tag}.unet.out.noise_pred")], ATOL);
+    }
+}
