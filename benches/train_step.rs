@@ -6,6 +6,9 @@
 //! `cargo bench --bench train_step -- RESOLUTION on|off` instead times UNet LoRA at RESOLUTION² (uncached latents
 //! are still encoded once, outside the timing) with gradient checkpointing on or off, and prints the process's
 //! peak resident memory; run each setting in its own process to compare peaks.
+//!
+//! `cargo bench --bench train_step -- sdxl` times the same step on tiny-sdxl (both text encoders, the UNet's size
+//! conditioning).
 
 use serde_json::json;
 use std::time::Instant;
@@ -20,11 +23,12 @@ fn main() {
         [r, c] => (r.parse::<usize>().expect("RESOLUTION: a number"), c == "on"),
         _ => (64, false),
     };
+    let fixture = if args == ["sdxl"] { "tiny-sdxl" } else { "tiny-sd15" };
     let data =
         sdtune::data::synthetic::write_shapes(&dir.join(format!("data{res}")), "toy", 1, 16, res as u32, 0).unwrap();
     let recipe = |unet_only: bool| {
         json!({
-            "model": root.join("tests/fixtures/tiny-sd15/tiny-sd15.safetensors"),
+            "model": root.join(format!("tests/fixtures/{fixture}/{fixture}.safetensors")),
             "dataset": data,
             "dataset_options": { "resolution": res, "caption_extension": ".txt", "batch_size": 4 },
             "network": { "dim": 8, "alpha": 8.0, "train_text_encoder": !unet_only },
@@ -75,7 +79,7 @@ fn main() {
         let n: usize = tr.network.vars().iter().map(|(_, d, u)| d.elem_count() + u.elem_count()).sum();
         let trained = if unet_only { "UNet" } else { "all" };
         println!(
-            "| {name} (sdtune, {n} LoRA weights, {trained} trained) | {} | {:.1} | {:.1} |",
+            "| {name} ({fixture}, sdtune, {n} LoRA weights, {trained} trained) | {} | {:.1} | {:.1} |",
             times.len(),
             times[times.len() / 2],
             mean

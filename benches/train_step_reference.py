@@ -6,6 +6,9 @@ Prints a markdown row per configuration.
     python3 -m venv /tmp/tv && /tmp/tv/bin/pip install torch diffusers transformers peft
     /tmp/tv/bin/python benches/train_step_reference.py
 
+`... train_step_reference.py sdxl` times the same step on tiny-sdxl (diffusers' SDXL UNet with its added
+conditioning, transformers' CLIPTextModel and CLIPTextModelWithProjection, LoRA on both text encoders).
+
 `... train_step_reference.py RESOLUTION on|off` instead times UNet LoRA at RESOLUTION² with diffusers' gradient
 checkpointing on or off (as `cargo bench --bench train_step -- RESOLUTION on|off`) and prints the process's peak
 resident memory; run each setting in its own process.
@@ -20,9 +23,11 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DConditionModel
 from peft import LoraConfig, inject_adapter_in_model
-from transformers import CLIPTextModel, CLIPTokenizer
+from safetensors.torch import load_file
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-ROOT = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures", "tiny-sd15")
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "tests", "fixtures")
+ROOT = os.path.join(FIXTURES, "tiny-sd15")
 UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
 TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 torch.manual_seed(0)
@@ -78,7 +83,59 @@ def run(train_te, steps=20, warmup=4, res=64, checkpointing=None):
           f"{statistics.median(times):.1f} | {statistics.mean(times):.1f} |")
 
 
-if len(sys.argv) == 3:
+def run_sdxl(train_te, steps=20, warmup=4):
+    root = os.path.join(FIXTURES, "tiny-sdxl")
+    unet = UNet2DConditionModel.from_pretrained(root, subfolder="unet", torch_dtype=torch.float32)
+    te1 = CLIPTextModel.from_pretrained(root, subfolder="text_encoder", dtype=torch.float32)
+    te2 = CLIPTextModelWithProjection.from_pretrained(root, subfolder="text_encoder_2", dtype=torch.float32)
+    sched = DDPMScheduler.from_pretrained(ROOT, subfolder="scheduler")
+    for m in (unet, te1, te2):
+        m.requires_grad_(False)
+    unet = inject_adapter_in_model(LoraConfig(r=8, lora_alpha=8, target_modules=UNET_TARGETS), unet)
+    params = [p for n, p in unet.named_parameters() if "lora_" in n]
+    if train_te:
+        te1 = inject_adapter_in_model(LoraConfig(r=8, lora_alpha=8, target_modules=TE_TARGETS), te1)
+        te2 = inject_adapter_in_model(LoraConfig(r=8, lora_alpha=8, target_modules=TE_TARGETS), te2)
+        params += [p for m in (te1, te2) for n, p in m.named_parameters() if "lora_" in n]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    golden = load_file(os.path.join(root, "golden.safetensors"))
+    ids1 = golden["te.in.input_ids_1"].repeat(2, 1)
+    ids2 = golden["te.in.input_ids_2"].repeat(2, 1)
+    time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 4)
+    latents = torch.randn(4, 4, 8, 8)
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        with torch.set_grad_enabled(train_te):
+            o1 = te1(ids1, output_hidden_states=True)
+            o2 = te2(ids2, output_hidden_states=True)
+            ctx = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1)
+            pooled = o2.text_embeds
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (4,))
+        noisy = sched.add_noise(latents, noise, t)
+        pred = unet(noisy, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        loss = F.mse_loss(pred, noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1000)
+    name = "UNet + text-encoder LoRA" if train_te else "UNet LoRA only"
+    n = sum(p.numel() for p in params)
+    print(f"| {name} (tiny-sdxl, PyTorch {torch.__version__}, {torch.get_num_threads()} threads, {n} LoRA weights) | "
+          f"{steps} | {statistics.median(times):.1f} | {statistics.mean(times):.1f} |")
+
+
+if sys.argv[1:] == ["sdxl"]:
+    print("| configuration | steps | ms / step (median) | ms / step (mean) |")
+    print("|---|---|---|---|")
+    for train_te in (False, True):
+        run_sdxl(train_te)
+elif len(sys.argv) == 3:
     print("| UNet LoRA, batch 4 | gradient checkpointing | ms / step (median of 8) | peak RSS |")
     print("|---|---|---|---|")
     run(False, steps=8, warmup=2, res=int(sys.argv[1]), checkpointing=sys.argv[2] == "on")

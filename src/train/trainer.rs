@@ -27,7 +27,12 @@ use std::sync::Arc;
 
 /// SDXL's conditioning vector for a batch: the pooled text embedding with the batch's size ids (or, without them,
 /// the latents' image size and no crop); `None` for SD 1.x/2.x.
-fn sdxl_vector(model: &StableDiffusion, cond: &ClipOutput, b: &Batch, latents: &Tensor) -> Result<Option<Tensor>> {
+fn conditioning_vector(
+    model: &StableDiffusion,
+    cond: &ClipOutput,
+    b: &Batch,
+    latents: &Tensor,
+) -> Result<Option<Tensor>> {
     let Some(pooled) = cond.pooled.as_ref().filter(|_| model.is_xl()) else { return Ok(None) };
     let ids = match &b.time_ids {
         Some(t) => t.clone(),
@@ -297,7 +302,7 @@ impl Trainer {
         let ip = c.ip_noise_gamma.map(|g| if c.ip_noise_gamma_random_strength { rng.uniform() * g } else { g });
         let noisy = noisy_latents(&self.schedule, &latents, &noise, &timesteps, ip, rng)?;
         let cond = self.model.encode_ids(&b.input_ids, None, true, false)?;
-        let y = sdxl_vector(&self.model, &cond, b, &latents)?;
+        let y = conditioning_vector(&self.model, &cond, b, &latents)?;
         let pred = self
             .model
             .unet_with(&noisy, &timesteps.to_device(&self.model.device)?, &cond.context, y.as_ref())?
