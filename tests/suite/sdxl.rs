@@ -342,7 +342,17 @@ fn sdxl_lora_training_learns_and_saves_sd_scripts_files() {
     // the saved file: SDXL metadata, and applied to a fresh model it gives the trained network's prediction
     let out = dir.join("out/xl.safetensors");
     let meta = sdtune::io::tensors::read_metadata(&out).unwrap();
-    assert_eq!(meta["ss_base_model_version"], "sdxl_base_v1-0");
+    let theirs = sdtune::io::tensors::read_metadata(&fixture("lora-sdxl/lora_sdxl_dim4_alpha1.safetensors")).unwrap();
+    for k in [
+        "ss_base_model_version",
+        "ss_v2",
+        "ss_network_module",
+        "modelspec.architecture",
+        "modelspec.implementation",
+        "modelspec.sai_model_spec",
+    ] {
+        assert_eq!(meta[k], theirs[k], "{k} as sd-scripts writes it");
+    }
     let fresh = load(&fixture("tiny-sdxl/tiny-sdxl.safetensors"));
     let net = sdtune::networks::file::load(&out, &fresh).unwrap();
     net.apply(1.0);
