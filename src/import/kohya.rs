@@ -84,6 +84,9 @@ const KEYS: &[(&str, Rule)] = &[
     ("network_dropout", Same),
     ("rank_dropout", Special),
     ("module_dropout", Special),
+    ("loraplus_lr_ratio", Special),
+    ("loraplus_unet_lr_ratio", Special),
+    ("loraplus_text_encoder_lr_ratio", Special),
     ("scale_weight_norms", Same),
     ("dim_from_weights", Same),
     ("network_weights", Same),
@@ -313,7 +316,7 @@ fn text(v: &Value) -> String {
 }
 
 /// GUI keys passed on as `network_args` (`key=value`) when present.
-const NETWORK_ARGS: [&str; 10] = [
+const NETWORK_ARGS: [&str; 13] = [
     "down_lr_weight",
     "mid_lr_weight",
     "up_lr_weight",
@@ -324,6 +327,9 @@ const NETWORK_ARGS: [&str; 10] = [
     "conv_block_alphas",
     "rank_dropout",
     "module_dropout",
+    "loraplus_lr_ratio",
+    "loraplus_unet_lr_ratio",
+    "loraplus_text_encoder_lr_ratio",
 ];
 
 /// Translates a kohya_ss GUI config to sd-scripts options; the sample prompts the GUI keeps as text come back

@@ -196,6 +196,7 @@ pub fn base_metadata(
         args.push(("module_dropout".into(), py_float(p)));
     }
     args.extend(c.blocks.given.iter().cloned());
+    args.extend(c.loraplus.args().into_iter().map(|(k, v)| (k, py_float(v))));
     if !args.is_empty() {
         let dict = Py::Dict(args.into_iter().map(|(k, v)| (k, Py::Str(v))).collect());
         m.insert("ss_network_args".into(), dict.dumps());

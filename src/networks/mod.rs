@@ -32,6 +32,39 @@ pub struct NetworkConfig {
     pub lora_fa: bool,
     /// The dtype of the trained weights: f32, or bf16 for sd-scripts' `full_bf16`.
     pub dtype: DType,
+    /// LoRA+ learning-rate ratios of the up weights.
+    pub loraplus: LoraPlus,
+}
+
+/// LoRA+ (sd-scripts' `loraplus_lr_ratio`, `loraplus_unet_lr_ratio`, `loraplus_text_encoder_lr_ratio`): the up
+/// weights train at the learning rate times a ratio, the UNet's or text encoder's own ratio before the common one.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LoraPlus {
+    pub all: Option<f64>,
+    pub unet: Option<f64>,
+    pub text_encoder: Option<f64>,
+}
+
+impl LoraPlus {
+    /// The ratio for `c`'s up weights, if any.
+    pub fn ratio(&self, c: Component) -> Option<f64> {
+        match c {
+            Component::Unet => self.unet.or(self.all),
+            Component::TextEncoder => self.text_encoder.or(self.all),
+        }
+    }
+
+    /// The ratios given, under sd-scripts' names (for `ss_network_args`).
+    pub fn args(&self) -> Vec<(String, f64)> {
+        [
+            ("loraplus_lr_ratio", self.all),
+            ("loraplus_unet_lr_ratio", self.unet),
+            ("loraplus_text_encoder_lr_ratio", self.text_encoder),
+        ]
+        .into_iter()
+        .filter_map(|(k, v)| v.map(|v| (k.to_string(), v)))
+        .collect()
+    }
 }
 
 impl Default for NetworkConfig {
@@ -47,6 +80,7 @@ impl Default for NetworkConfig {
             blocks: blocks::BlockConfig::default(),
             lora_fa: false,
             dtype: DType::F32,
+            loraplus: LoraPlus::default(),
         }
     }
 }
@@ -248,6 +282,29 @@ impl Network {
             config: cfg.clone(),
             metadata: BTreeMap::new(),
         })
+    }
+
+    /// The same modules and weights (the Vars are shared) with a network's training options: dropouts (a fresh
+    /// state seeded with `seed`) and LoRA+ ratios; what continuing a file's training (`network_weights`) uses.
+    pub fn with_training_options(self, dropouts: Dropouts, loraplus: LoraPlus, seed: u64) -> Self {
+        let state = new_state(dropouts, seed);
+        let modules = self
+            .modules
+            .iter()
+            .map(|(c, m)| {
+                let module = LoraModule {
+                    name: m.name.clone(),
+                    layer: m.layer.clone(),
+                    down: m.down.clone(),
+                    up: m.up.clone(),
+                    alpha: m.alpha,
+                    state: state.clone(),
+                };
+                (*c, Arc::new(module))
+            })
+            .collect();
+        let config = NetworkConfig { dropouts, loraplus, ..self.config };
+        Self { state, modules, config, ..self }
     }
 
     /// Attaches every module to its layer: later forwards add `multiplier · scale · up(down(x))`.

@@ -17,7 +17,7 @@ pub const ENTRIES: &[(&str, &str, &str)] = &[
     ("load_model", "load_model(path) / load_model(path, #{ family, v_pred, vae, dtype, device, clip_skip, config })", "a Stable Diffusion model from a single file (.safetensors, .ckpt) or a diffusers folder"),
     ("training_dtype", "training_dtype(mixed_precision)", "the dtype to load a model in for that mixed_precision on this machine (\"f16\", \"bf16\" on CUDA, else \"f32\")"),
     ("Model", "m.family, m.v_pred, m.vae_scale, m.clip_skip, m.dtype, m.tokenize(text), m.encode_ids(ids[, opts]), m.encode_text(prompts), m.unet(x, t, context[, y]), m.sdxl_vector(pooled, sizes), m.vae_encode(image), m.vae_decode(latents), m.sample(line|opts), m.sample_latents(opts), m.apply_network(net, m), m.remove_network(net), m.merge_network(net, m), m.save(path, #{ format, dtype })", "a loaded model"),
-    ("lora", "lora(model, #{ dim, alpha, conv_dim, conv_alpha, dropout, rank_dropout, module_dropout, train_unet, train_text_encoder, network_module, block_dims, ... })", "a new trainable LoRA network (sd-scripts' networks.lora / networks.lora_fa)"),
+    ("lora", "lora(model, #{ dim, alpha, conv_dim, conv_alpha, dropout, rank_dropout, module_dropout, train_unet, train_text_encoder, network_module, block_dims, loraplus_lr_ratio, ... })", "a new trainable LoRA network (sd-scripts' networks.lora / networks.lora_fa)"),
     ("load_network", "load_network(path, model)", "a LoRA file (sd-scripts' keys) for that model, to apply, merge or continue training"),
     ("Network", "net.save(path[, metadata]), net.modules, net.tensors (kohya-named f32 CPU tensors)", "a LoRA network"),
     ("parse_prompt", "parse_prompt(text)", "[[text, weight], ...]: how A1111's ( ), [ ], (text:1.3) weighting reads the prompt"),

@@ -125,6 +125,9 @@ fn network_json(n: &Network) -> Value {
             _ => Value::from(given.as_str()),
         };
     }
+    for (k, r) in c.loraplus.args() {
+        v[k.as_str()] = Value::from(r);
+    }
     v
 }
 

@@ -43,6 +43,10 @@ pub struct NetworkOptions {
     pub module: Option<String>,
     /// The trained weights' dtype: f32 (default) or bf16 (`full_bf16`).
     pub dtype: Option<String>,
+    /// LoRA+: the up weights' LR ratio (0 or absent: off), and the UNet's and text encoder's own.
+    pub loraplus_lr_ratio: Option<f64>,
+    pub loraplus_unet_lr_ratio: Option<f64>,
+    pub loraplus_text_encoder_lr_ratio: Option<f64>,
 }
 
 impl NetworkOptions {
@@ -108,9 +112,22 @@ impl NetworkOptions {
                 _ => bail!("network dtype {d}: LoRA weights train in f32 or bf16 (full_bf16)"),
             },
         };
+        let ratio = |name: &str, r: Option<f64>| -> Result<Option<f64>> {
+            match r {
+                Some(r) if r < 0.0 || !r.is_finite() => bail!("{name} must be a positive ratio, got {r}"),
+                Some(0.0) => Ok(None), // kohya_ss writes 0 for "off"
+                r => Ok(r),
+            }
+        };
+        let loraplus = crate::networks::LoraPlus {
+            all: ratio("loraplus_lr_ratio", self.loraplus_lr_ratio)?,
+            unet: ratio("loraplus_unet_lr_ratio", self.loraplus_unet_lr_ratio)?,
+            text_encoder: ratio("loraplus_text_encoder_lr_ratio", self.loraplus_text_encoder_lr_ratio)?,
+        };
         Ok(NetworkConfig {
             dtype,
             lora_fa,
+            loraplus,
             blocks,
             dim: self.dim.unwrap_or(4),
             alpha: self.alpha.unwrap_or(1.0),
@@ -209,10 +226,16 @@ pub fn build(recipe: &Value) -> Result<Trainer> {
     if cfg.full_bf16 && nopts.dtype.is_none() {
         nopts.dtype = Some("bf16".into());
     }
-    let network = match &r.network_weights {
-        Some(p) => crate::networks::file::load(p, &model).with_context(|| "network_weights")?,
-        None => Network::create(&model, &nopts.config()?, nopts.seed.unwrap_or(cfg.seed))?,
-    };
+    let ncfg = nopts.config()?;
+    let seed = nopts.seed.unwrap_or(cfg.seed);
+    let network =
+        match &r.network_weights {
+            // the file gives the modules and weights; the recipe's dropouts and LoRA+ ratios still apply
+            Some(p) => crate::networks::file::load(p, &model)
+                .with_context(|| "network_weights")?
+                .with_training_options(ncfg.dropouts, ncfg.loraplus, seed),
+            None => Network::create(&model, &ncfg, seed)?,
+        };
     Trainer::new(model, Arc::new(network), data, cfg, recipe.clone())
 }
 
@@ -276,6 +299,9 @@ const NETWORK_KEYS: &[&str] = &[
     "mid_lr_weight",
     "up_lr_weight",
     "block_lr_zero_threshold",
+    "loraplus_lr_ratio",
+    "loraplus_unet_lr_ratio",
+    "loraplus_text_encoder_lr_ratio",
 ];
 const MODEL_KEYS: &[(&str, &str)] =
     &[("v_parameterization", "v_pred"), ("clip_skip", "clip_skip"), ("device", "device")];

@@ -177,7 +177,6 @@ pub const NOT_YET: &[&str] = &[
     "alpha_mask",
     "network_weights",
     "dim_from_weights",
-    "loraplus_lr_ratio",
 ];
 
 /// Whether a value leaves an option off: false, null, an empty string, or `max_token_length` 75 (CLIP's own length,

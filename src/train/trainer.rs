@@ -18,7 +18,7 @@ use crate::rng::Rng;
 use crate::schedule::NoiseSchedule;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -43,6 +43,26 @@ fn conditioning_vector(
         }
     };
     model.sdxl_y(pooled, &ids)
+}
+
+/// A module's trained weights: down (absent for LoRA-FA) and up.
+type Pair = (Option<Var>, Var);
+
+/// A component's optimizer groups: its (down, up) pairs at `lr`, or with LoRA+ the downs at `lr` and the ups at
+/// `lr · ratio` in a group named "`name` plus", as sd-scripts' `prepare_optimizer_params` makes them.
+fn param_groups(name: &str, pairs: Vec<Pair>, lr: f64, loraplus: Option<f64>) -> Vec<ParamGroup> {
+    let Some(ratio) = loraplus else {
+        let params = pairs.into_iter().flat_map(|(d, u)| d.into_iter().chain([u])).collect();
+        return vec![ParamGroup { name: name.to_string(), params, lr }];
+    };
+    let (downs, ups): (Vec<Option<Var>>, Vec<Var>) = pairs.into_iter().unzip();
+    let downs: Vec<Var> = downs.into_iter().flatten().collect();
+    let mut groups = Vec::new();
+    if !downs.is_empty() {
+        groups.push(ParamGroup { name: name.to_string(), params: downs, lr });
+    }
+    groups.push(ParamGroup { name: format!("{name} plus"), params: ups, lr: lr * ratio });
+    groups
 }
 
 /// One batch as the step consumes it.
@@ -156,38 +176,35 @@ impl Trainer {
         }
         let cfg_mp_fp16 = cfg.mixed_precision.as_deref() == Some("fp16");
         let v_pred = cfg.v_parameterization.unwrap_or(model.v_pred);
-        let mut groups = Vec::new();
-        let mut te = Vec::new();
+        // (down, up) pairs per group; LoRA-FA trains up only
+        let mut te: Vec<Pair> = Vec::new();
         // UNet parameters grouped by block LR weight (one group without block weights), in first-seen order
-        let mut un: Vec<(f64, Vec<candle_core::Var>)> = Vec::new();
+        let mut un: Vec<(f64, Vec<Pair>)> = Vec::new();
         for (c, m) in &network.modules {
-            // LoRA-FA trains up only
-            let pair: Vec<_> =
-                if network.config.lora_fa { vec![m.up.clone()] } else { vec![m.down.clone(), m.up.clone()] };
+            let pair = ((!network.config.lora_fa).then(|| m.down.clone()), m.up.clone());
             match c {
-                Component::TextEncoder if !cfg.network_train_unet_only => te.extend(pair),
+                Component::TextEncoder if !cfg.network_train_unet_only => te.push(pair),
                 Component::Unet if !cfg.network_train_text_encoder_only => {
                     let w = network.lr_weight(m);
                     match un.iter_mut().find(|(x, _)| *x == w) {
-                        Some((_, v)) => v.extend(pair),
-                        None => un.push((w, pair)),
+                        Some((_, v)) => v.push(pair),
+                        None => un.push((w, vec![pair])),
                     }
                 }
                 _ => {}
             }
         }
+        let mut groups = Vec::new();
+        let plus = network.config.loraplus;
         if !te.is_empty() {
-            groups.push(ParamGroup {
-                name: "textencoder".into(),
-                params: te,
-                lr: cfg.text_encoder_lr.unwrap_or(cfg.learning_rate),
-            });
+            let lr = cfg.text_encoder_lr.unwrap_or(cfg.learning_rate);
+            groups.extend(param_groups("textencoder", te, lr, plus.ratio(Component::TextEncoder)));
         }
         let unet_lr = cfg.unet_lr.unwrap_or(cfg.learning_rate);
         let single = un.len() == 1;
-        for (w, params) in un {
+        for (w, pairs) in un {
             let name = if single && w == 1.0 { "unet".to_string() } else { format!("unet_block_lr{w}") };
-            groups.push(ParamGroup { name, params, lr: unet_lr * w });
+            groups.extend(param_groups(&name, pairs, unet_lr * w, plus.ratio(Component::Unet)));
         }
         if groups.is_empty() {
             bail!("nothing to train: the network has no modules in the components selected for training");

@@ -357,3 +357,22 @@ fn the_kohya_sdxl_preset_runs_on_tiny_sdxl() {
     let meta = sdtune::io::tensors::read_metadata(&out).unwrap();
     assert_eq!(meta["ss_base_model_version"], "sdxl_base_v1-0");
 }
+
+/// The GUI's LoRA+ fields go to `network_args` as kohya_ss passes them (0 means off).
+#[test]
+fn kohya_loraplus_ratios_become_network_args() {
+    let dir = scratch("import-loraplus");
+    let mut gui: serde_json::Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(config("locon-AdamW.json")).unwrap()).unwrap();
+    gui.insert("loraplus_lr_ratio".into(), json!(16));
+    gui.insert("loraplus_unet_lr_ratio".into(), json!(0));
+    gui.insert("loraplus_text_encoder_lr_ratio".into(), json!("4"));
+    let path = dir.join("plus.json");
+    std::fs::write(&path, serde_json::to_string(&gui).unwrap()).unwrap();
+    let imp = import::kohya(&path).unwrap();
+    let args: Vec<&str> = imp.options["network_args"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    assert!(args.contains(&"loraplus_lr_ratio=16") && args.contains(&"loraplus_text_encoder_lr_ratio=4"), "{args:?}");
+    assert!(!args.iter().any(|a| a.starts_with("loraplus_unet_lr_ratio")), "{args:?}");
+    let (recipe, _) = build::recipe_from_flat(imp.options.clone()).unwrap();
+    assert_eq!(recipe["network"]["loraplus_lr_ratio"], json!(16));
+}

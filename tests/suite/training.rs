@@ -665,3 +665,50 @@ fn a_script_run_resumes_with_its_dataset_and_network_options() {
     assert_eq!(tr.data.as_ref().unwrap().datasets[0].cfg.buckets.resolution, (64, 64), "dataset options kept");
     assert!(tr.network.config.lora_fa, "network module kept");
 }
+
+/// LoRA+ (sd-scripts' `loraplus_lr_ratio`, `loraplus_unet_lr_ratio`, `loraplus_text_encoder_lr_ratio` network
+/// args): each component's up weights get their own "<name> plus" group at LR × ratio, the component's ratio before
+/// the common one. AdamW's first step moves every weight with a gradient by its LR (|m̂ / √v̂| = 1), so the largest
+/// change of each kind of weight is its group's LR.
+#[test]
+fn loraplus_trains_up_weights_at_the_ratio() {
+    let dir = scratch("train-loraplus");
+    let mut r = recipe_to(
+        &dir,
+        "plus",
+        json!({ "learning_rate": 1e-4, "text_encoder_lr": 5e-5, "max_train_steps": 1, "optimizer_args": ["weight_decay=0"] }),
+    );
+    r["network"] = json!({ "loraplus_lr_ratio": 16, "loraplus_text_encoder_lr_ratio": 4 });
+    // an sd-scripts file with non-zero ups, so that the downs have gradients too
+    r["network_weights"] = json!(fixture("lora-sd15/lora_sd15_dim4_alpha2.safetensors"));
+    let mut tr = build::build(&r).unwrap();
+    let lrs = tr.current_lrs().unwrap();
+    let want = [("textencoder", 5e-5), ("textencoder plus", 2e-4), ("unet", 1e-4), ("unet plus", 1.6e-3)];
+    assert_eq!(lrs.len(), want.len(), "{lrs:?}");
+    for ((name, lr), (wn, wl)) in lrs.iter().zip(want) {
+        assert_eq!(name, wn);
+        assert!((lr - wl).abs() < 1e-12 * wl.max(1.0), "{name}: {lr} (want {wl})");
+    }
+    let copy = |v: &candle_core::Var| v.as_tensor().copy().unwrap();
+    let before: Vec<_> = tr.network.vars().iter().map(|(c, d, u)| (*c, copy(d), copy(u))).collect();
+    tr.run(&mut |_, _| {}).unwrap();
+    let mut largest = std::collections::BTreeMap::new();
+    for ((c, d0, u0), (_, d, u)) in before.iter().zip(tr.network.vars()) {
+        for (kind, a, b) in [("down", d0, d.as_tensor()), ("up", u0, u.as_tensor())] {
+            let e = largest.entry((format!("{c:?}"), kind)).or_insert(0.0f64);
+            *e = e.max(max_abs_diff(a, b));
+        }
+    }
+    eprintln!("largest change per kind of weight: {largest:?}");
+    for ((c, kind), lr) in [
+        (("TextEncoder", "down"), 5e-5),
+        (("TextEncoder", "up"), 2e-4),
+        (("Unet", "down"), 1e-4),
+        (("Unet", "up"), 1.6e-3),
+    ] {
+        let got = largest[&(c.to_string(), kind)];
+        assert!((got - lr).abs() < 0.01 * lr, "{c} {kind}: largest change {got:e}, its LR {lr:e}");
+    }
+    let meta = sdtune::io::tensors::read_metadata(&dir.join("out/plus.safetensors")).unwrap();
+    assert_eq!(meta["ss_network_args"], r#"{"loraplus_lr_ratio": "16.0", "loraplus_text_encoder_lr_ratio": "4.0"}"#);
+}
