@@ -443,7 +443,7 @@ fn special(
         k if NETWORK_ARGS.contains(&k) => {}
         "max_token_length" => {
             if present && num(key) > 75.0 {
-                report.unsupported(key, "prompts longer than 75 tokens in training are not supported yet");
+                out.insert(key.into(), Value::from(num(key) as u64));
             }
         }
         "use_8bit_adam" => {

@@ -265,6 +265,35 @@ impl StableDiffusion {
         Ok(ClipOutput { context: Tensor::cat(&[&one.context, &two.context], 2)?, pooled: two.pooled })
     }
 
+    /// Conditioning for captions in sd-scripts' long-caption windows (`[B, 77·n]` ids, `tokenize_chunks`) as its
+    /// training encodes them (`get_hidden_states`): every window encoded, then the first window's BOS, the 75
+    /// middle positions of each window and the last window's final position: `[B, 75·n + 2, D]`. SDXL's pooled
+    /// embedding is the first window's.
+    pub fn encode_windows(&self, ids: &Tensor) -> Result<ClipOutput> {
+        use super::tokenizer::{MAX_LEN, USABLE};
+        let (b, len) = ids.dims2()?;
+        if len % MAX_LEN != 0 {
+            bail!("caption ids of length {len} are not whole 77-token windows");
+        }
+        let n = len / MAX_LEN;
+        let out = self.encode_ids(&ids.reshape((b * n, MAX_LEN))?, None, true, false)?;
+        let d = out.context.dim(2)?;
+        let h = out.context.reshape((b, n * MAX_LEN, d))?;
+        let mut parts = vec![h.narrow(1, 0, 1)?];
+        for j in 0..n {
+            parts.push(h.narrow(1, j * MAX_LEN + 1, USABLE)?);
+        }
+        parts.push(h.narrow(1, n * MAX_LEN - 1, 1)?);
+        let pooled = match out.pooled {
+            Some(p) => {
+                let pd = p.dim(1)?;
+                Some(p.reshape((b, n, pd))?.narrow(1, 0, 1)?.squeeze(1)?)
+            }
+            None => None,
+        };
+        Ok(ClipOutput { context: Tensor::cat(&parts, 1)?, pooled })
+    }
+
     /// SDXL's second tokenizer's ids from the first's: the same tokens, padded with `pad_id_2` after the first
     /// end-of-text token.
     fn ids_2(&self, ids: &Tensor) -> Result<Tensor> {

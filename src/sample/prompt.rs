@@ -2,7 +2,7 @@
 //! 75-token chunks with weighted, mean-renormalised embeddings (sd-scripts' `lpw_stable_diffusion`).
 
 use crate::models::clip::ClipOutput;
-use crate::models::tokenizer::{BOS, EOS};
+use crate::models::tokenizer::{chunked_ids, MAX_LEN as CHUNK, USABLE};
 use crate::models::StableDiffusion;
 use anyhow::Result;
 use candle_core::{DType, Tensor};
@@ -152,10 +152,6 @@ pub fn tokens_with_weights(model: &StableDiffusion, prompt: &str, max: usize) ->
     Ok((tokens, weights, truncated))
 }
 
-/// Chunk length of the text encoder (77) and usable tokens per chunk (75).
-const CHUNK: usize = 77;
-const USABLE: usize = CHUNK - 2;
-
 /// Conditioning for a prompt and its negative, as sd-scripts' sampling computes it: both padded to the same number
 /// of 75-token chunks (at most `max_chunks`), each chunk encoded with BOS/EOS, weights applied and the embedding
 /// re-normalised to its unweighted mean. Returns `(cond, uncond)`, each `[1, 77·chunks, D]`.
@@ -204,13 +200,7 @@ fn encode_weighted(
     chunks: usize,
     clip_skip: Option<usize>,
 ) -> Result<ClipOutput> {
-    let pad = model.tokenizer.pad_id;
-    let max_length = USABLE * chunks + 2;
-    // [BOS] + tokens + [EOS] + pad…
-    let mut ids = vec![BOS];
-    ids.extend_from_slice(tokens);
-    ids.push(EOS);
-    ids.resize(max_length, pad);
+    let ids = chunked_ids(tokens, model.tokenizer.pad_id, chunks);
     // weights per chunk: 1 for BOS, the tokens' weights, 1 for EOS; ones to the end
     let mut w = Vec::with_capacity(chunks * CHUNK);
     if weights.is_empty() {
@@ -226,21 +216,7 @@ fn encode_weighted(
     }
     let mut parts = Vec::with_capacity(chunks);
     let mut pooled = None;
-    for j in 0..chunks {
-        let mut chunk: Vec<u32> = if chunks == 1 { ids.clone() } else { ids[j * USABLE..j * USABLE + CHUNK].to_vec() };
-        if chunks > 1 {
-            chunk[0] = ids[0];
-            if pad == EOS {
-                chunk[CHUNK - 1] = ids[max_length - 1];
-            } else {
-                if chunk[CHUNK - 1] != EOS && chunk[CHUNK - 1] != pad {
-                    chunk[CHUNK - 1] = EOS;
-                }
-                if chunk[1] == pad {
-                    chunk[1] = EOS;
-                }
-            }
-        }
+    for chunk in ids.chunks(CHUNK) {
         let ids_t = Tensor::from_vec(chunk.iter().map(|&x| x as i64).collect::<Vec<_>>(), (1, CHUNK), &model.device)?;
         let out = model.encode_ids(&ids_t, clip_skip, true, false)?;
         parts.push(out.context);

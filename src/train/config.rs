@@ -49,6 +49,8 @@ fn power_default() -> f64 {
 #[derive(Deserialize, Serialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
+    /// Caption tokens: 75 (one window, the default), 150 or 225 (sd-scripts' long-caption windows).
+    pub max_token_length: Option<usize>,
     pub max_train_steps: Option<usize>,
     pub max_train_epochs: Option<usize>,
     #[serde(default = "one")]
@@ -168,26 +170,16 @@ fn ten() -> usize {
 }
 
 /// sd-scripts options recognised but not implemented yet: an error names them instead of ignoring them.
-pub const NOT_YET: &[&str] = &[
-    "full_fp16",
-    "fp8_base",
-    "max_token_length",
-    "weighted_captions",
-    "masked_loss",
-    "alpha_mask",
-    "network_weights",
-    "dim_from_weights",
-];
+pub const NOT_YET: &[&str] =
+    &["full_fp16", "fp8_base", "weighted_captions", "masked_loss", "alpha_mask", "network_weights", "dim_from_weights"];
 
-/// Whether a value leaves an option off: false, null, an empty string, or `max_token_length` 75 (CLIP's own length,
-/// what sd-scripts does without it).
-fn leaves_off(key: &str, v: &serde_json::Value) -> bool {
+/// Whether a value leaves an option off: false, null or an empty string.
+fn leaves_off(v: &serde_json::Value) -> bool {
     use serde_json::Value;
     match v {
         Value::Null => true,
         Value::Bool(on) => !on,
-        Value::String(s) => s.is_empty() || (key == "max_token_length" && s == "75"),
-        Value::Number(n) => key == "max_token_length" && n.as_f64() == Some(75.0),
+        Value::String(s) => s.is_empty(),
         _ => false,
     }
 }
@@ -196,7 +188,7 @@ impl TrainConfig {
     /// From a JSON object of sd-scripts option names.
     pub fn from_json(mut v: serde_json::Value) -> Result<Self> {
         if let Some(obj) = v.as_object_mut() {
-            if let Some((k, value)) = obj.iter().find(|(k, v)| NOT_YET.contains(&k.as_str()) && !leaves_off(k, v)) {
+            if let Some((k, value)) = obj.iter().find(|(k, v)| NOT_YET.contains(&k.as_str()) && !leaves_off(v)) {
                 bail!("training option `{k}` is not supported yet (given {value}; leave it out or off)");
             }
             // given but off (as sd-scripts configs written in full have them): nothing to do
@@ -231,6 +223,11 @@ impl TrainConfig {
                 c.max_timestep
             );
         }
+        c.max_token_length = match c.max_token_length {
+            None | Some(75) => None,
+            Some(n @ (150 | 225)) => Some(n),
+            Some(n) => bail!("max_token_length must be 75, 150 or 225 (sd-scripts' choices), got {n}"),
+        };
         if c.network_train_unet_only && c.network_train_text_encoder_only {
             bail!("network_train_unet_only and network_train_text_encoder_only exclude each other");
         }

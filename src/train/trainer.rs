@@ -318,7 +318,11 @@ impl Trainer {
         let ts: Vec<i64> = timesteps.to_vec1()?;
         let ip = c.ip_noise_gamma.map(|g| if c.ip_noise_gamma_random_strength { rng.uniform() * g } else { g });
         let noisy = noisy_latents(&self.schedule, &latents, &noise, &timesteps, ip, rng)?;
-        let cond = self.model.encode_ids(&b.input_ids, None, true, false)?;
+        let cond = if b.input_ids.dim(1)? > crate::models::tokenizer::MAX_LEN {
+            self.model.encode_windows(&b.input_ids)?
+        } else {
+            self.model.encode_ids(&b.input_ids, None, true, false)?
+        };
         let y = conditioning_vector(&self.model, &cond, b, &latents)?;
         let pred = self
             .model
@@ -586,7 +590,13 @@ impl Trainer {
             }
         }
         let latents = (Tensor::stack(&lats, 0)? * self.model.vae_scale)?;
-        let ids: Vec<Tensor> = captions.iter().map(|c| self.model.tokenize(c)).collect::<Result<_>>()?;
+        let ids: Vec<Tensor> = captions
+            .iter()
+            .map(|c| match self.cfg.max_token_length {
+                Some(n) => self.model.tokenizer.tokenize_chunks(c, n / 75, &candle_core::Device::Cpu),
+                None => self.model.tokenize(c),
+            })
+            .collect::<Result<_>>()?;
         Ok(Batch {
             latents,
             input_ids: Tensor::cat(&ids, 0)?,
@@ -779,7 +789,7 @@ impl Trainer {
         m.insert("ss_mixed_precision".into(), c.mixed_precision.clone().unwrap_or_else(|| "no".into()));
         m.insert("ss_full_fp16".into(), "False".into());
         m.insert("ss_clip_skip".into(), self.model.clip_skip.to_string());
-        m.insert("ss_max_token_length".into(), "None".into());
+        m.insert("ss_max_token_length".into(), self.cfg.max_token_length.map_or("None".to_string(), |n| n.to_string()));
         m.insert(
             "ss_cache_latents".into(),
             if c.cache_latents || c.cache_latents_to_disk { "True" } else { "False" }.into(),

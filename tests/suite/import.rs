@@ -358,7 +358,8 @@ fn the_kohya_sdxl_preset_runs_on_tiny_sdxl() {
     assert_eq!(meta["ss_base_model_version"], "sdxl_base_v1-0");
 }
 
-/// The GUI's LoRA+ fields go to `network_args` as kohya_ss passes them (0 means off).
+/// The GUI's LoRA+ fields go to `network_args` as kohya_ss passes them (0 means off); a long `max_token_length` is
+/// taken over.
 #[test]
 fn kohya_loraplus_ratios_become_network_args() {
     let dir = scratch("import-loraplus");
@@ -367,6 +368,7 @@ fn kohya_loraplus_ratios_become_network_args() {
     gui.insert("loraplus_lr_ratio".into(), json!(16));
     gui.insert("loraplus_unet_lr_ratio".into(), json!(0));
     gui.insert("loraplus_text_encoder_lr_ratio".into(), json!("4"));
+    gui.insert("max_token_length".into(), json!("225"));
     let path = dir.join("plus.json");
     std::fs::write(&path, serde_json::to_string(&gui).unwrap()).unwrap();
     let imp = import::kohya(&path).unwrap();
@@ -375,4 +377,5 @@ fn kohya_loraplus_ratios_become_network_args() {
     assert!(!args.iter().any(|a| a.starts_with("loraplus_unet_lr_ratio")), "{args:?}");
     let (recipe, _) = build::recipe_from_flat(imp.options.clone()).unwrap();
     assert_eq!(recipe["network"]["loraplus_lr_ratio"], json!(16));
+    assert_eq!(recipe["train"]["max_token_length"], json!(225));
 }

@@ -429,3 +429,18 @@ fn sdtune_sdxl_loras_load_in_diffusers_with_the_same_outputs() {
         assert_close(&format!("{tag} noise_pred"), &noise, &g[&format!("{tag}.unet.out.noise_pred")], ATOL);
     }
 }
+
+/// SDXL long captions (`max_token_length` 150): both encoders' windows joined as sd-scripts'
+/// `get_hidden_states_sdxl` joins them, the pooled embedding from the first window.
+#[test]
+fn sdxl_long_captions_pool_the_first_window() {
+    let cpu = candle_core::Device::Cpu;
+    let model = load(&fixture("tiny-sdxl/tiny-sdxl.safetensors"));
+    let caption = "a watercolor painting of a red fox in the snow, ".repeat(9);
+    let ids = model.tokenizer.tokenize_chunks(&caption, 2, &cpu).unwrap();
+    let out = model.encode_windows(&ids).unwrap();
+    assert_eq!(out.context.dims(), &[1, 152, 40]);
+    let first = model.encode_ids(&ids.narrow(1, 0, 77).unwrap(), None, true, false).unwrap();
+    assert_eq!(max_abs_diff(&out.pooled.unwrap(), &first.pooled.unwrap()), 0.0);
+    assert_eq!(max_abs_diff(&out.context.narrow(1, 0, 76).unwrap(), &first.context.narrow(1, 0, 76).unwrap()), 0.0);
+}

@@ -383,8 +383,8 @@ fn unknown_and_unsupported_options_are_named() {
     let dir = scratch("train-opts");
     let e = build::build(&recipe(&dir, json!({ "learning_rat": 1e-4 }))).err().unwrap().to_string();
     assert!(e.contains("learning_rat") && e.contains("learning_rate"), "{e}");
-    let e = build::build(&recipe(&dir, json!({ "max_token_length": 225 }))).err().unwrap().to_string();
-    assert!(e.contains("max_token_length") && e.contains("not supported yet") && e.contains("225"), "{e}");
+    let e = build::build(&recipe(&dir, json!({ "weighted_captions": true }))).err().unwrap().to_string();
+    assert!(e.contains("weighted_captions") && e.contains("not supported yet"), "{e}");
     // given but off, as configs written in full have them: accepted
     let off = json!({ "max_token_length": 75, "full_fp16": false, "fp8_base": null, "network_weights": "" });
     build::build(&recipe(&dir, off)).unwrap();
@@ -711,4 +711,70 @@ fn loraplus_trains_up_weights_at_the_ratio() {
     }
     let meta = sdtune::io::tensors::read_metadata(&dir.join("out/plus.safetensors")).unwrap();
     assert_eq!(meta["ss_network_args"], r#"{"loraplus_lr_ratio": "16.0", "loraplus_text_encoder_lr_ratio": "4.0"}"#);
+}
+
+/// `max_token_length` 150 / 225 (sd-scripts' long captions): captions go into 77-token windows as sd-scripts'
+/// `get_input_ids` makes them, and the windows' encodings are joined as its `get_hidden_states` joins them: the first
+/// window's BOS, the 75 middle positions of each window, the last window's final position.
+#[test]
+fn long_captions_train_in_sd_scripts_windows() {
+    use sdtune::models::tokenizer::{BOS, EOS};
+    let cpu = candle_core::Device::Cpu;
+    let model = load(&fixture("tiny-sd15/tiny-sd15.safetensors"));
+    let caption = "a watercolor painting of a red fox in the snow, ".repeat(9);
+    let full = model.tokenizer.encode_full(&caption).unwrap();
+    let n = full.len() - 2;
+    assert!(n > 75 && n <= 150, "{n} tokens");
+    let ids: Vec<u32> = model
+        .tokenizer
+        .tokenize_chunks(&caption, 2, &cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<i64>()
+        .unwrap()
+        .into_iter()
+        .map(|x| x as u32)
+        .collect();
+    assert_eq!(ids.len(), 154);
+    let mut w0 = vec![BOS];
+    w0.extend_from_slice(&full[1..76]);
+    w0.push(EOS); // the last id of the padded 152 (SD1 pads with EOS)
+    let mut w1 = vec![BOS];
+    w1.extend_from_slice(&full[76..]); // the remaining tokens and EOS
+    w1.resize(77, EOS);
+    assert_eq!(&ids[..77], &w0[..]);
+    assert_eq!(&ids[77..], &w1[..]);
+    // SD2 pads with `!` (0): a window whose 76th id is a token ends with EOS; the other keeps its padding
+    let sd2 = sdtune::models::tokenizer::ClipTokenizer::new(0);
+    let ids2 = sd2.tokenize_chunks(&caption, 2, &cpu).unwrap().flatten_all().unwrap().to_vec1::<i64>().unwrap();
+    assert_eq!((ids2[76], ids2[153]), (EOS as i64, 0));
+
+    let ids_t =
+        candle_core::Tensor::from_vec(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), (1, 154), &cpu).unwrap();
+    let joined = model.encode_windows(&ids_t).unwrap().context;
+    assert_eq!(joined.dims()[1], 152);
+    let window = |w: &[u32]| {
+        let t = candle_core::Tensor::from_vec(w.iter().map(|&x| x as i64).collect::<Vec<_>>(), (1, 77), &cpu).unwrap();
+        model.encode_ids(&t, None, true, false).unwrap().context
+    };
+    let (e0, e1) = (window(&w0), window(&w1));
+    let at = |t: &candle_core::Tensor, a: usize, len: usize| t.narrow(1, a, len).unwrap();
+    assert_eq!(max_abs_diff(&at(&joined, 0, 76), &at(&e0, 0, 76)), 0.0, "BOS and window 0's tokens");
+    assert_eq!(max_abs_diff(&at(&joined, 76, 75), &at(&e1, 1, 75)), 0.0, "window 1's tokens");
+    assert_eq!(max_abs_diff(&at(&joined, 151, 1), &at(&e1, 76, 1)), 0.0, "the last window's final position");
+
+    // a run with 225: [B, 231] ids, a [B, 227, D] context, and the metadata sd-scripts writes
+    let dir = scratch("train-long-captions");
+    let mut tr =
+        build::build(&recipe_to(&dir, "long", json!({ "max_token_length": 225, "max_train_steps": 2 }))).unwrap();
+    let plan = tr.epoch_plan(0);
+    let b = tr.make_batch(plan[0].0, &plan[0].1).unwrap();
+    assert_eq!(b.input_ids.dims(), &[4, 231]);
+    assert_eq!(tr.model.encode_windows(&b.input_ids).unwrap().context.dims(), &[4, 227, 32]);
+    tr.run(&mut |_, _| {}).unwrap();
+    let meta = sdtune::io::tensors::read_metadata(&dir.join("out/long.safetensors")).unwrap();
+    assert_eq!(meta["ss_max_token_length"], "225");
+    let e = build::build(&recipe_to(&dir, "bad", json!({ "max_token_length": 100 }))).err().unwrap().to_string();
+    assert!(e.contains("max_token_length must be 75, 150 or 225"), "{e}");
 }
