@@ -33,6 +33,24 @@ TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 torch.manual_seed(0)
 
 
+def timed_steps(forward, params, latents, sched, opt, steps, warmup):
+    """Times `warmup + steps` LoRA steps; `forward(noisy, t)` returns the prediction. Returns the last `steps` in ms."""
+    times = []
+    for i in range(warmup + steps):
+        t0 = time.perf_counter()
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, 1000, (latents.shape[0],))
+        noisy = sched.add_noise(latents, noise, t)
+        loss = F.mse_loss(forward(noisy, t), noise)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append((time.perf_counter() - t0) * 1000)
+    return times
+
+
 def run(train_te, steps=20, warmup=4, res=64, checkpointing=None):
     unet = UNet2DConditionModel.from_pretrained(ROOT, subfolder="unet", torch_dtype=torch.float32)
     te = CLIPTextModel.from_pretrained(ROOT, subfolder="text_encoder", dtype=torch.float32)
@@ -56,22 +74,13 @@ def run(train_te, steps=20, warmup=4, res=64, checkpointing=None):
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = tok(["a red circle"] * 4, padding="max_length", max_length=77, return_tensors="pt").input_ids
     latents = torch.randn(4, 4, res // 8, res // 8)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
+
+    def forward(noisy, t):
         with torch.set_grad_enabled(train_te):
             ctx = te(ids)[0]
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (4,))
-        noisy = sched.add_noise(latents, noise, t)
-        pred = unet(noisy, t, ctx).sample
-        loss = F.mse_loss(pred, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1000)
+        return unet(noisy, t, ctx).sample
+
+    times = timed_steps(forward, params, latents, sched, opt, steps, warmup)
     if checkpointing is not None:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         print(f"| {res}×{res} (PyTorch {torch.__version__}) | {'on' if checkpointing else 'off'} | "
@@ -105,25 +114,16 @@ def run_sdxl(train_te, steps=20, warmup=4):
     ids2 = golden["te.in.input_ids_2"].repeat(2, 1)
     time_ids = torch.tensor([[64.0, 64.0, 0.0, 0.0, 64.0, 64.0]] * 4)
     latents = torch.randn(4, 4, 8, 8)
-    times = []
-    for i in range(warmup + steps):
-        t0 = time.perf_counter()
+
+    def forward(noisy, t):
         with torch.set_grad_enabled(train_te):
             o1 = te1(ids1, output_hidden_states=True)
             o2 = te2(ids2, output_hidden_states=True)
             ctx = torch.cat([o1.hidden_states[-2], o2.hidden_states[-2]], dim=-1)
             pooled = o2.text_embeds
-        noise = torch.randn_like(latents)
-        t = torch.randint(0, 1000, (4,))
-        noisy = sched.add_noise(latents, noise, t)
-        pred = unet(noisy, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
-        loss = F.mse_loss(pred, noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= warmup:
-            times.append((time.perf_counter() - t0) * 1000)
+        return unet(noisy, t, ctx, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+
+    times = timed_steps(forward, params, latents, sched, opt, steps, warmup)
     name = "UNet + text-encoder LoRA" if train_te else "UNet LoRA only"
     n = sum(p.numel() for p in params)
     print(f"| {name} (tiny-sdxl, PyTorch {torch.__version__}, {torch.get_num_threads()} threads, {n} LoRA weights) | "

@@ -45,3 +45,28 @@ pub fn scratch(name: &str) -> PathBuf {
     std::fs::create_dir_all(&d).unwrap();
     d
 }
+
+/// The first epoch's batches with fixed noise (seed 99) and timesteps (100, 300, 500, 700, …), to compare losses
+/// before and after training.
+pub fn fixed_batches(tr: &sdtune::train::Trainer) -> Vec<sdtune::train::Batch> {
+    let mut rng = sdtune::rng::Rng::new(99);
+    tr.epoch_plan(0)
+        .iter()
+        .map(|(di, idx)| {
+            let mut b = tr.make_batch(*di, idx).unwrap();
+            b.noise = Some(rng.randn(b.latents.dims(), &Device::Cpu).unwrap());
+            let ts: Vec<i64> = (0..idx.len()).map(|k| [100i64, 300, 500, 700][k % 4]).collect();
+            b.timesteps = Some(Tensor::new(ts.as_slice(), &Device::Cpu).unwrap());
+            b
+        })
+        .collect()
+}
+
+/// The mean loss of `batches` (dropout and other draws from a fixed seed).
+pub fn mean_loss(tr: &sdtune::train::Trainer, batches: &[sdtune::train::Batch]) -> f64 {
+    batches
+        .iter()
+        .map(|b| tr.compute_loss(b, &mut sdtune::rng::Rng::new(0)).unwrap().to_scalar::<f32>().unwrap() as f64)
+        .sum::<f64>()
+        / batches.len() as f64
+}

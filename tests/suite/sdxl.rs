@@ -13,6 +13,14 @@ use std::collections::HashMap;
 
 const ATOL: f64 = 1e-4;
 
+/// The UNet's output on tiny-sdxl's golden inputs, with the vector from their pooled embedding and size ids.
+fn unet_on_golden_inputs(model: &StableDiffusion, g: &HashMap<String, Tensor>) -> Tensor {
+    let y = model.sdxl_y(&g["unet.in.text_embeds"], &g["unet.in.time_ids"]).unwrap().expect("SDXL has a vector");
+    model
+        .unet_with(&g["unet.in.sample"], &g["unet.in.timesteps"], &g["unet.in.encoder_hidden_states"], Some(&y))
+        .unwrap()
+}
+
 fn check_module_goldens(model: &StableDiffusion, tag: &str, g: &HashMap<String, Tensor>) {
     assert_eq!(model.family, Family::Sdxl, "{tag}");
     let (ids1, ids2) = (&g["te.in.input_ids_1"], &g["te.in.input_ids_2"]);
@@ -197,15 +205,7 @@ fn sdxl_lora_files_apply_and_merge_like_sd_scripts() {
         assert_eq!(max_abs_diff(t, &again[k]), 0.0, "{k}");
     }
     let base = goldens("tiny-sdxl/golden.safetensors");
-    let y = model.sdxl_y(&base["unet.in.text_embeds"], &base["unet.in.time_ids"]).unwrap().unwrap();
-    let noise = model
-        .unet_with(
-            &base["unet.in.sample"],
-            &base["unet.in.timesteps"],
-            &base["unet.in.encoder_hidden_states"],
-            Some(&y),
-        )
-        .unwrap();
+    let noise = unet_on_golden_inputs(&model, &base);
     assert_close("removed", &noise, &base["unet.out.noise_pred"], ATOL);
 
     // merging: the weights sdxl_merge_lora.py wrote (SGM paths), then the same outputs as applied at 1.0
@@ -294,26 +294,10 @@ fn sdxl_lora_training_learns_and_saves_sd_scripts_files() {
         .into_iter()
         .map(|(k, t)| (k, t.copy().unwrap()))
         .collect();
-    let plan = tr.epoch_plan(0);
-    let mut rng = sdtune::rng::Rng::new(99);
-    let eval: Vec<Batch> = plan
-        .iter()
-        .map(|(di, idx)| {
-            let mut b = tr.make_batch(*di, idx).unwrap();
-            let ids = b.time_ids.as_ref().unwrap().to_vec2::<f32>().unwrap();
-            assert_eq!(ids[0], vec![64.0, 64.0, 0.0, 0.0, 64.0, 64.0], "64×64 images in the 64×64 bucket");
-            b.noise = Some(rng.randn(b.latents.dims(), &candle_core::Device::Cpu).unwrap());
-            let ts: Vec<i64> = (0..idx.len()).map(|k| [100i64, 300, 500, 700][k % 4]).collect();
-            b.timesteps = Some(Tensor::new(ts.as_slice(), &candle_core::Device::Cpu).unwrap());
-            b
-        })
-        .collect();
-    let eval_loss = |tr: &sdtune::train::Trainer| -> f64 {
-        eval.iter()
-            .map(|b| tr.compute_loss(b, &mut sdtune::rng::Rng::new(0)).unwrap().to_scalar::<f32>().unwrap() as f64)
-            .sum::<f64>()
-            / eval.len() as f64
-    };
+    let eval = fixed_batches(&tr);
+    let ids = eval[0].time_ids.as_ref().unwrap().to_vec2::<f32>().unwrap();
+    assert_eq!(ids[0], vec![64.0, 64.0, 0.0, 0.0, 64.0, 64.0], "64×64 images in the 64×64 bucket");
+    let eval_loss = |tr: &sdtune::train::Trainer| mean_loss(tr, &eval);
     let before = eval_loss(&tr);
     // the size ids reach the UNet: other sizes give another loss
     let mut other = Batch { time_ids: None, ..eval[0].clone() };
@@ -417,15 +401,7 @@ fn sdtune_sdxl_loras_load_in_diffusers_with_the_same_outputs() {
         assert_close(&format!("{tag} prompt_embeds"), &c.context, &g[&format!("{tag}.te.out.prompt_embeds")], ATOL);
         let pooled = c.pooled.unwrap();
         assert_close(&format!("{tag} text_embeds"), &pooled, &g[&format!("{tag}.te.out.te2.text_embeds")], ATOL);
-        let y = model.sdxl_y(&base["unet.in.text_embeds"], &base["unet.in.time_ids"]).unwrap().unwrap();
-        let noise = model
-            .unet_with(
-                &base["unet.in.sample"],
-                &base["unet.in.timesteps"],
-                &base["unet.in.encoder_hidden_states"],
-                Some(&y),
-            )
-            .unwrap();
+        let noise = unet_on_golden_inputs(&model, &base);
         assert_close(&format!("{tag} noise_pred"), &noise, &g[&format!("{tag}.unet.out.noise_pred")], ATOL);
     }
 }

@@ -1,7 +1,7 @@
 //! LoRA training: it learns, it resumes exactly, and bad runs stop with clear errors.
 
 use crate::common::*;
-use sdtune::train::{build, Batch};
+use sdtune::train::build;
 use serde_json::json;
 
 fn recipe(dir: &std::path::Path, train: serde_json::Value) -> serde_json::Value {
@@ -51,24 +51,8 @@ fn a_trained_lora_lowers_the_loss_on_its_data() {
     ))
     .unwrap();
     // fixed evaluation batches: every image, fixed noise and timesteps
-    let plan = tr.epoch_plan(0);
-    let mut rng = sdtune::rng::Rng::new(99);
-    let eval: Vec<Batch> = plan
-        .iter()
-        .map(|(di, idx)| {
-            let mut b = tr.make_batch(*di, idx).unwrap();
-            b.noise = Some(rng.randn(b.latents.dims(), &candle_core::Device::Cpu).unwrap());
-            let ts: Vec<i64> = (0..idx.len()).map(|k| [100i64, 300, 500, 700][k % 4]).collect();
-            b.timesteps = Some(candle_core::Tensor::new(ts.as_slice(), &candle_core::Device::Cpu).unwrap());
-            b
-        })
-        .collect();
-    let eval_loss = |tr: &sdtune::train::Trainer| -> f64 {
-        eval.iter()
-            .map(|b| tr.compute_loss(b, &mut sdtune::rng::Rng::new(0)).unwrap().to_scalar::<f32>().unwrap() as f64)
-            .sum::<f64>()
-            / eval.len() as f64
-    };
+    let eval = fixed_batches(&tr);
+    let eval_loss = |tr: &sdtune::train::Trainer| mean_loss(tr, &eval);
     let before = eval_loss(&tr);
     tr.run(&mut |_, _| {}).unwrap();
     let after = eval_loss(&tr);
