@@ -226,12 +226,12 @@ fn encode_weighted(
     if w.iter().all(|&x| x == 1.0) {
         return Ok(ClipOutput { context: emb, pooled });
     }
+    // on the device and differentiable, as sd-scripts' lpw computes it: emb·w · mean(emb) / mean(emb·w)
     let emb32 = emb.to_dtype(DType::F32)?;
-    let previous = emb32.mean_all()?.to_scalar::<f32>()? as f64;
     let wt = Tensor::from_vec(w.iter().map(|&x| x as f32).collect::<Vec<_>>(), (1, chunks * CHUNK, 1), &model.device)?;
     let weighted = emb32.broadcast_mul(&wt)?;
-    let current = weighted.mean_all()?.to_scalar::<f32>()? as f64;
-    Ok(ClipOutput { context: (weighted * (previous / current))?.to_dtype(emb.dtype())?, pooled })
+    let ratio = (emb32.mean_all()? / weighted.mean_all()?)?;
+    Ok(ClipOutput { context: weighted.broadcast_mul(&ratio)?.to_dtype(emb.dtype())?, pooled })
 }
 
 #[cfg(test)]

@@ -196,6 +196,7 @@ fn step_with(tr: &TrainerRef, m: &Map) -> Result<f64> {
         noise: Some(get("noise")?),
         timesteps: Some(get("timesteps")?),
         time_ids: m.contains_key("time_ids").then(|| get("time_ids")).transpose()?,
+        captions: None,
     };
     let mut t = tr.lock().map_err(|_| anyhow::anyhow!("the trainer is in use"))?;
     t.train_batch(&batch)

@@ -51,6 +51,9 @@ fn power_default() -> f64 {
 pub struct TrainConfig {
     /// Caption tokens: 75 (one window, the default), 150 or 225 (sd-scripts' long-caption windows).
     pub max_token_length: Option<usize>,
+    /// Captions with A1111 weighting (`(word:1.2)`), encoded as sd-scripts' `get_weighted_text_embeddings` (SD 1.x/2.x).
+    #[serde(default)]
+    pub weighted_captions: bool,
     pub max_train_steps: Option<usize>,
     pub max_train_epochs: Option<usize>,
     #[serde(default = "one")]
@@ -171,7 +174,7 @@ fn ten() -> usize {
 
 /// sd-scripts options recognised but not implemented yet: an error names them instead of ignoring them.
 pub const NOT_YET: &[&str] =
-    &["full_fp16", "fp8_base", "weighted_captions", "masked_loss", "alpha_mask", "network_weights", "dim_from_weights"];
+    &["full_fp16", "fp8_base", "masked_loss", "alpha_mask", "network_weights", "dim_from_weights"];
 
 /// Whether a value leaves an option off: false, null or an empty string.
 fn leaves_off(v: &serde_json::Value) -> bool {

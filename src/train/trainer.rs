@@ -80,6 +80,8 @@ pub struct Batch {
     /// SDXL's size conditioning `[B, 6]` (original h, w, crop top, left, target h, w); when absent, the latents'
     /// image size with no crop.
     pub time_ids: Option<Tensor>,
+    /// The processed captions (what `weighted_captions` encodes); absent for batches given as ids.
+    pub captions: Option<Vec<String>>,
 }
 
 /// What a running training reports to its caller.
@@ -156,6 +158,9 @@ impl Trainer {
                     crate::device::dtype_name(want)
                 );
             }
+        }
+        if cfg.weighted_captions && model.is_xl() {
+            bail!("weighted_captions: sd-scripts weights captions for SD 1.x/2.x only, not for SDXL");
         }
         if cfg.full_bf16 && model.device.is_cpu() {
             bail!(
@@ -318,11 +323,7 @@ impl Trainer {
         let ts: Vec<i64> = timesteps.to_vec1()?;
         let ip = c.ip_noise_gamma.map(|g| if c.ip_noise_gamma_random_strength { rng.uniform() * g } else { g });
         let noisy = noisy_latents(&self.schedule, &latents, &noise, &timesteps, ip, rng)?;
-        let cond = if b.input_ids.dim(1)? > crate::models::tokenizer::MAX_LEN {
-            self.model.encode_windows(&b.input_ids)?
-        } else {
-            self.model.encode_ids(&b.input_ids, None, true, false)?
-        };
+        let cond = self.text_conditioning(b)?;
         let y = conditioning_vector(&self.model, &cond, b, &latents)?;
         let pred = self
             .model
@@ -530,6 +531,20 @@ impl Trainer {
         }
     }
 
+    /// The batch's text conditioning: weighted captions (A1111 syntax, sd-scripts' lpw), long-caption windows, or
+    /// the plain 77-token encoding.
+    fn text_conditioning(&self, b: &Batch) -> Result<ClipOutput> {
+        if self.cfg.weighted_captions {
+            let captions = b.captions.as_ref().context("weighted_captions needs the batch's captions, not only ids")?;
+            let chunks = self.cfg.max_token_length.map_or(1, |n| n / 75);
+            return crate::sample::prompt::encode_prompts(&self.model, captions, chunks, None);
+        }
+        if b.input_ids.dim(1)? > crate::models::tokenizer::MAX_LEN {
+            return self.model.encode_windows(&b.input_ids);
+        }
+        self.model.encode_ids(&b.input_ids, None, true, false)
+    }
+
     /// The current LR of each group.
     pub fn current_lrs(&self) -> Result<Vec<(String, f64)>> {
         self.optimizer.group_lrs(self.lr.factor(self.lr_step()))
@@ -604,6 +619,7 @@ impl Trainer {
             noise: None,
             timesteps: None,
             time_ids: Some(Tensor::from_vec(sizes, (idx.len(), 6), &candle_core::Device::Cpu)?),
+            captions: Some(captions),
         })
     }
 

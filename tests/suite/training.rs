@@ -1,7 +1,8 @@
 //! LoRA training: it learns, it resumes exactly, and bad runs stop with clear errors.
 
 use crate::common::*;
-use sdtune::train::build;
+use sdtune::networks::Component;
+use sdtune::train::{build, Batch};
 use serde_json::json;
 
 fn recipe(dir: &std::path::Path, train: serde_json::Value) -> serde_json::Value {
@@ -367,8 +368,8 @@ fn unknown_and_unsupported_options_are_named() {
     let dir = scratch("train-opts");
     let e = build::build(&recipe(&dir, json!({ "learning_rat": 1e-4 }))).err().unwrap().to_string();
     assert!(e.contains("learning_rat") && e.contains("learning_rate"), "{e}");
-    let e = build::build(&recipe(&dir, json!({ "weighted_captions": true }))).err().unwrap().to_string();
-    assert!(e.contains("weighted_captions") && e.contains("not supported yet"), "{e}");
+    let e = build::build(&recipe(&dir, json!({ "masked_loss": true }))).err().unwrap().to_string();
+    assert!(e.contains("masked_loss") && e.contains("not supported yet"), "{e}");
     // given but off, as configs written in full have them: accepted
     let off = json!({ "max_token_length": 75, "full_fp16": false, "fp8_base": null, "network_weights": "" });
     build::build(&recipe(&dir, off)).unwrap();
@@ -761,4 +762,45 @@ fn long_captions_train_in_sd_scripts_windows() {
     assert_eq!(meta["ss_max_token_length"], "225");
     let e = build::build(&recipe_to(&dir, "bad", json!({ "max_token_length": 100 }))).err().unwrap().to_string();
     assert!(e.contains("max_token_length must be 75, 150 or 225"), "{e}");
+}
+
+/// `weighted_captions`: captions in A1111 syntax encoded as sd-scripts' `get_weighted_text_embeddings` (the lpw
+/// weighting sampling uses): unweighted captions give exactly the plain encoding's loss, weights change it, and the
+/// text encoder's LoRA learns through the weighting. SDXL is refused, as in sd-scripts.
+#[test]
+fn weighted_captions_weight_tokens_and_train_the_text_encoder() {
+    let dir = scratch("train-weighted");
+    let plain = build::build(&recipe_to(&dir, "plain", json!({ "max_train_steps": 2 }))).unwrap();
+    let mut weighted =
+        build::build(&recipe_to(&dir, "weighted", json!({ "max_train_steps": 2, "weighted_captions": true }))).unwrap();
+    let mut b = fixed_batches(&plain).remove(0);
+    let n = b.captions.as_ref().unwrap().len();
+    let loss = |tr: &sdtune::train::Trainer, b: &Batch| {
+        tr.compute_loss(b, &mut sdtune::rng::Rng::new(0)).unwrap().to_scalar::<f32>().unwrap()
+    };
+    assert_eq!(loss(&weighted, &b), loss(&plain, &b), "no weights: the plain encoding");
+    let caption = b.captions.as_ref().unwrap()[0].clone();
+    let first = caption.split_whitespace().next().unwrap().to_string();
+    b.captions = Some(vec![caption.replacen(&first, &format!("({first}:1.5)"), 1); n]);
+    assert_ne!(loss(&weighted, &b), loss(&plain, &b), "a weighted word changes the conditioning");
+    let before: Vec<f32> = weighted
+        .network
+        .vars()
+        .iter()
+        .filter(|(c, _, _)| *c == Component::TextEncoder)
+        .flat_map(|(_, _, u)| u.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    weighted.run(&mut |_, _| {}).unwrap();
+    let after: Vec<f32> = weighted
+        .network
+        .vars()
+        .iter()
+        .filter(|(c, _, _)| *c == Component::TextEncoder)
+        .flat_map(|(_, _, u)| u.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
+        .collect();
+    assert!(before.iter().zip(&after).any(|(a, b)| a != b), "the text encoder's LoRA learned");
+    let mut xl = recipe_to(&dir, "xl", json!({ "weighted_captions": true }));
+    xl["model"] = json!(fixture("tiny-sdxl/tiny-sdxl.safetensors"));
+    let e = build::build(&xl).err().unwrap().to_string();
+    assert!(e.contains("weighted_captions") && e.contains("SDXL"), "{e}");
 }
