@@ -48,7 +48,7 @@ const KEYS: &[(&str, Rule)] = &[
     ("max_token_length", Special),
     ("no_half_vae", NotApplicable("SDXL")),
     ("sdxl_no_half_vae", Ignore("sdtune keeps the SDXL VAE in f32 whenever the model is loaded in f16")),
-    ("sdxl_cache_text_encoder_outputs", Ignore("text-encoder outputs are computed each step (the same result)")),
+    ("sdxl_cache_text_encoder_outputs", To("cache_text_encoder_outputs")),
     ("disable_mmap_load_safetensors", Ignore("safetensors are always memory-mapped")),
     // data
     ("train_data_dir", Same),

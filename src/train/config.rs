@@ -122,6 +122,12 @@ pub struct TrainConfig {
     pub network_train_unet_only: bool,
     #[serde(default)]
     pub network_train_text_encoder_only: bool,
+    /// sd-scripts (SDXL) caches the text encoders' outputs; sdtune computes them each step, which gives the same
+    /// result, so these only carry sd-scripts' rule that a cached text encoder cannot be trained.
+    #[serde(default)]
+    pub cache_text_encoder_outputs: bool,
+    #[serde(default)]
+    pub cache_text_encoder_outputs_to_disk: bool,
     pub stop_text_encoder_training: Option<usize>,
     /// Recompute each UNet block in the backward instead of keeping its intermediate tensors.
     #[serde(default)]
@@ -231,6 +237,9 @@ impl TrainConfig {
             Some(n @ (150 | 225)) => Some(n),
             Some(n) => bail!("max_token_length must be 75, 150 or 225 (sd-scripts' choices), got {n}"),
         };
+        if (c.cache_text_encoder_outputs || c.cache_text_encoder_outputs_to_disk) && !c.network_train_unet_only {
+            bail!("cache_text_encoder_outputs: a network for the text encoder cannot be trained with cached text-encoder outputs (sd-scripts' rule); add network_train_unet_only, or leave the cache off");
+        }
         if c.network_train_unet_only && c.network_train_text_encoder_only {
             bail!("network_train_unet_only and network_train_text_encoder_only exclude each other");
         }

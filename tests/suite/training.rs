@@ -370,6 +370,11 @@ fn unknown_and_unsupported_options_are_named() {
     assert!(e.contains("learning_rat") && e.contains("learning_rate"), "{e}");
     let e = build::build(&recipe(&dir, json!({ "masked_loss": true }))).err().unwrap().to_string();
     assert!(e.contains("masked_loss") && e.contains("not supported yet"), "{e}");
+    // cached text-encoder outputs: the same result computed each step, but sd-scripts' rule holds
+    let e = build::build(&recipe(&dir, json!({ "cache_text_encoder_outputs": true }))).err().unwrap().to_string();
+    assert!(e.contains("cannot be trained with cached text-encoder outputs"), "{e}");
+    build::build(&recipe(&dir, json!({ "cache_text_encoder_outputs": true, "network_train_unet_only": true })))
+        .unwrap();
     // given but off, as configs written in full have them: accepted
     let off = json!({ "max_token_length": 75, "full_fp16": false, "fp8_base": null, "network_weights": "" });
     build::build(&recipe(&dir, off)).unwrap();
