@@ -20,6 +20,8 @@ const SD1_TE_PREFIX: &str = "cond_stage_model.transformer.";
 const SD2_TE_PREFIX: &str = "cond_stage_model.model.";
 const SDXL_TE1_PREFIX: &str = "conditioner.embedders.0.transformer.";
 const SDXL_TE2_PREFIX: &str = "conditioner.embedders.1.model.";
+/// The refiner's only text encoder (OpenCLIP-bigG in the first slot).
+const SDXL_REFINER_TE_PREFIX: &str = "conditioner.embedders.0.model.";
 /// Keys that mark an SDXL single file.
 const SDXL_MARKERS: &[&str] = &["conditioner.embedders.", "model.diffusion_model.label_emb."];
 
@@ -174,6 +176,9 @@ pub fn split_single_file(mut all: HashMap<String, Tensor>, family: Family) -> Re
             (openclip::to_hf(strip(&mut all, SD2_TE_PREFIX), SD2_TE_PREFIX, false, &mut all)?, HashMap::new())
         }
         Family::Sdxl => {
+            if all.keys().any(|k| k.starts_with(SDXL_REFINER_TE_PREFIX)) {
+                bail!("this is an SDXL refiner (one OpenCLIP-bigG text encoder, `{SDXL_REFINER_TE_PREFIX}*`): not supported; SDXL base models are");
+            }
             let te1 = hf_text_model(strip(&mut all, SDXL_TE1_PREFIX));
             let te2 = strip(&mut all, SDXL_TE2_PREFIX);
             if te2.is_empty() {
@@ -307,6 +312,9 @@ fn component_weights(dir: &Path, sub: &str, dtype: DType, device: &Device) -> Re
 
 fn load_diffusers(dir: &Path, family: Option<Family>, dtype: DType, device: &Device) -> Result<Checkpoint> {
     let index = read_json(&dir.join("model_index.json"))?;
+    if dir.join("text_encoder_2").is_dir() && !dir.join("text_encoder").is_dir() {
+        bail!("{}: an SDXL refiner (text_encoder_2/ only): not supported; SDXL base models are", dir.display());
+    }
     let missing: Vec<&str> = ["unet", "vae", "text_encoder"].into_iter().filter(|s| !dir.join(s).is_dir()).collect();
     if index.is_none() || !missing.is_empty() {
         bail!(

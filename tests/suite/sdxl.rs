@@ -420,3 +420,32 @@ fn sdxl_long_captions_pool_the_first_window() {
     assert_eq!(max_abs_diff(&out.pooled.unwrap(), &first.pooled.unwrap()), 0.0);
     assert_eq!(max_abs_diff(&out.context.narrow(1, 0, 76).unwrap(), &first.context.narrow(1, 0, 76).unwrap()), 0.0);
 }
+
+/// An SDXL refiner (OpenCLIP-bigG only) is named as such, as a single file and as a diffusers folder.
+#[test]
+fn an_sdxl_refiner_is_reported_as_not_supported() {
+    let dir = scratch("sdxl-refiner");
+    let all = sdtune::io::tensors::read_safetensors(
+        &fixture("tiny-sdxl/tiny-sdxl.safetensors"),
+        None,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .tensors;
+    let refiner: HashMap<String, Tensor> = all
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with("conditioner.embedders.0."))
+        .map(|(k, t)| (k.replace("conditioner.embedders.1.", "conditioner.embedders.0."), t))
+        .collect();
+    let file = dir.join("refiner.safetensors");
+    sdtune::io::tensors::write_safetensors(&file, &refiner, &Default::default()).unwrap();
+    let e = format!("{:#}", StableDiffusion::load(&file, &Default::default()).err().unwrap());
+    assert!(e.contains("SDXL refiner") && e.contains("not supported"), "{e}");
+    let folder = dir.join("refiner-diffusers");
+    for sub in ["text_encoder_2", "unet", "vae"] {
+        std::fs::create_dir_all(folder.join(sub)).unwrap();
+    }
+    std::fs::copy(fixture("tiny-sdxl/model_index.json"), folder.join("model_index.json")).unwrap();
+    let e = format!("{:#}", StableDiffusion::load(&folder, &Default::default()).err().unwrap());
+    assert!(e.contains("SDXL refiner") && e.contains("not supported"), "{e}");
+}
