@@ -788,21 +788,14 @@ fn weighted_captions_weight_tokens_and_train_the_text_encoder() {
     let first = caption.split_whitespace().next().unwrap().to_string();
     b.captions = Some(vec![caption.replacen(&first, &format!("({first}:1.5)"), 1); n]);
     assert_ne!(loss(&weighted, &b), loss(&plain, &b), "a weighted word changes the conditioning");
-    let before: Vec<f32> = weighted
-        .network
-        .vars()
-        .iter()
-        .filter(|(c, _, _)| *c == Component::TextEncoder)
-        .flat_map(|(_, _, u)| u.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
-        .collect();
+    let te_ups = |tr: &sdtune::train::Trainer| -> Vec<f32> {
+        let vars = tr.network.vars();
+        let te = vars.iter().filter(|(c, _, _)| *c == Component::TextEncoder);
+        te.flat_map(|(_, _, u)| u.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
+    };
+    let before = te_ups(&weighted);
     weighted.run(&mut |_, _| {}).unwrap();
-    let after: Vec<f32> = weighted
-        .network
-        .vars()
-        .iter()
-        .filter(|(c, _, _)| *c == Component::TextEncoder)
-        .flat_map(|(_, _, u)| u.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap())
-        .collect();
+    let after = te_ups(&weighted);
     assert!(before.iter().zip(&after).any(|(a, b)| a != b), "the text encoder's LoRA learned");
     let mut xl = recipe_to(&dir, "xl", json!({ "weighted_captions": true }));
     xl["model"] = json!(fixture("tiny-sdxl/tiny-sdxl.safetensors"));
