@@ -172,8 +172,11 @@ impl ClipTextModel {
         if clip_skip == 0 || clip_skip > self.cfg.layers {
             bail!("clip_skip must be between 1 and {} (the number of layers), got {clip_skip}", self.cfg.layers);
         }
+        // the pooled position is read from the ids as given (on the host, no device read); the lookup runs where
+        // the embeddings are
         let ids = ids.to_dtype(DType::U32)?;
-        let tok = self.token_embedding.index_select(&ids.flatten_all()?, 0)?.reshape((b, s, self.cfg.hidden))?;
+        let dev_ids = ids.to_device(self.token_embedding.device())?;
+        let tok = self.token_embedding.index_select(&dev_ids.flatten_all()?, 0)?.reshape((b, s, self.cfg.hidden))?;
         let pos = self.position_embedding.narrow(0, 0, s)?.unsqueeze(0)?;
         let mut x = tok.broadcast_add(&pos)?;
         let run = if pooled { self.layers.len() } else { self.layers.len() + 1 - clip_skip };

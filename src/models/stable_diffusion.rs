@@ -253,15 +253,16 @@ impl StableDiffusion {
         final_ln: bool,
         pooled: bool,
     ) -> Result<ClipOutput> {
-        let ids = ids.to_device(&self.device)?;
+        // ids stay where they are (usually the host): the encoders look them up on their device, and reading the
+        // pooled position and the second tokenizer's ids from host ids costs no device sync
         let Some(te2) = &self.text_encoder_2 else {
-            return self.text_encoder.encode(&ids, clip_skip.unwrap_or(self.clip_skip), final_ln, pooled);
+            return self.text_encoder.encode(ids, clip_skip.unwrap_or(self.clip_skip), final_ln, pooled);
         };
         if let Some(n) = clip_skip.filter(|&n| n != 2) {
             bail!("clip_skip {n}: SDXL always takes the penultimate layer of both text encoders (clip_skip 2)");
         }
-        let one = self.text_encoder.encode(&ids, 2, false, false)?;
-        let two = te2.encode(&self.ids_2(&ids)?, 2, false, true)?;
+        let one = self.text_encoder.encode(ids, 2, false, false)?;
+        let two = te2.encode(&self.ids_2(ids)?, 2, false, true)?;
         Ok(ClipOutput { context: Tensor::cat(&[&one.context, &two.context], 2)?, pooled: two.pooled })
     }
 

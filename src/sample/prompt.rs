@@ -5,7 +5,7 @@ use crate::models::clip::ClipOutput;
 use crate::models::tokenizer::{chunked_ids, MAX_LEN as CHUNK, USABLE};
 use crate::models::StableDiffusion;
 use anyhow::Result;
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Device, Tensor};
 
 /// Text pieces with their attention weights, adjacent equal weights merged.
 pub type Weighted = Vec<(String, f64)>;
@@ -217,7 +217,8 @@ fn encode_weighted(
     let mut parts = Vec::with_capacity(chunks);
     let mut pooled = None;
     for chunk in ids.chunks(CHUNK) {
-        let ids_t = Tensor::from_vec(chunk.iter().map(|&x| x as i64).collect::<Vec<_>>(), (1, CHUNK), &model.device)?;
+        // host ids: the encoder reads positions from them without a device sync
+        let ids_t = Tensor::from_vec(chunk.iter().map(|&x| x as i64).collect::<Vec<_>>(), (1, CHUNK), &Device::Cpu)?;
         let out = model.encode_ids(&ids_t, clip_skip, true, false)?;
         parts.push(out.context);
         pooled = pooled.or(out.pooled);

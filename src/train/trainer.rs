@@ -609,7 +609,7 @@ impl Trainer {
             .iter()
             .map(|c| match self.cfg.max_token_length {
                 Some(n) => self.model.tokenizer.tokenize_chunks(c, n / 75, &candle_core::Device::Cpu),
-                None => self.model.tokenize(c),
+                None => self.model.tokenizer.tokenize(c, &candle_core::Device::Cpu),
             })
             .collect::<Result<_>>()?;
         Ok(Batch {

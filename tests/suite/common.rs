@@ -15,7 +15,66 @@ pub const MODELS: &[&str] = &["tiny-sd15", "tiny-sd2"];
 
 /// Golden tensors of a fixture file, on the CPU.
 pub fn goldens(rel: &str) -> HashMap<String, Tensor> {
-    sdtune::io::tensors::read_safetensors(&fixture(rel), None, &Device::Cpu).expect("golden file reads").tensors
+    tensors_at(&fixture(rel))
+}
+
+/// The tensors of a safetensors file, on the CPU.
+pub fn tensors_at(path: &std::path::Path) -> HashMap<String, Tensor> {
+    sdtune::io::tensors::read_safetensors(path, None, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("{}: {e:#}", path.display()))
+        .tensors
+}
+
+/// Asserts that two tensor maps have the same keys and shapes, and with `values` the same values.
+pub fn assert_same_tensors(ours: &HashMap<String, Tensor>, theirs: &HashMap<String, Tensor>, values: bool) {
+    let mut a: Vec<_> = ours.keys().collect();
+    let mut b: Vec<_> = theirs.keys().collect();
+    a.sort();
+    b.sort();
+    assert_eq!(a, b, "key sets differ");
+    for (k, t) in theirs {
+        assert_eq!(ours[k].dims(), t.dims(), "{k}");
+        if values {
+            assert_eq!(max_abs_diff(&ours[k], t), 0.0, "{k}");
+        }
+    }
+}
+
+/// The options of a fixture's `pipe.*` goldens (its prompt and negative prompt, 64×64, 10 steps, its initial
+/// latents) with `sampler` and CFG `cfg`, and the goldens.
+pub fn pipeline_options(m: &str, sampler: &str, cfg: f64) -> (sdtune::sample::SampleOptions, HashMap<String, Tensor>) {
+    let g = goldens(&format!("{m}/golden.safetensors"));
+    let meta = sdtune::io::tensors::read_metadata(&fixture(&format!("{m}/golden.safetensors"))).unwrap();
+    let opts = sdtune::sample::SampleOptions {
+        prompt: meta["pipe_prompt"].clone(),
+        negative: meta["pipe_negative_prompt"].clone(),
+        width: 64,
+        height: 64,
+        steps: 10,
+        cfg,
+        seed: 0,
+        sampler: sampler.into(),
+        latents: Some(g["pipe.in.latents"].clone()),
+        ..Default::default()
+    };
+    (opts, g)
+}
+
+/// A training recipe on `model` (a fixture) with a generated 64×64 dataset of 8 images in batches of 4.
+pub fn training_recipe(
+    dir: &std::path::Path,
+    model: &str,
+    network: serde_json::Value,
+    train: serde_json::Value,
+) -> serde_json::Value {
+    let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 2, 8, 64, 0).unwrap();
+    serde_json::json!({
+        "model": fixture(model),
+        "dataset": data,
+        "dataset_options": { "resolution": 64, "caption_extension": ".txt", "batch_size": 4 },
+        "network": network,
+        "train": train,
+    })
 }
 
 /// Loads a model in f32 on the CPU.

@@ -61,21 +61,8 @@ fn timesteps_and_sigmas_equal_diffusers() {
 }
 
 fn pipeline_case(m: &str, tag: &str, sampler: &str) {
-    let g = goldens(&format!("{m}/golden.safetensors"));
-    let meta = sdtune::io::tensors::read_metadata(&fixture(&format!("{m}/golden.safetensors"))).unwrap();
+    let (opts, g) = pipeline_options(m, sampler, 7.5);
     let model = load(&fixture(m));
-    let opts = SampleOptions {
-        prompt: meta["pipe_prompt"].clone(),
-        negative: meta["pipe_negative_prompt"].clone(),
-        width: 64,
-        height: 64,
-        steps: 10,
-        cfg: 7.5,
-        seed: 0,
-        sampler: sampler.into(),
-        latents: Some(g["pipe.in.latents"].clone()),
-        ..Default::default()
-    };
     let want_steps = &g[&format!("pipe.{tag}.steps.latents")];
     let want_ts = g[&format!("pipe.{tag}.steps.timesteps")].to_vec1::<i64>().unwrap();
     let mut seen = Vec::new();

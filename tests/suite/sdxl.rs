@@ -8,7 +8,6 @@ use sdtune::models::{Family, SaveFormat, StableDiffusion};
 use sdtune::networks::{Network, NetworkConfig};
 use sdtune::sample::pipeline::scheduler_config;
 use sdtune::sample::schedulers::{self, Kind};
-use sdtune::sample::SampleOptions;
 use std::collections::HashMap;
 
 const ATOL: f64 = 1e-4;
@@ -69,23 +68,10 @@ fn sdxl_module_goldens_match_from_folder_and_single_file() {
 /// diffusers' `StableDiffusionXLPipeline` with the Euler scheduler, 10 steps, CFG 5, 64×64, no crop.
 #[test]
 fn sdxl_euler_pipeline_matches_diffusers() {
-    let g = goldens("tiny-sdxl/golden.safetensors");
-    let meta = sdtune::io::tensors::read_metadata(&fixture("tiny-sdxl/golden.safetensors")).unwrap();
+    let (mut opts, g) = pipeline_options("tiny-sdxl", "euler", 5.0);
+    opts.leading = true;
     for path in [fixture("tiny-sdxl"), fixture("tiny-sdxl/tiny-sdxl.safetensors")] {
         let model = load(&path);
-        let opts = SampleOptions {
-            prompt: meta["pipe_prompt"].clone(),
-            negative: meta["pipe_negative_prompt"].clone(),
-            width: 64,
-            height: 64,
-            steps: 10,
-            cfg: 5.0,
-            seed: 0,
-            sampler: "euler".into(),
-            latents: Some(g["pipe.in.latents"].clone()),
-            leading: true,
-            ..Default::default()
-        };
         let mut seen = Vec::new();
         let latents = sdtune::sample::sample_latents(&model, &opts, &mut |i, _, l| seen.push((i, l.clone()))).unwrap();
         let steps = &g["pipe.euler.steps.latents"];
@@ -118,23 +104,7 @@ fn sdxl_saves_as_single_file_and_diffusers_and_reloads_the_same() {
     let single = dir.join("xl.safetensors");
     src.save(&single, SaveFormat::SingleFile, candle_core::DType::F16, false).unwrap();
     // the same keys, shapes and values as the single file diffusers' conversion script wrote
-    let orig = sdtune::io::tensors::read_safetensors(
-        &fixture("tiny-sdxl/tiny-sdxl.safetensors"),
-        None,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap()
-    .tensors;
-    let ours = sdtune::io::tensors::read_safetensors(&single, None, &candle_core::Device::Cpu).unwrap().tensors;
-    let mut ko: Vec<_> = orig.keys().collect();
-    let mut ku: Vec<_> = ours.keys().collect();
-    ko.sort();
-    ku.sort();
-    assert_eq!(ko, ku, "single-file keys");
-    for (k, t) in &orig {
-        assert_eq!(t.dims(), ours[k].dims(), "{k}");
-        assert_eq!(max_abs_diff(t, &ours[k]), 0.0, "{k}");
-    }
+    assert_same_tensors(&tensors_at(&single), &goldens("tiny-sdxl/tiny-sdxl.safetensors"), true);
     let folder = dir.join("xl-diffusers");
     src.save(&folder, SaveFormat::Diffusers, candle_core::DType::F32, false).unwrap();
     for f in ["model_index.json", "text_encoder_2/config.json", "tokenizer_2/special_tokens_map.json"] {
@@ -196,14 +166,7 @@ fn sdxl_lora_files_apply_and_merge_like_sd_scripts() {
     // saved again: sd-scripts' key names, shapes and values
     let out = scratch("sdxl-lora").join("again.safetensors");
     sdtune::networks::file::save(&net, &out, &Default::default(), candle_core::DType::F32, false).unwrap();
-    let read = |p: &std::path::Path| {
-        sdtune::io::tensors::read_safetensors(p, None, &candle_core::Device::Cpu).unwrap().tensors
-    };
-    let (orig, again) = (read(&lora), read(&out));
-    assert_eq!(orig.len(), again.len());
-    for (k, t) in &orig {
-        assert_eq!(max_abs_diff(t, &again[k]), 0.0, "{k}");
-    }
+    assert_same_tensors(&tensors_at(&out), &tensors_at(&lora), true);
     let base = goldens("tiny-sdxl/golden.safetensors");
     let noise = unet_on_golden_inputs(&model, &base);
     assert_close("removed", &noise, &base["unet.out.noise_pred"], ATOL);
@@ -239,21 +202,7 @@ fn a_new_sdxl_network_has_sd_scripts_modules_and_names() {
     let cfg = NetworkConfig { dim: 4, alpha: 1.0, ..Default::default() };
     let net = Network::create(&model, &cfg, 1).unwrap();
     let ours = net.state_dict(candle_core::DType::F32).unwrap();
-    let theirs = sdtune::io::tensors::read_safetensors(
-        &fixture("lora-sdxl/lora_sdxl_dim4_alpha1.safetensors"),
-        None,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap()
-    .tensors;
-    let mut a: Vec<_> = ours.keys().collect();
-    let mut b: Vec<_> = theirs.keys().collect();
-    a.sort();
-    b.sort();
-    assert_eq!(a, b, "module keys");
-    for (k, t) in &theirs {
-        assert_eq!(ours[k].dims(), t.dims(), "{k}");
-    }
+    assert_same_tensors(&ours, &goldens("lora-sdxl/lora_sdxl_dim4_alpha1.safetensors"), false);
     // an SD 1.x network does not fit an SDXL model
     let e = sdtune::networks::file::load(&fixture("lora-sd15/lora_sd15_dim4_alpha2.safetensors"), &model)
         .err()
@@ -274,17 +223,15 @@ fn a_new_sdxl_network_has_sd_scripts_modules_and_names() {
 fn sdxl_lora_training_learns_and_saves_sd_scripts_files() {
     use sdtune::train::{build, Batch};
     let dir = scratch("sdxl-train");
-    let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 2, 8, 64, 0).unwrap();
-    let recipe = serde_json::json!({
-        "model": fixture("tiny-sdxl/tiny-sdxl.safetensors"),
-        "dataset": data,
-        "dataset_options": { "resolution": 64, "caption_extension": ".txt", "batch_size": 4 },
-        "network": { "dim": 8, "alpha": 8.0, "conv_dim": 8, "conv_alpha": 8.0 },
-        "train": {
+    let recipe = training_recipe(
+        &dir,
+        "tiny-sdxl/tiny-sdxl.safetensors",
+        serde_json::json!({ "dim": 8, "alpha": 8.0, "conv_dim": 8, "conv_alpha": 8.0 }),
+        serde_json::json!({
             "learning_rate": 1e-3, "max_train_steps": 100, "seed": 3, "cache_latents": true,
             "output_dir": dir.join("out"), "output_name": "xl", "log_every_n_steps": 0,
-        },
-    });
+        }),
+    );
     let mut tr = build::build(&recipe).unwrap();
     // copies: the optimizer updates the weights in place
     let before_w: HashMap<String, Tensor> = tr
@@ -425,13 +372,7 @@ fn sdxl_long_captions_pool_the_first_window() {
 #[test]
 fn an_sdxl_refiner_is_reported_as_not_supported() {
     let dir = scratch("sdxl-refiner");
-    let all = sdtune::io::tensors::read_safetensors(
-        &fixture("tiny-sdxl/tiny-sdxl.safetensors"),
-        None,
-        &candle_core::Device::Cpu,
-    )
-    .unwrap()
-    .tensors;
+    let all = goldens("tiny-sdxl/tiny-sdxl.safetensors");
     let refiner: HashMap<String, Tensor> = all
         .into_iter()
         .filter(|(k, _)| !k.starts_with("conditioner.embedders.0."))

@@ -6,14 +6,7 @@ use sdtune::train::{build, Batch};
 use serde_json::json;
 
 fn recipe(dir: &std::path::Path, train: serde_json::Value) -> serde_json::Value {
-    let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 2, 8, 64, 0).unwrap();
-    json!({
-        "model": fixture("tiny-sd15/tiny-sd15.safetensors"),
-        "dataset": data,
-        "dataset_options": { "resolution": 64, "caption_extension": ".txt", "batch_size": 4 },
-        "network": { "dim": 8, "alpha": 8.0 },
-        "train": train,
-    })
+    training_recipe(dir, "tiny-sd15/tiny-sd15.safetensors", json!({ "dim": 8, "alpha": 8.0 }), train)
 }
 
 /// `recipe` writing to `dir/out` as `out`, without progress logging.
