@@ -76,7 +76,7 @@ fn main() {
         let mean = times.iter().sum::<f64>() / times.len() as f64;
         times.sort_by(f64::total_cmp);
         let name = if unet_only { "UNet LoRA only" } else { "UNet + text-encoder LoRA" };
-        let n: usize = tr.network.vars().iter().map(|(_, d, u)| d.elem_count() + u.elem_count()).sum();
+        let n: usize = tr.network().unwrap().vars().iter().map(|(_, d, u)| d.elem_count() + u.elem_count()).sum();
         let trained = if unet_only { "UNet" } else { "all" };
         println!(
             "| {name} ({fixture}, sdtune, {n} LoRA weights, {trained} trained) | {} | {:.1} | {:.1} |",

@@ -28,7 +28,8 @@ enum Command {
     Sample(SampleArgs),
     /// Train a LoRA with sd-scripts' option names: `--pretrained_model_name_or_path M --train_data_dir D
     /// --output_dir O --network_dim 8 ...`, optionally `--config_file cfg.toml` or `--kohya gui.json` (a kohya_ss
-    /// GUI config; flags win over either file).
+    /// GUI config; flags win over either file). `--fine_tune` trains the model itself instead (DreamBooth, as
+    /// train_db.py: `--learning_rate_te`, `--stop_text_encoder_training`, `--save_model_as safetensors|diffusers`).
     /// `--device cpu|cuda|cuda:N` picks the device (default: the first GPU when built with CUDA, else the CPU).
     /// Ctrl-C stops after the current step and saves a resumable state; `--resume STATE_DIR [--device D]`
     /// continues one.

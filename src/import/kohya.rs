@@ -142,7 +142,7 @@ const KEYS: &[(&str, Rule)] = &[
     ("full_fp16", Same),
     ("fp8_base", Same),
     ("seed", Same),
-    ("stop_text_encoder_training", Same),
+    ("stop_text_encoder_training", Special),
     ("stop_text_encoder_training_pct", Special),
     ("prior_loss_weight", Same),
     ("min_snr_gamma", Same),
@@ -260,10 +260,10 @@ const KEYS: &[(&str, Rule)] = &[
     ("fused_backward_pass", OTHER_MODEL),
     ("fused_optimizer_groups", OTHER_MODEL),
     // other trainers' tabs
-    ("learning_rate_te", DREAMBOOTH),
-    ("learning_rate_te1", DREAMBOOTH),
-    ("learning_rate_te2", DREAMBOOTH),
-    ("no_token_padding", DREAMBOOTH),
+    ("learning_rate_te", Special),
+    ("learning_rate_te1", Special),
+    ("learning_rate_te2", Special),
+    ("no_token_padding", Special),
     ("token_string", Special),
     ("init_word", DREAMBOOTH),
     ("num_vectors_per_token", DREAMBOOTH),
@@ -315,6 +315,38 @@ fn text(v: &Value) -> String {
     }
 }
 
+/// Which GUI tab a config comes from.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Kind {
+    Lora,
+    DreamBooth,
+    FineTuning,
+    TextualInversion,
+}
+
+/// The tab a config was saved from: LoRA configs have a network, textual inversion a token string, the
+/// Finetuning tab a `train_dir`; the rest is the DreamBooth tab.
+fn kind(gui: &Map<String, Value>) -> Kind {
+    if gui.contains_key("LoRA_type") || gui.contains_key("network_dim") {
+        Kind::Lora
+    } else if gui.contains_key("token_string") {
+        Kind::TextualInversion
+    } else if gui.contains_key("train_dir") {
+        Kind::FineTuning
+    } else {
+        Kind::DreamBooth
+    }
+}
+
+fn out_kind_note(report: &mut Report) {
+    report.note("(config)", "a DreamBooth config: the model itself trains (fine_tune), as train_db.py / sdxl_train.py");
+}
+
+/// Whether the config is for SDXL.
+fn is_sdxl(gui: &Map<String, Value>) -> bool {
+    ["sdxl", "sdxl_checkbox"].iter().any(|k| gui.get(*k).is_some_and(|v| !unset(v)))
+}
+
 /// GUI keys passed on as `network_args` (`key=value`) when present.
 const NETWORK_ARGS: [&str; 13] = [
     "down_lr_weight",
@@ -347,18 +379,21 @@ pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Re
         }
     }
     let lora_type = gui.get("LoRA_type").map(text);
-    if lora_type.is_none() && gui.get("network_dim").is_none() {
-        let kind = if gui.contains_key("token_string") {
-            "textual inversion"
-        } else if gui.contains_key("train_dir") {
-            "fine-tuning"
-        } else {
-            "DreamBooth"
-        };
-        report.unsupported(
-            "(config)",
-            &format!("a {kind} config (no LoRA network): {kind} training is not supported yet"),
-        );
+    match kind(gui) {
+        Kind::Lora => {}
+        Kind::DreamBooth => {
+            out_kind_note(&mut report);
+        }
+        other => {
+            let name =
+                if other == Kind::TextualInversion { "textual inversion" } else { "fine-tuning (Finetuning tab)" };
+            report.unsupported(
+                "(config)",
+                &format!(
+                    "a {name} config: {name} training is not supported yet (DreamBooth configs and LoRA configs are)"
+                ),
+            );
+        }
     }
     let module = match lora_type.as_deref() {
         None | Some("Standard") => "networks.lora",
@@ -386,8 +421,10 @@ pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Re
             network_args.push(format!("{k}={}", text(v)));
         }
     }
-    if lora_type.is_some() || gui.contains_key("network_dim") {
+    if kind(gui) == Kind::Lora {
         out.insert("network_module".into(), module.into());
+    } else {
+        out.insert("fine_tune".into(), Value::Bool(true));
     }
     let noise_type = gui.get("noise_offset_type").map(text).unwrap_or_else(|| "Original".into());
     for (key, value) in gui {
@@ -418,6 +455,60 @@ pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Re
     }
     let prompts = get("sample_prompts").map(text);
     Ok((out, report, prompts))
+}
+
+/// The DreamBooth tab's text-encoder LRs (`learning_rate_te` for SD 1.x/2.x; `learning_rate_te1` / `_te2` for
+/// SDXL, where the GUI trains the text encoders when either is above 0) and `no_token_padding`.
+fn dreambooth_key(
+    key: &str,
+    value: &Value,
+    present: bool,
+    gui: &Map<String, Value>,
+    out: &mut Map<String, Value>,
+    report: &mut Report,
+) {
+    if kind(gui) != Kind::DreamBooth {
+        if present {
+            report.ignored(key, "DreamBooth / fine-tune / textual-inversion tabs");
+        }
+        return;
+    }
+    let num = |k: &str| gui.get(k).map(coerce).and_then(|v| v.as_f64()).unwrap_or(0.0);
+    let sdxl = is_sdxl(gui);
+    match key {
+        "no_token_padding" if present => {
+            report.unsupported(key, "not supported yet (captions are padded to 77 tokens)");
+        }
+        "learning_rate_te" if !sdxl => {
+            if present {
+                out.insert("learning_rate_te".into(), coerce(value));
+            } else {
+                // the GUI passes 0, and train_db.py trains the text encoder at LR 0: it stays as it is
+                out.insert("train_text_encoder".into(), Value::Bool(false));
+                report.note(key, "0: the text encoder is not trained");
+            }
+        }
+        "learning_rate_te1" if sdxl => {
+            let (te1, te2) = (num("learning_rate_te1"), num("learning_rate_te2"));
+            if te1 <= 0.0 && te2 <= 0.0 {
+                out.insert("train_text_encoder".into(), Value::Bool(false));
+            } else if te1 == te2 {
+                out.insert("learning_rate_te".into(), Value::from(te1));
+            } else {
+                report.unsupported(
+                    "learning_rate_te2",
+                    &format!("SDXL's two text encoders at different LRs ({te1} and {te2}) are not supported yet: give both the same LR, or 0 for neither"),
+                );
+            }
+        }
+        // SDXL's learning_rate_te2 is read with te1 above
+        "learning_rate_te1" | "learning_rate_te2" | "learning_rate_te"
+            if present && !(sdxl && key == "learning_rate_te2") =>
+        {
+            report.ignored(key, if sdxl { "SDXL takes learning_rate_te1 / _te2" } else { "for SDXL only" });
+        }
+        _ => {}
+    }
 }
 
 /// The keys the GUI reads together with others.
@@ -514,6 +605,18 @@ fn special(
                 }
             }
         }
+        "stop_text_encoder_training" => {
+            if present {
+                if kind(gui) == Kind::DreamBooth {
+                    out.insert(key.into(), coerce(value));
+                } else {
+                    report.ignored(key, "kohya_ss's LoRA tab ignores it (\"not yet supported\")");
+                }
+            }
+        }
+        "learning_rate_te" | "learning_rate_te1" | "learning_rate_te2" | "no_token_padding" => {
+            dreambooth_key(key, value, present, gui, out, report)
+        }
         "stop_text_encoder_training_pct" => {
             if present {
                 report.unsupported(key, "a percentage stop is not supported yet (stop_text_encoder_training is)");
@@ -549,7 +652,15 @@ fn special(
         }
         "save_model_as" => {
             let as_ = text(value);
-            if present && as_ != "safetensors" {
+            if kind(gui) == Kind::DreamBooth {
+                match as_.as_str() {
+                    "safetensors" | "diffusers" | "diffusers_safetensors" => {
+                        out.insert(key.into(), Value::from(as_));
+                    }
+                    "" => {}
+                    other => report.unsupported(key, &format!("{other}: models are saved as safetensors or diffusers")),
+                }
+            } else if present && as_ != "safetensors" {
                 report.unsupported(key, &format!("{as_}: networks are saved as safetensors"));
             }
         }

@@ -104,8 +104,10 @@ pub fn script(recipe: &Value, report: &Report, source: &str, how: &str) -> Strin
     s.push_str(&arg(2, "output_dir", Some(&out), "the output folder"));
     s.push('\n');
     let model_options = obj(&recipe["model_options"]);
+    let fine_tune = recipe.get("fine_tune").and_then(Value::as_bool).unwrap_or(false);
     let model_opts = {
-        let mp = train.get("mixed_precision").and_then(|v| v.as_str()).filter(|m| *m != "no");
+        // full fine-tuning starts from the file's own weights (the trained copy is f32 either way)
+        let mp = train.get("mixed_precision").and_then(|v| v.as_str()).filter(|m| *m != "no" && !fine_tune);
         let mut items: Vec<String> = model_options
             .iter()
             .filter(|(k, _)| k.as_str() != "dtype")
@@ -124,13 +126,15 @@ pub fn script(recipe: &Value, report: &Report, source: &str, how: &str) -> Strin
     let opts = obj(&recipe["dataset_options"]);
     s.push_str(&format!("let data = dataset(data_path, {});\n", map_literal(&opts, "    ")));
     match recipe.get("network_weights").and_then(|v| v.as_str()) {
+        _ if fine_tune => s.push_str("// no network: the model itself trains (DreamBooth / fine-tuning)\n"),
         Some(w) => s.push_str(&format!(
             "// continues training the weights of an existing file\nlet network = load_network({}, model);\n",
             literal(&Value::from(w))
         )),
         None => s.push_str(&format!("let network = lora(model, {});\n", map_literal(&obj(&recipe["network"]), "    "))),
     }
-    s.push_str("\nlet options = #{\n    model: model,\n    network: network,\n    dataset: data,\n");
+    let network_line = if fine_tune { "" } else { "    network: network,\n" };
+    s.push_str(&format!("\nlet options = #{{\n    model: model,\n{network_line}    dataset: data,\n"));
     s.push_str("    output_dir: output_dir,\n");
     for (k, v) in &train {
         s.push_str(&format!("    {}: {},\n", key(k), literal(v)));

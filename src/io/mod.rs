@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod keymap;
+pub mod modelspec;
 pub mod openclip;
 pub mod plot;
 pub mod png;

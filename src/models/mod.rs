@@ -8,4 +8,4 @@ pub mod unet;
 pub mod vae;
 
 pub use family::Family;
-pub use stable_diffusion::{LoadOptions, SaveFormat, StableDiffusion};
+pub use stable_diffusion::{LoadOptions, SaveFormat, StableDiffusion, Trainables};

@@ -9,7 +9,7 @@ use crate::io::checkpoint::{self, Checkpoint, Components, DiffusersConfigs};
 use crate::nn::adapter::Registry;
 use crate::nn::Weights;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -46,6 +46,14 @@ impl Default for LoadOptions {
 pub enum SaveFormat {
     SingleFile,
     Diffusers,
+}
+
+/// The variables of a model copy made for full fine-tuning, by component (diffusers names, sorted); empty for a
+/// component that is not trained.
+pub struct Trainables {
+    pub unet: Vec<(String, Var)>,
+    pub text_encoder: Vec<(String, Var)>,
+    pub text_encoder_2: Vec<(String, Var)>,
 }
 
 /// A Stable Diffusion 1.x / 2.x / XL model.
@@ -237,6 +245,76 @@ impl StableDiffusion {
         })
     }
 
+    /// A copy for full fine-tuning (DreamBooth, fine-tune): the UNet and, with `text_encoders`, the text
+    /// encoder(s) rebuilt on f32 variables (the copy computes in f32); the VAE and the rest shared with `self`,
+    /// which keeps its own weights. Returns the copy and its variables by component, in diffusers names.
+    pub fn trainable(&self, text_encoders: bool) -> Result<(Self, Trainables)> {
+        let vars = |map: &HashMap<String, Tensor>| -> Result<Vec<(String, Var)>> {
+            let mut v: Vec<(String, Var)> = map
+                .iter()
+                .map(|(k, t)| Ok((k.clone(), Var::from_tensor(&t.to_dtype(DType::F32)?)?)))
+                .collect::<Result<_>>()?;
+            v.sort_by(|a, b| a.0.cmp(&b.0));
+            Ok(v)
+        };
+        let as_map = |v: &[(String, Var)]| -> HashMap<String, Tensor> {
+            v.iter().map(|(k, var)| (k.clone(), var.as_tensor().clone())).collect()
+        };
+        let src = self.source.display().to_string();
+        let mut components = self.components.clone();
+        let unet_vars = vars(&components.unet)?;
+        components.unet = as_map(&unet_vars);
+        let unet_layers = Registry::default();
+        let unet_w = Weights::new(components.unet.clone(), &format!("{src} (unet)")).with_registry(unet_layers.clone());
+        let unet = UNet::new(&unet_w, self.unet.cfg.clone())?;
+        let (te_layers, te2_layers) = (Registry::default(), Registry::default());
+        let mut te_vars = Vec::new();
+        let mut te2_vars = Vec::new();
+        if text_encoders {
+            te_vars = vars(&components.text_encoder)?;
+            components.text_encoder = as_map(&te_vars);
+            if self.text_encoder_2.is_some() {
+                te2_vars = vars(&components.text_encoder_2)?;
+                components.text_encoder_2 = as_map(&te2_vars);
+            }
+        }
+        let te_w = Weights::new(components.text_encoder.clone(), &format!("{src} (text encoder)"))
+            .with_registry(te_layers.clone());
+        let text_encoder = ClipTextModel::new(&te_w, self.text_encoder.cfg.clone())?;
+        let text_encoder_2 = match &self.text_encoder_2 {
+            Some(te2) => {
+                let w = Weights::new(components.text_encoder_2.clone(), &format!("{src} (text encoder 2)"))
+                    .with_registry(te2_layers.clone());
+                Some(ClipTextModel::new(&w, te2.cfg.clone())?)
+            }
+            None => None,
+        };
+        let vae = Vae::new(&Weights::new(components.vae.clone(), &format!("{src} (vae)")), self.vae.cfg.clone())?;
+        let model = Self {
+            family: self.family,
+            v_pred: self.v_pred,
+            clip_skip: self.clip_skip,
+            vae_scale: self.vae_scale,
+            dtype: DType::F32,
+            vae_dtype: self.vae_dtype,
+            device: self.device.clone(),
+            source: self.source.clone(),
+            tokenizer: self.tokenizer.clone(),
+            text_encoder,
+            text_encoder_2,
+            pad_id_2: self.pad_id_2,
+            unet,
+            vae,
+            components,
+            te_layers,
+            te2_layers,
+            unet_layers,
+            scheduler_config: self.scheduler_config.clone(),
+            metadata: self.metadata.clone(),
+        };
+        Ok((model, Trainables { unet: unet_vars, text_encoder: te_vars, text_encoder_2: te2_vars }))
+    }
+
     /// `[1, 77]` token ids of `text` with the family's padding.
     pub fn tokenize(&self, text: &str) -> Result<Tensor> {
         self.tokenizer.tokenize(text, &self.device)
@@ -358,12 +436,28 @@ impl StableDiffusion {
     /// Writes the model as a single file or a diffusers folder in `dtype`; refuses to replace an existing path
     /// unless `overwrite`.
     pub fn save(&self, path: &Path, format: SaveFormat, dtype: DType, overwrite: bool) -> Result<()> {
+        self.save_with(path, format, dtype, overwrite, &HashMap::new())
+    }
+
+    /// `save`, with `metadata` added to a single file's (given `modelspec.*` keys replace all of the source's).
+    pub fn save_with(
+        &self,
+        path: &Path,
+        format: SaveFormat,
+        dtype: DType,
+        overwrite: bool,
+        metadata: &HashMap<String, String>,
+    ) -> Result<()> {
         if path.exists() && !overwrite {
             bail!("{}: already exists; pass `overwrite: true` to replace it", path.display());
         }
         match format {
             SaveFormat::SingleFile => {
                 let mut meta = self.metadata.clone();
+                if metadata.keys().any(|k| k.starts_with("modelspec.")) {
+                    meta.retain(|k, _| !k.starts_with("modelspec."));
+                }
+                meta.extend(metadata.iter().map(|(k, v)| (k.clone(), v.clone())));
                 meta.insert("sdtune.family".into(), self.family.name().into());
                 checkpoint::save_single_file(path, &self.components, self.family, dtype, &meta)
             }

@@ -155,19 +155,6 @@ pub fn sshs_hashes(tensors: &HashMap<String, Tensor>, metadata: &BTreeMap<String
     Ok((model_hash, legacy))
 }
 
-/// sd-scripts' `ss_base_model_version`, ModelSpec architecture and ModelSpec implementation for a family.
-fn model_version(family: Family, v_pred: bool) -> (&'static str, &'static str, &'static str) {
-    const DIFFUSERS: &str = "diffusers";
-    const SGM: &str = "https://github.com/Stability-AI/generative-models";
-    match (family, v_pred) {
-        (Family::Sd1, false) => ("sd_v1", "stable-diffusion-v1", DIFFUSERS),
-        (Family::Sd1, true) => ("sd_v1_v", "stable-diffusion-v1", DIFFUSERS),
-        (Family::Sd2, false) => ("sd_v2", "stable-diffusion-v2-512", DIFFUSERS),
-        (Family::Sd2, true) => ("sd_v2_v", "stable-diffusion-v2-768-v", DIFFUSERS),
-        (Family::Sdxl, _) => ("sdxl_base_v1-0", "stable-diffusion-xl-v1-base", SGM),
-    }
-}
-
 /// Metadata every network file gets: the network description (`ss_network_*`, `ss_v2`, `ss_base_model_version`)
 /// and ModelSpec keys; `extra` (training metadata) is merged over it.
 pub fn base_metadata(
@@ -176,7 +163,7 @@ pub fn base_metadata(
     resolution: (usize, usize),
     extra: &BTreeMap<String, String>,
 ) -> BTreeMap<String, String> {
-    let (version, arch, implementation) = model_version(net.family, net.base.v_pred);
+    let (version, _, _) = crate::io::modelspec::model_version(net.family, net.base.v_pred);
     let mut m = BTreeMap::new();
     let c = &net.config;
     m.insert("ss_network_module".into(), if c.lora_fa { "networks.lora_fa" } else { "networks.lora" }.into());
@@ -204,14 +191,14 @@ pub fn base_metadata(
     m.insert("ss_v2".into(), if net.family == Family::Sd2 { "True" } else { "False" }.into());
     m.insert("ss_base_model_version".into(), version.into());
     m.insert("ss_sd_model_name".into(), net.base.name.clone());
-    m.insert("modelspec.sai_model_spec".into(), "1.0.1".into());
-    m.insert("modelspec.architecture".into(), format!("{arch}/lora"));
-    m.insert("modelspec.implementation".into(), implementation.into());
-    m.insert("modelspec.title".into(), title.into());
-    m.insert("modelspec.resolution".into(), format!("{}x{}", resolution.0, resolution.1));
-    m.insert("modelspec.prediction_type".into(), if net.base.v_pred { "v" } else { "epsilon" }.into());
-    m.insert("modelspec.date".into(), crate::io::time::iso8601(crate::io::time::now().as_secs() as i64));
-    m.insert("modelspec.encoder_layer".into(), net.base.clip_skip.to_string());
+    m.extend(crate::io::modelspec::modelspec(
+        net.family,
+        net.base.v_pred,
+        Some("lora"),
+        title,
+        resolution,
+        net.base.clip_skip,
+    ));
     for (k, v) in extra {
         m.insert(k.clone(), v.clone());
     }

@@ -45,6 +45,18 @@ impl Weights {
             .collect()
     }
 
+    /// The variables (trained weights, full fine-tuning) under this view's prefix, sorted by name.
+    pub fn variables_under(&self) -> Vec<Tensor> {
+        let dotted = format!("{}.", self.prefix);
+        let mut v: Vec<(&String, &Tensor)> = self
+            .map
+            .iter()
+            .filter(|(k, t)| t.is_variable() && (self.prefix.is_empty() || k.starts_with(&dotted)))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(b.0));
+        v.into_iter().map(|(_, t)| t.clone()).collect()
+    }
+
     /// Shares an existing map.
     pub fn from_arc(map: Arc<HashMap<String, Tensor>>, source: &str) -> Self {
         Self { map, prefix: String::new(), source: source.into(), registry: None }

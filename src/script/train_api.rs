@@ -81,10 +81,6 @@ fn make_trainer(opts: &Map) -> Result<Trainer> {
         }
     }
     let model = model.context("train: `model` is required")?;
-    let network = match network {
-        Some(n) => n,
-        None => Arc::new(Network::create(&model, &NetworkOptions::default().config()?, 0)?),
-    };
     let train_json = to_json(&Dynamic::from_map(flat))?;
     let cfg = TrainConfig::from_json(train_json.clone())?;
     let recipe = serde_json::json!({
@@ -95,10 +91,15 @@ fn make_trainer(opts: &Map) -> Result<Trainer> {
         },
         "dataset": data.as_ref().map(|d| crate::train::trainer::absolute(&d.source)),
         "dataset_options": data.as_ref().map(|d| d.options.clone()).unwrap_or(Value::Null),
-        "network": network_json(&network),
+        "network": network.as_ref().map_or(Value::Null, |n| network_json(n)),
+        "fine_tune": network.is_none(),
         "train": train_json,
     });
-    Trainer::new(model, network, data, cfg, recipe)
+    match network {
+        Some(n) => Trainer::new(model, n.into(), data, cfg, recipe),
+        // no network: the model itself trains (the script contract's full fine-tuning)
+        None => Trainer::fine_tune(&model, data, cfg, recipe),
+    }
 }
 
 /// A network acts on the model it was made for; another model is an error rather than a silent no-op.
@@ -305,14 +306,19 @@ pub fn register(engine: &mut Engine) {
         let tr = t.lock().map_err(|_| "trainer in use")?;
         Ok(super::data_api::from_json(&rt(tr.resolved_options())?))
     });
-    engine.register_get("network", |t: &mut TrainerRef| {
-        t.lock().map(|t| t.network.clone()).map_err(|_| "trainer in use".into()) as RhaiResult<NetworkRef>
+    engine.register_get("network", |t: &mut TrainerRef| -> RhaiResult<NetworkRef> {
+        rt((|| Ok(t.lock().map_err(|_| anyhow::anyhow!("the trainer is in use"))?.network()?.clone()))())
+    });
+    engine.register_get("model", |t: &mut TrainerRef| -> RhaiResult<Model> {
+        t.lock().map(|t| t.model.clone()).map_err(|_| "trainer in use".into())
+    });
+    engine.register_get("model", |r: &mut Run| -> RhaiResult<Model> {
+        r.trainer.lock().map(|t| t.model.clone()).map_err(|_| "trainer in use".into())
     });
     engine.register_fn("save", |t: &mut TrainerRef, p: &str| -> RhaiResult<()> {
         rt((|| {
             let tr = t.lock().map_err(|_| anyhow::anyhow!("the trainer is in use"))?;
-            let meta = file::base_metadata(&tr.network, &stem(p), (512, 512), &tr.metadata()?);
-            file::save(&tr.network, Path::new(p), &meta, tr.cfg.save_dtype()?, false)
+            tr.target.save(&tr.model, Path::new(p), (512, 512), &tr.metadata()?, tr.cfg.save_dtype()?, false)
         })())
     });
     engine.register_get("losses", |r: &mut Run| floats(&r.losses));

@@ -153,6 +153,9 @@ pub struct Recipe {
     #[serde(default)]
     pub network: Value,
     pub network_weights: Option<PathBuf>,
+    /// Train the model itself (DreamBooth / fine-tuning) instead of a network.
+    #[serde(default)]
+    pub fine_tune: bool,
     #[serde(default)]
     pub train: Value,
 }
@@ -205,9 +208,10 @@ pub fn build(recipe: &Value) -> Result<Trainer> {
     let r: Recipe = serde_json::from_value(recipe.clone()).map_err(|e| anyhow::anyhow!("recipe: {e}"))?;
     let cfg =
         TrainConfig::from_json(if r.train.is_null() { Value::Object(Default::default()) } else { r.train.clone() })?;
-    // mixed_precision loads the frozen model in half precision unless the recipe names a dtype
+    // mixed_precision loads the frozen model in half precision unless the recipe names a dtype (full fine-tuning
+    // starts from the file's own weights)
     let mut r = r;
-    if let Some(d) = cfg.base_dtype_for(&device(&r)?) {
+    if let Some(d) = cfg.base_dtype_for(&device(&r)?).filter(|_| !r.fine_tune) {
         match r.model_options.as_object_mut() {
             Some(o) => {
                 o.entry("dtype").or_insert(Value::from(crate::device::dtype_name(d)));
@@ -219,6 +223,13 @@ pub fn build(recipe: &Value) -> Result<Trainer> {
     let data = open_dataset(&r)?.map(Arc::new);
     if data.is_none() {
         bail!("recipe: a `dataset` is required to train");
+    }
+    if r.fine_tune {
+        let given = r.network.as_object().is_some_and(|o| !o.is_empty());
+        if given || r.network_weights.is_some() {
+            bail!("recipe: fine_tune trains the model itself; it takes no network options or network_weights");
+        }
+        return Trainer::fine_tune(&model, data, cfg, recipe.clone());
     }
     let mut nopts: NetworkOptions =
         serde_json::from_value(if r.network.is_null() { Value::Object(Default::default()) } else { r.network.clone() })
@@ -236,7 +247,7 @@ pub fn build(recipe: &Value) -> Result<Trainer> {
                 .with_training_options(ncfg.dropouts, ncfg.loraplus, seed),
             None => Network::create(&model, &ncfg, seed)?,
         };
-    Trainer::new(model, Arc::new(network), data, cfg, recipe.clone())
+    Trainer::new(model, Arc::new(network).into(), data, cfg, recipe.clone())
 }
 
 /// Continues a saved state.
@@ -313,7 +324,6 @@ const IGNORED: &[(&str, &str)] = &[
     ("xformers", "attention is built in"),
     ("sdpa", "attention is built in"),
     ("mem_eff_attn", "attention is built in"),
-    ("save_model_as", "networks are saved as safetensors"),
 ];
 
 /// Turns flat sd-scripts options (`--config_file` TOML and command-line flags) into a recipe; returns it and
@@ -325,6 +335,7 @@ pub fn recipe_from_flat(flat: serde_json::Map<String, Value>) -> Result<(Value, 
     let mut dataset_options = serde_json::Map::new();
     let mut network = serde_json::Map::new();
     let mut network_weights = None;
+    let mut fine_tune = false;
     let mut train = serde_json::Map::new();
     let mut notes = Vec::new();
     for (k, v) in flat {
@@ -335,6 +346,7 @@ pub fn recipe_from_flat(flat: serde_json::Map<String, Value>) -> Result<(Value, 
                 dataset_options.insert("batch_size".into(), v);
             }
             "network_weights" => network_weights = v.as_str().map(PathBuf::from),
+            "fine_tune" => fine_tune = v.as_bool().context("fine_tune must be true or false")?,
             "network_args" => {
                 let args: Vec<String> = match &v {
                     Value::Array(a) => a.iter().filter_map(|x| x.as_str().map(String::from)).collect(),
@@ -374,6 +386,11 @@ pub fn recipe_from_flat(flat: serde_json::Map<String, Value>) -> Result<(Value, 
             }
         }
     }
+    if !fine_tune {
+        if let Some(v) = train.remove("save_model_as") {
+            notes.push(format!("save_model_as: no effect ({v} given; networks are saved as safetensors)"));
+        }
+    }
     let recipe = serde_json::json!({
         "model": model,
         "model_options": Value::Object(model_options),
@@ -381,6 +398,7 @@ pub fn recipe_from_flat(flat: serde_json::Map<String, Value>) -> Result<(Value, 
         "dataset_options": Value::Object(dataset_options),
         "network": Value::Object(network),
         "network_weights": network_weights,
+        "fine_tune": fine_tune,
         "train": Value::Object(train),
     });
     Ok((recipe, notes))

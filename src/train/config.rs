@@ -45,7 +45,7 @@ fn power_default() -> f64 {
     1.0
 }
 
-/// The loop's options (sd-scripts' `train_network.py` names and defaults).
+/// The loop's options (sd-scripts' `train_network.py` names and defaults; `train_db.py`'s for full fine-tuning).
 #[derive(Deserialize, Serialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct TrainConfig {
@@ -61,7 +61,14 @@ pub struct TrainConfig {
     #[serde(default = "lr_default")]
     pub learning_rate: f64,
     pub unet_lr: Option<f64>,
+    /// The text encoder's LR (sd-scripts' `learning_rate_te` when fine-tuning the model).
+    #[serde(alias = "learning_rate_te")]
     pub text_encoder_lr: Option<f64>,
+    /// Full fine-tuning: whether the text encoder(s) train too (default true, as `train_db.py`).
+    pub train_text_encoder: Option<bool>,
+    /// Full fine-tuning: `safetensors` (a single file) or `diffusers` / `diffusers_safetensors` (a folder);
+    /// by default the source model's layout.
+    pub save_model_as: Option<String>,
     /// sd-scripts' name; empty means AdamW.
     #[serde(default)]
     pub optimizer_type: String,

@@ -8,6 +8,7 @@ pub mod noise;
 pub mod optim;
 pub mod scaler;
 pub mod state;
+pub mod target;
 pub mod trainer;
 
 pub use trainer::{Batch, Event, Trainer};

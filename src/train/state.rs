@@ -1,9 +1,9 @@
-//! Saved training states: everything to continue a run exactly (network and optimizer tensors, counters, the
+//! Saved training states: everything to continue a run exactly (the trained weights, optimizer tensors, counters, the
 //! recipe), written as a folder that replaces the previous one only when complete.
 
 use super::trainer::Trainer;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -12,8 +12,8 @@ pub fn save(tr: &Trainer, dir: &Path) -> Result<()> {
     let tmp = crate::io::tensors::temp_sibling(dir);
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
-    let net = tr.network.state_dict(DType::F32)?;
-    crate::io::tensors::write_safetensors(&tmp.join("network.safetensors"), &net, &HashMap::new())?;
+    let weights = tr.target.state_tensors()?;
+    crate::io::tensors::write_safetensors(&tmp.join(tr.target.state_file()), &weights, &HashMap::new())?;
     let mut opt = HashMap::new();
     let o = tr.optimizer();
     for (gi, g) in o.groups.iter().enumerate() {
@@ -65,14 +65,11 @@ pub fn read_info(dir: &Path) -> Result<serde_json::Value> {
 pub fn load_into(tr: &mut Trainer, dir: &Path) -> Result<()> {
     let info = read_info(dir)?;
     let dev = tr.model.device.clone();
-    let net = crate::io::tensors::read_safetensors(&dir.join("network.safetensors"), Some(DType::F32), &dev)?.tensors;
-    for (_, m) in &tr.network.modules {
-        let get = |k: String| -> Result<Tensor> {
-            net.get(&k).cloned().with_context(|| format!("{}: `{k}` missing from the saved network", dir.display()))
-        };
-        m.down.set(&get(format!("{}.lora_down.weight", m.name))?.to_dtype(m.down.dtype())?)?;
-        m.up.set(&get(format!("{}.lora_up.weight", m.name))?.to_dtype(m.up.dtype())?)?;
-    }
+    let file = dir.join(tr.target.state_file());
+    let weights = crate::io::tensors::read_safetensors(&file, Some(DType::F32), &dev)
+        .with_context(|| format!("{}: the saved weights (is this state from a run of the same kind?)", dir.display()))?
+        .tensors;
+    tr.target.restore(&weights, dir)?;
     let opt = crate::io::tensors::read_safetensors(&dir.join("optimizer.safetensors"), None, &dev)?.tensors;
     let o = tr.optimizer_mut();
     for gi in 0..o.groups.len() {

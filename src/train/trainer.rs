@@ -1,24 +1,26 @@
-//! The LoRA training loop (sd-scripts' `train_network.py`): data → noise → timesteps → UNet → target → loss
-//! weights → backward → clip → optimizer → LR schedule, with saving, resumable state and metrics.
+//! The training loop (sd-scripts' `train_network.py`, and `train_db.py` for full fine-tuning): data → noise →
+//! timesteps → UNet → target → loss weights → backward → clip → optimizer → LR schedule, with saving, resumable
+//! state and metrics. What it trains (a network or the model) is `target::Target`.
 
 use super::config::TrainConfig;
 use super::loss::{self, element_loss, mean_per_sample, HuberSchedule, LossType};
 use super::lr::LrSchedule;
 use super::noise::{apply_multires_noise, apply_noise_offset, noisy_latents, zero_terminal_snr};
-use super::optim::{self, Optimizer, ParamGroup};
+use super::optim::{self, Optimizer};
 use super::scaler::LossScaler;
+use super::target::{FineTune, Target};
 use crate::data::buckets::size_ids;
 use crate::data::cache::{cache_latents, CachedLatents};
 use crate::data::captions::{process_caption, Progress};
 use crate::data::DatasetGroup;
 use crate::models::clip::ClipOutput;
 use crate::models::StableDiffusion;
-use crate::networks::{file, Component, Network};
+use crate::networks::Network;
 use crate::rng::Rng;
 use crate::schedule::NoiseSchedule;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
-use candle_core::{DType, Tensor, Var};
+use candle_core::{DType, Tensor};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -43,26 +45,6 @@ fn conditioning_vector(
         }
     };
     model.sdxl_y(pooled, &ids)
-}
-
-/// A module's trained weights: down (absent for LoRA-FA) and up.
-type Pair = (Option<Var>, Var);
-
-/// A component's optimizer groups: its (down, up) pairs at `lr`, or with LoRA+ the downs at `lr` and the ups at
-/// `lr · ratio` in a group named "`name` plus", as sd-scripts' `prepare_optimizer_params` makes them.
-fn param_groups(name: &str, pairs: Vec<Pair>, lr: f64, loraplus: Option<f64>) -> Vec<ParamGroup> {
-    let Some(ratio) = loraplus else {
-        let params = pairs.into_iter().flat_map(|(d, u)| d.into_iter().chain([u])).collect();
-        return vec![ParamGroup { name: name.to_string(), params, lr }];
-    };
-    let (downs, ups): (Vec<Option<Var>>, Vec<Var>) = pairs.into_iter().unzip();
-    let downs: Vec<Var> = downs.into_iter().flatten().collect();
-    let mut groups = Vec::new();
-    if !downs.is_empty() {
-        groups.push(ParamGroup { name: name.to_string(), params: downs, lr });
-    }
-    groups.push(ParamGroup { name: format!("{name} plus"), params: ups, lr: lr * ratio });
-    groups
 }
 
 /// One batch as the step consumes it.
@@ -94,8 +76,10 @@ pub enum Event<'a> {
 
 /// A running (or resumable) training.
 pub struct Trainer {
+    /// The model the run trains on (for full fine-tuning, the trainable copy).
     pub model: Arc<StableDiffusion>,
-    pub network: Arc<Network>,
+    /// What the run trains: a network, or the model itself.
+    pub target: Target,
     pub data: Option<Arc<DatasetGroup>>,
     pub cfg: TrainConfig,
     optimizer: Optimizer,
@@ -138,82 +122,38 @@ fn seed_for(seed: u64, step: usize, salt: u64) -> Rng {
 }
 
 impl Trainer {
-    /// Sets up optimizer groups (text encoder / UNet LRs), the LR schedule, step counts and the latent cache.
-    pub fn new(
-        model: Arc<StableDiffusion>,
-        network: Arc<Network>,
+    /// A run that fine-tunes the model itself (no network): the trainer trains a trainable copy of `model`.
+    pub fn fine_tune(
+        model: &StableDiffusion,
         data: Option<Arc<DatasetGroup>>,
         cfg: TrainConfig,
         recipe: serde_json::Value,
     ) -> Result<Self> {
-        if cfg.mixed_precision.as_deref() == Some("bf16") && model.device.is_cpu() {
-            eprintln!("note: mixed_precision bf16 on the CPU keeps the frozen model in f32 (candle has no CPU bf16 convolution)");
+        let (copy, ft) = FineTune::prepare(model, &cfg)?;
+        if let Some(mp @ ("fp16" | "bf16")) = cfg.mixed_precision.as_deref() {
+            eprintln!("note: full fine-tuning computes in f32 (f32 weights); mixed_precision {mp} applies to the frozen VAE only");
         }
-        if let Some(want) = cfg.base_dtype_for(&model.device) {
-            if model.dtype != want {
-                bail!(
-                    "mixed_precision {} needs the model loaded in {} (load_model(path, #{{ dtype: \"{}\" }})); the LoRA weights stay f32",
-                    cfg.mixed_precision.as_deref().unwrap_or(""),
-                    crate::device::dtype_name(want),
-                    crate::device::dtype_name(want)
-                );
-            }
+        Self::new(Arc::new(copy), Target::Model(ft), data, cfg, recipe)
+    }
+
+    /// Sets up optimizer groups (text encoder / UNet LRs), the LR schedule, step counts and the latent cache.
+    pub fn new(
+        model: Arc<StableDiffusion>,
+        target: Target,
+        data: Option<Arc<DatasetGroup>>,
+        cfg: TrainConfig,
+        recipe: serde_json::Value,
+    ) -> Result<Self> {
+        target.check(&cfg)?;
+        if let Target::Network(network) = &target {
+            check_network_precision(&model, network, &cfg)?;
         }
         if cfg.weighted_captions && model.is_xl() {
             bail!("weighted_captions: sd-scripts weights captions for SD 1.x/2.x only, not for SDXL");
         }
-        if cfg.full_bf16 && model.device.is_cpu() {
-            bail!(
-                "full_bf16 trains the LoRA weights in bf16, which candle's CPU matmul does not support: it needs a GPU"
-            );
-        }
-        let net_dtype = network.modules.first().map(|(_, m)| m.down.dtype()).unwrap_or(DType::F32);
-        match (cfg.full_bf16, net_dtype) {
-            (true, DType::BF16) | (false, DType::F32) => {}
-            (true, d) => bail!(
-                "full_bf16 trains the LoRA weights in bf16, but this network's are {}: create it with dtype bf16",
-                crate::device::dtype_name(d)
-            ),
-            (false, d) => bail!(
-                "the network's weights are {}; set full_bf16 (with mixed_precision bf16) to train them in half precision",
-                crate::device::dtype_name(d)
-            ),
-        }
-        let cfg_mp_fp16 = cfg.mixed_precision.as_deref() == Some("fp16");
+        let cfg_mp_fp16 = cfg.mixed_precision.as_deref() == Some("fp16") && target.network().is_some();
         let v_pred = cfg.v_parameterization.unwrap_or(model.v_pred);
-        // (down, up) pairs per group; LoRA-FA trains up only
-        let mut te: Vec<Pair> = Vec::new();
-        // UNet parameters grouped by block LR weight (one group without block weights), in first-seen order
-        let mut un: Vec<(f64, Vec<Pair>)> = Vec::new();
-        for (c, m) in &network.modules {
-            let pair = ((!network.config.lora_fa).then(|| m.down.clone()), m.up.clone());
-            match c {
-                Component::TextEncoder if !cfg.network_train_unet_only => te.push(pair),
-                Component::Unet if !cfg.network_train_text_encoder_only => {
-                    let w = network.lr_weight(m);
-                    match un.iter_mut().find(|(x, _)| *x == w) {
-                        Some((_, v)) => v.push(pair),
-                        None => un.push((w, vec![pair])),
-                    }
-                }
-                _ => {}
-            }
-        }
-        let mut groups = Vec::new();
-        let plus = network.config.loraplus;
-        if !te.is_empty() {
-            let lr = cfg.text_encoder_lr.unwrap_or(cfg.learning_rate);
-            groups.extend(param_groups("textencoder", te, lr, plus.ratio(Component::TextEncoder)));
-        }
-        let unet_lr = cfg.unet_lr.unwrap_or(cfg.learning_rate);
-        let single = un.len() == 1;
-        for (w, pairs) in un {
-            let name = if single && w == 1.0 { "unet".to_string() } else { format!("unet_block_lr{w}") };
-            groups.extend(param_groups(&name, pairs, unet_lr * w, plus.ratio(Component::Unet)));
-        }
-        if groups.is_empty() {
-            bail!("nothing to train: the network has no modules in the components selected for training");
-        }
+        let groups = target.param_groups(&cfg)?;
         let args = optim::parse_args(&cfg.optimizer_args)?;
         let kind = optim::Kind::parse(&cfg.optimizer_type, &args)?;
         let optimizer_description = optim::describe(&cfg.optimizer_type, &args)?;
@@ -248,10 +188,12 @@ impl Trainer {
                 });
             }
         }
-        network.apply(1.0);
+        if let Some(network) = target.network() {
+            network.apply(1.0);
+        }
         Ok(Self {
             model,
-            network,
+            target,
             data,
             cfg,
             optimizer,
@@ -379,13 +321,12 @@ impl Trainer {
     pub fn train_batch(&mut self, b: &Batch) -> Result<f64> {
         let mut rng =
             seed_for(self.cfg.seed, self.step * self.cfg.gradient_accumulation_steps.max(1) + self.accum_count, 1);
-        *self.network.state.rng.lock().expect("rng lock") = seed_for(self.cfg.seed, self.step, 2);
         // training mode (dropout, checkpoints) lasts through the backward, which recomputes checkpointed blocks
-        self.network.set_training(true);
+        self.target.set_training(true, Some(seed_for(self.cfg.seed, self.step, 2)));
         self.set_gradient_checkpointing(self.cfg.gradient_checkpointing);
         let result = self.loss_and_gradients(b, &mut rng);
         self.set_gradient_checkpointing(false);
-        self.network.set_training(false);
+        self.target.set_training(false, None);
         let (value, grads) = result?;
         match &mut self.accum {
             None => self.accum = Some(grads),
@@ -461,7 +402,11 @@ impl Trainer {
         }
         let accum = self.cfg.gradient_accumulation_steps.max(1);
         let scale = self.scaler.as_ref().map_or(1.0, |s| s.scale);
-        Ok((value, (loss * (scale / accum as f64))?.backward()?))
+        crate::nn::checkpoint::clear_block_gradients();
+        let mut grads = (loss * (scale / accum as f64))?.backward()?;
+        // checkpointed blocks hand their own weights' gradients (full fine-tuning) over separately
+        crate::nn::checkpoint::add_block_gradients(&mut grads)?;
+        Ok((value, grads))
     }
 
     /// Ends the gradient accumulation window early with an optimizer step on what it holds, as accelerate does at
@@ -497,7 +442,7 @@ impl Trainer {
                 };
                 self.optimizer.step_scaled(&grads, factor, clip)?;
                 if let Some(n) = self.cfg.scale_weight_norms.filter(|&n| n > 0.0) {
-                    self.network.apply_max_norm(n)?;
+                    self.target.apply_max_norm(n)?;
                 }
                 Ok(())
             })?;
@@ -693,17 +638,17 @@ impl Trainer {
                 }
             }
         }
-        self.save_network(&self.cfg.output_name.clone())?;
+        self.save_output(&self.cfg.output_name.clone())?;
         if self.cfg.save_state {
             self.save_state_now()?;
         }
         Ok(())
     }
 
-    /// An intermediate save: the network as `name`, and with `save_state` the state too (as sd-scripts saves one
+    /// An intermediate save: the network or model as `name`, and with `save_state` the state too (as sd-scripts saves one
     /// with each model), so that a run that crashes later resumes from here.
     fn save_intermediate(&self, name: &str) -> Result<()> {
-        self.save_network(name)?;
+        self.save_output(name)?;
         if self.cfg.save_state {
             self.save_state_now()?;
         }
@@ -743,7 +688,7 @@ impl Trainer {
         std::fs::write(&probe, b"ok")
             .with_context(|| format!("{}: the output folder is not writable", dir.display()))?;
         let _ = std::fs::remove_file(&probe);
-        let last = dir.join(format!("{}.safetensors", self.cfg.output_name));
+        let last = self.final_path();
         if last.exists() && !self.cfg.overwrite && self.step == 0 {
             bail!("{}: already exists; choose another output_name or set overwrite: true", last.display());
         }
@@ -758,7 +703,7 @@ impl Trainer {
                 "dtype": crate::device::dtype_name(self.model.dtype), "clip_skip": self.model.clip_skip,
                 "v_pred": self.v_pred,
             },
-            "network": format!("{:?}", self.network.config),
+            "network": self.target.describe(),
             "datasets": self.data.as_ref().map(|d| d.datasets.iter().map(|x| format!("{:?}", x.cfg)).collect::<Vec<_>>()),
             "train": serde_json::to_value(&self.cfg)?,
             "total_steps": self.total_steps,
@@ -837,36 +782,48 @@ impl Trainer {
         Ok(m)
     }
 
-    /// Writes `name.safetensors` in the output folder with sd-scripts' metadata.
-    pub fn save_network(&self, name: &str) -> Result<PathBuf> {
-        let path = self.output_dir().join(format!("{name}.safetensors"));
-        let res =
-            self.data.as_ref().and_then(|d| d.datasets.first()).map(|d| d.cfg.buckets.resolution).unwrap_or((512, 512));
-        let meta = file::base_metadata(&self.network, name, res, &self.metadata()?);
-        file::save(&self.network, &path, &meta, self.cfg.save_dtype()?, true)?;
+    /// Writes the network (`name.safetensors`, sd-scripts' metadata) or the model (`name.safetensors`, or the
+    /// diffusers folder `name`) in the output folder.
+    pub fn save_output(&self, name: &str) -> Result<PathBuf> {
+        let path = self.target.output_path(&self.output_dir(), name);
+        let meta = self.metadata()?;
+        self.target.save(&self.model, &path, self.resolution(), &meta, self.cfg.save_dtype()?, true)?;
         Ok(path)
     }
 
-    /// Keeps only the last `save_last_n_epochs` / `save_last_n_steps` intermediate files.
+    /// The first dataset's resolution (512² without one).
+    fn resolution(&self) -> (usize, usize) {
+        self.data.as_ref().and_then(|d| d.datasets.first()).map(|d| d.cfg.buckets.resolution).unwrap_or((512, 512))
+    }
+
+    /// The network this run trains; an error when it fine-tunes the model itself.
+    pub fn network(&self) -> Result<&Arc<Network>> {
+        self.target.network().context("this run fine-tunes the model itself: it has no network")
+    }
+
+    /// Keeps only the last `save_last_n_epochs` / `save_last_n_steps` intermediate saves (files, or diffusers
+    /// folders).
     fn prune(&self, steps: bool) -> Result<()> {
         let keep = if steps { self.cfg.save_last_n_steps } else { self.cfg.save_last_n_epochs };
         let Some(keep) = keep else { return Ok(()) };
         let prefix =
             if steps { format!("{}-step", self.cfg.output_name) } else { format!("{}-", self.cfg.output_name) };
-        let mut files: Vec<PathBuf> = std::fs::read_dir(self.output_dir())?
+        let final_name = self.final_path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let suffix = final_name.strip_prefix(self.cfg.output_name.as_str()).unwrap_or(".safetensors").to_string();
+        let mut saves: Vec<PathBuf> = std::fs::read_dir(self.output_dir())?
             .filter_map(|e| e.ok().map(|e| e.path()))
             .filter(|p| {
                 let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                n.starts_with(&prefix)
-                    && n.ends_with(".safetensors")
-                    && (steps || !n.contains("-step"))
-                    && n[prefix.len()..n.len() - 12].chars().all(|c| c.is_ascii_digit())
+                n.strip_prefix(prefix.as_str())
+                    .and_then(|rest| rest.strip_suffix(suffix.as_str()))
+                    .is_some_and(|num| !num.is_empty() && num.chars().all(|c| c.is_ascii_digit()))
             })
             .collect();
-        files.sort();
-        let excess = files.len().saturating_sub(keep);
-        for f in files.into_iter().take(excess) {
-            std::fs::remove_file(&f).with_context(|| format!("{}: cannot remove an old save", f.display()))?;
+        saves.sort();
+        let excess = saves.len().saturating_sub(keep);
+        for f in saves.into_iter().take(excess) {
+            let removed = if f.is_dir() { std::fs::remove_dir_all(&f) } else { std::fs::remove_file(&f) };
+            removed.with_context(|| format!("{}: cannot remove an old save", f.display()))?;
         }
         Ok(())
     }
@@ -945,9 +902,43 @@ impl Trainer {
         self.step >= self.total_steps
     }
 
-    /// Where the final network goes.
+    /// Where the final network or model goes.
     pub fn final_path(&self) -> PathBuf {
-        self.output_dir().join(format!("{}.safetensors", self.cfg.output_name))
+        self.target.output_path(&self.output_dir(), &self.cfg.output_name)
+    }
+}
+
+/// The checks between a network's dtype, the frozen model's and the precision options.
+fn check_network_precision(model: &StableDiffusion, network: &Network, cfg: &TrainConfig) -> Result<()> {
+    if cfg.mixed_precision.as_deref() == Some("bf16") && model.device.is_cpu() {
+        eprintln!(
+            "note: mixed_precision bf16 on the CPU keeps the frozen model in f32 (candle has no CPU bf16 convolution)"
+        );
+    }
+    if let Some(want) = cfg.base_dtype_for(&model.device) {
+        if model.dtype != want {
+            bail!(
+                "mixed_precision {} needs the model loaded in {} (load_model(path, #{{ dtype: \"{}\" }})); the LoRA weights stay f32",
+                cfg.mixed_precision.as_deref().unwrap_or(""),
+                crate::device::dtype_name(want),
+                crate::device::dtype_name(want)
+            );
+        }
+    }
+    if cfg.full_bf16 && model.device.is_cpu() {
+        bail!("full_bf16 trains the LoRA weights in bf16, which candle's CPU matmul does not support: it needs a GPU");
+    }
+    let net_dtype = network.modules.first().map(|(_, m)| m.down.dtype()).unwrap_or(DType::F32);
+    match (cfg.full_bf16, net_dtype) {
+        (true, DType::BF16) | (false, DType::F32) => Ok(()),
+        (true, d) => bail!(
+            "full_bf16 trains the LoRA weights in bf16, but this network's are {}: create it with dtype bf16",
+            crate::device::dtype_name(d)
+        ),
+        (false, d) => bail!(
+            "the network's weights are {}; set full_bf16 (with mixed_precision bf16) to train them in half precision",
+            crate::device::dtype_name(d)
+        ),
     }
 }
 

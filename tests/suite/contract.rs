@@ -79,6 +79,7 @@ fn every_contract_function_works_from_a_script() {
         ".step_with(",
         ".run()",
         ".network",
+        ".model",
         "tr.save(",
         "resume(",
         "plot(",

@@ -12,9 +12,18 @@ fn config(name: &str) -> std::path::PathBuf {
 }
 
 /// Paths of a fixture config replaced by test ones (they point into the kohya_ss tree).
-fn local(mut flat: serde_json::Map<String, Value>, dir: &std::path::Path) -> serde_json::Map<String, Value> {
+fn local(flat: serde_json::Map<String, Value>, dir: &std::path::Path) -> serde_json::Map<String, Value> {
+    local_with(flat, dir, "tiny-sd15/tiny-sd15.safetensors")
+}
+
+/// `local` with another model fixture.
+fn local_with(
+    mut flat: serde_json::Map<String, Value>,
+    dir: &std::path::Path,
+    model: &str,
+) -> serde_json::Map<String, Value> {
     let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 1, 4, 64, 0).unwrap();
-    flat.insert("pretrained_model_name_or_path".into(), json!(fixture("tiny-sd15/tiny-sd15.safetensors")));
+    flat.insert("pretrained_model_name_or_path".into(), json!(fixture(model)));
     flat.insert("train_data_dir".into(), json!(data));
     flat.insert("output_dir".into(), json!(dir.join("out")));
     flat.remove("logging_dir");
@@ -26,11 +35,11 @@ fn every_kohya_fixture_imports_or_says_what_is_unsupported() {
     let expect: &[(&str, &[&str])] = &[
         ("locon-AdamW.json", &[]),
         ("preset-sd15_-_EDG_LoraOptiSettings.json", &[]),
-        ("Standard-AdamW.json", &["DreamBooth training is not supported yet"]),
-        ("dreambooth-AdamW.json", &["DreamBooth training is not supported yet"]),
-        ("SDXL-Standard-AdamW.json", &["DreamBooth training is not supported yet"]),
+        ("Standard-AdamW.json", &[]),
+        ("dreambooth-AdamW.json", &[]),
+        ("SDXL-Standard-AdamW.json", &[]),
         ("TI-AdamW8bit.json", &["textual inversion training is not supported yet"]),
-        ("finetune-AdamW.json", &["fine-tuning training is not supported yet"]),
+        ("finetune-AdamW.json", &["fine-tuning (Finetuning tab) training is not supported yet"]),
         ("loha-Prodigy.json", &["LyCORIS/LoHa is not supported yet"]),
         ("preset-lokr-sd15.json", &["LyCORIS/LoKr is not supported yet"]),
         ("preset-SDXL_-_LoRA_AI_Now_prodigy_v1.0.json", &[]),
@@ -173,6 +182,53 @@ fn imported_lora_recipes_resolve_like_the_direct_route_and_run_on_tiny_sd15() {
             .join("out")
             .join(format!("{}.safetensors", recipe["train"]["output_name"].as_str().unwrap_or("last")))
             .is_file());
+    }
+}
+
+#[test]
+fn imported_dreambooth_configs_fine_tune_the_model_like_the_direct_route() {
+    for (name, model) in [
+        ("dreambooth-AdamW.json", "tiny-sd15/tiny-sd15.safetensors"),
+        ("SDXL-Standard-AdamW.json", "tiny-sdxl/tiny-sdxl.safetensors"),
+    ] {
+        let dir = scratch(&format!("import-db-{}", &name[..4]));
+        let imp = import::kohya(&config(name)).unwrap();
+        let o = &imp.options;
+        // kohya_ss's DreamBooth tab: train_db.py / sdxl_train.py with the text encoder at learning_rate_te(1)
+        assert_eq!(o["fine_tune"], json!(true));
+        assert!(!o.contains_key("network_module"));
+        let gui: Value = serde_json::from_str(&std::fs::read_to_string(config(name)).unwrap()).unwrap();
+        assert_eq!(
+            (o["learning_rate"].clone(), o["learning_rate_te"].clone()),
+            (gui["learning_rate"].clone(), json!(1e-05))
+        );
+        assert_eq!(o["save_model_as"], "safetensors");
+        let mut flat = local_with(imp.options.clone(), &dir, model);
+        flat.insert("max_train_steps".into(), json!(2));
+        flat.insert("resolution".into(), json!("64,64"));
+        flat.insert("min_bucket_reso".into(), json!(64));
+        flat.remove("sample_every_n_steps");
+        let (recipe, _) = build::recipe_from_flat(flat).unwrap();
+        let direct = build::build(&recipe).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        let want = direct.resolved_options().unwrap();
+        assert!(want["network"].as_str().unwrap().starts_with("full fine-tuning"), "{}", want["network"]);
+        assert_eq!(want["train"]["text_encoder_lr"], json!(1e-05));
+        let script = import::rhai::script(&recipe, &imp.report, name, "test");
+        assert!(!script.contains("lora(") && !script.contains("network: network"), "{script}");
+        let args: Vec<String> = [&recipe["model"], &recipe["dataset"], &recipe["train"]["output_dir"]]
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(script_options(&script, &args), want, "{name}: the script resolves other options\n{script}");
+        let p = dir.join("recipe.rhai");
+        std::fs::write(&p, &script).unwrap();
+        sdtune::script::run_file(&p, &args).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        // the fine-tuned model, in the config's save_precision (fp16), loads as a model of its family
+        let out = dir.join("out").join(format!("{}.safetensors", recipe["train"]["output_name"].as_str().unwrap()));
+        let m = load(&out);
+        assert_eq!(m.family, load(&fixture(model)).family);
+        let conv = sdtune::io::tensors::read_safetensors(&out, None, &candle_core::Device::Cpu).unwrap();
+        assert!(conv.tensors.values().all(|t| t.dtype() == candle_core::DType::F16), "save_precision fp16");
     }
 }
 

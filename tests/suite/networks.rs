@@ -237,7 +237,8 @@ fn block_wise_dims_and_lr_weights_follow_sd_scripts() {
         serde_json::json!({ "learning_rate": 1e-4, "max_train_steps": 1 }),
     )
     .unwrap();
-    let tr = sdtune::train::Trainer::new(std::sync::Arc::new(model), net, None, tcfg, serde_json::json!({})).unwrap();
+    let tr =
+        sdtune::train::Trainer::new(std::sync::Arc::new(model), net.into(), None, tcfg, serde_json::json!({})).unwrap();
     let mut lrs = tr.current_lrs().unwrap();
     lrs.sort_by(|a, b| a.0.cmp(&b.0));
     assert_eq!(lrs.len(), 3, "{lrs:?}");

@@ -235,7 +235,8 @@ fn sdxl_lora_training_learns_and_saves_sd_scripts_files() {
     let mut tr = build::build(&recipe).unwrap();
     // copies: the optimizer updates the weights in place
     let before_w: HashMap<String, Tensor> = tr
-        .network
+        .network()
+        .unwrap()
         .state_dict(candle_core::DType::F32)
         .unwrap()
         .into_iter()
@@ -260,7 +261,7 @@ fn sdxl_lora_training_learns_and_saves_sd_scripts_files() {
     );
     assert!(after < 0.85 * before, "loss {before} → {after}");
     // every component learned: some up weight of each moved off zero
-    let after_w = tr.network.state_dict(candle_core::DType::F32).unwrap();
+    let after_w = tr.network().unwrap().state_dict(candle_core::DType::F32).unwrap();
     for prefix in ["lora_unet_", "lora_te2_", "lora_te1_"] {
         let moved = after_w
             .iter()
@@ -293,7 +294,7 @@ fn sdxl_lora_training_learns_and_saves_sd_scripts_files() {
         let y = m.sdxl_y(c.pooled.as_ref().unwrap(), b.time_ids.as_ref().unwrap()).unwrap();
         m.unet_with(&b.latents, b.timesteps.as_ref().unwrap(), &c.context, y.as_ref()).unwrap()
     };
-    tr.network.apply(1.0);
+    tr.network().unwrap().apply(1.0);
     assert!(max_abs_diff(&cond(&fresh), &cond(&tr.model)) < 1e-5);
 }
 

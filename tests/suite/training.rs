@@ -19,7 +19,8 @@ fn recipe_to(dir: &std::path::Path, out: &str, mut train: serde_json::Value) -> 
 }
 
 fn weights(tr: &sdtune::train::Trainer) -> Vec<f32> {
-    tr.network
+    tr.network()
+        .unwrap()
         .vars()
         .iter()
         .flat_map(|(_, d, u)| {
@@ -544,13 +545,13 @@ fn mixed_precision_trains_a_half_precision_base_with_f32_lora_weights() {
     assert_eq!(tr.model.dtype, candle_core::DType::F16);
     tr.run(&mut |_, _| {}).unwrap();
     assert!(tr.losses.iter().all(|l| l.is_finite()));
-    assert!(tr.network.vars().iter().all(|(_, d, u)| d.as_tensor().dtype() == candle_core::DType::F32
+    assert!(tr.network().unwrap().vars().iter().all(|(_, d, u)| d.as_tensor().dtype() == candle_core::DType::F32
         && u.as_tensor().dtype() == candle_core::DType::F32));
     // the fp16 loss scale: 2¹⁶ unless a step overflowed (then halved per skipped step)
     let s = tr.scaler.clone().expect("fp16 has a loss scaler");
     assert_eq!(s.scale * 2f64.powi(s.skipped as i32), 65536.0, "{s:?}");
     assert!(
-        tr.network.vars().iter().any(|(_, _, u)| u
+        tr.network().unwrap().vars().iter().any(|(_, _, u)| u
             .as_tensor()
             .abs()
             .unwrap()
@@ -576,13 +577,13 @@ fn mixed_precision_trains_a_half_precision_base_with_f32_lora_weights() {
         .iter()
         .all(|(_, d, u)| d.dtype() == candle_core::DType::BF16 && u.dtype() == candle_core::DType::BF16));
     let tcfg = sdtune::train::config::TrainConfig::from_json(json!({})).unwrap();
-    let e = sdtune::train::Trainer::new(model, net, None, tcfg, json!({})).err().unwrap().to_string();
+    let e = sdtune::train::Trainer::new(model, net.into(), None, tcfg, json!({})).err().unwrap().to_string();
     assert!(e.contains("set full_bf16"), "{e}");
     // a model loaded in f32 with mixed_precision fp16 is a clear error
     let model = std::sync::Arc::new(load(&fixture("tiny-sd15")));
     let net = std::sync::Arc::new(sdtune::networks::Network::create(&model, &Default::default(), 0).unwrap());
     let cfg = sdtune::train::config::TrainConfig::from_json(json!({ "mixed_precision": "fp16" })).unwrap();
-    let e = sdtune::train::Trainer::new(model, net, None, cfg, json!({})).err().unwrap().to_string();
+    let e = sdtune::train::Trainer::new(model, net.into(), None, cfg, json!({})).err().unwrap().to_string();
     assert!(e.contains("mixed_precision fp16 needs the model loaded in f16"), "{e}");
 }
 
@@ -597,11 +598,16 @@ fn lora_fa_trains_up_only() {
     r["network"] = json!({ "network_module": "networks.lora_fa", "dim": 8, "alpha": 8.0 });
     let mut tr = build::build(&r).unwrap();
     let downs = |tr: &sdtune::train::Trainer| -> Vec<Vec<f32>> {
-        tr.network.vars().iter().map(|(_, d, _)| d.as_tensor().flatten_all().unwrap().to_vec1().unwrap()).collect()
+        tr.network()
+            .unwrap()
+            .vars()
+            .iter()
+            .map(|(_, d, _)| d.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
+            .collect()
     };
     let before = downs(&tr);
     // N(0, 2/(in + r)): the first module's sample std is near its target
-    let (_, m) = &tr.network.modules[0];
+    let (_, m) = &tr.network().unwrap().modules[0];
     let d0 = m.down.as_tensor();
     let want = (2.0 / (d0.dims()[1] + 8) as f64).sqrt();
     let n = before[0].len() as f64;
@@ -610,7 +616,8 @@ fn lora_fa_trains_up_only() {
     tr.run(&mut |_, _| {}).unwrap();
     assert_eq!(downs(&tr), before, "LoRA-FA keeps down frozen");
     let up_moved = tr
-        .network
+        .network()
+        .unwrap()
         .vars()
         .iter()
         .any(|(_, _, u)| u.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
@@ -646,7 +653,7 @@ fn a_script_run_resumes_with_its_dataset_and_network_options() {
     sdtune::script::engine().run(&script).unwrap();
     let tr = build::resume(&dir.join("out/s-state"), None).unwrap();
     assert_eq!(tr.data.as_ref().unwrap().datasets[0].cfg.buckets.resolution, (64, 64), "dataset options kept");
-    assert!(tr.network.config.lora_fa, "network module kept");
+    assert!(tr.network().unwrap().config.lora_fa, "network module kept");
 }
 
 /// LoRA+ (sd-scripts' `loraplus_lr_ratio`, `loraplus_unet_lr_ratio`, `loraplus_text_encoder_lr_ratio` network
@@ -673,10 +680,10 @@ fn loraplus_trains_up_weights_at_the_ratio() {
         assert!((lr - wl).abs() < 1e-12 * wl.max(1.0), "{name}: {lr} (want {wl})");
     }
     let copy = |v: &candle_core::Var| v.as_tensor().copy().unwrap();
-    let before: Vec<_> = tr.network.vars().iter().map(|(c, d, u)| (*c, copy(d), copy(u))).collect();
+    let before: Vec<_> = tr.network().unwrap().vars().iter().map(|(c, d, u)| (*c, copy(d), copy(u))).collect();
     tr.run(&mut |_, _| {}).unwrap();
     let mut largest = std::collections::BTreeMap::new();
-    for ((c, d0, u0), (_, d, u)) in before.iter().zip(tr.network.vars()) {
+    for ((c, d0, u0), (_, d, u)) in before.iter().zip(tr.network().unwrap().vars()) {
         for (kind, a, b) in [("down", d0, d.as_tensor()), ("up", u0, u.as_tensor())] {
             let e = largest.entry((format!("{c:?}"), kind)).or_insert(0.0f64);
             *e = e.max(max_abs_diff(a, b));
@@ -782,7 +789,7 @@ fn weighted_captions_weight_tokens_and_train_the_text_encoder() {
     b.captions = Some(vec![caption.replacen(&first, &format!("({first}:1.5)"), 1); n]);
     assert_ne!(loss(&weighted, &b), loss(&plain, &b), "a weighted word changes the conditioning");
     let te_ups = |tr: &sdtune::train::Trainer| -> Vec<f32> {
-        let vars = tr.network.vars();
+        let vars = tr.network().unwrap().vars();
         let te = vars.iter().filter(|(c, _, _)| *c == Component::TextEncoder);
         te.flat_map(|(_, _, u)| u.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
     };

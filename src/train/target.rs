@@ -1,0 +1,288 @@
+//! What a run trains: a LoRA network on the frozen model (sd-scripts' `train_network.py`), or the model itself
+//! (full fine-tuning: `train_db.py`, `fine_tune.py`). Each gives the optimizer its parameter groups and saves,
+//! restores and describes what it trains; the loop in `trainer.rs` is the same for both.
+
+use super::config::TrainConfig;
+use super::optim::ParamGroup;
+use crate::models::{SaveFormat, StableDiffusion, Trainables};
+use crate::networks::{Component, Network};
+use crate::rng::Rng;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Tensor, Var};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The trained part of a run.
+pub enum Target {
+    /// A LoRA network attached to the frozen model.
+    Network(Arc<Network>),
+    /// The model's own weights (the trainer's model is the trainable copy these variables belong to).
+    Model(FineTune),
+}
+
+impl From<Arc<Network>> for Target {
+    fn from(n: Arc<Network>) -> Self {
+        Target::Network(n)
+    }
+}
+
+/// Full fine-tuning: the variables of the model copy, and how the model is saved.
+pub struct FineTune {
+    pub vars: Trainables,
+    pub format: SaveFormat,
+}
+
+impl FineTune {
+    /// Makes the trainable copy of `model` for `cfg`: the UNet always, the text encoder(s) unless
+    /// `train_text_encoder` is false (as `train_db.py`, which trains it until `stop_text_encoder_training`).
+    /// The copy is saved as `save_model_as` says, by default in the source's layout (sd-scripts' rule).
+    pub fn prepare(model: &StableDiffusion, cfg: &TrainConfig) -> Result<(StableDiffusion, Self)> {
+        let format = match cfg.save_model_as.as_deref() {
+            None => {
+                if model.source.is_dir() {
+                    SaveFormat::Diffusers
+                } else {
+                    SaveFormat::SingleFile
+                }
+            }
+            Some("safetensors") => SaveFormat::SingleFile,
+            Some("diffusers" | "diffusers_safetensors") => SaveFormat::Diffusers,
+            Some("ckpt") => bail!("save_model_as ckpt: sdtune writes models as safetensors (use \"safetensors\")"),
+            Some(other) => {
+                bail!(
+                    "save_model_as must be safetensors, diffusers or diffusers_safetensors for a model, got {other:?}"
+                )
+            }
+        };
+        let (copy, vars) = model.trainable(cfg.train_text_encoder.unwrap_or(true))?;
+        Ok((copy, Self { vars, format }))
+    }
+
+    /// Every variable with its state name (`unet.`, `text_encoder.`, `text_encoder_2.` + the diffusers name).
+    fn named(&self) -> impl Iterator<Item = (String, &Var)> {
+        let v = &self.vars;
+        [("unet", &v.unet), ("text_encoder", &v.text_encoder), ("text_encoder_2", &v.text_encoder_2)]
+            .into_iter()
+            .flat_map(|(c, list)| list.iter().map(move |(k, var)| (format!("{c}.{k}"), var)))
+    }
+}
+
+/// A LoRA module's trained weights: down (absent for LoRA-FA) and up.
+type Pair = (Option<Var>, Var);
+
+/// A component's optimizer groups: its (down, up) pairs at `lr`, or with LoRA+ the downs at `lr` and the ups at
+/// `lr · ratio` in a group named "`name` plus", as sd-scripts' `prepare_optimizer_params` makes them.
+fn lora_groups(name: &str, pairs: Vec<Pair>, lr: f64, loraplus: Option<f64>) -> Vec<ParamGroup> {
+    let Some(ratio) = loraplus else {
+        let params = pairs.into_iter().flat_map(|(d, u)| d.into_iter().chain([u])).collect();
+        return vec![ParamGroup { name: name.to_string(), params, lr }];
+    };
+    let (downs, ups): (Vec<Option<Var>>, Vec<Var>) = pairs.into_iter().unzip();
+    let downs: Vec<Var> = downs.into_iter().flatten().collect();
+    let mut groups = Vec::new();
+    if !downs.is_empty() {
+        groups.push(ParamGroup { name: name.to_string(), params: downs, lr });
+    }
+    groups.push(ParamGroup { name: format!("{name} plus"), params: ups, lr: lr * ratio });
+    groups
+}
+
+/// The LoRA options that mean nothing without a network, refused for full fine-tuning rather than ignored.
+const NETWORK_ONLY: &[&str] =
+    &["network_train_unet_only", "network_train_text_encoder_only", "scale_weight_norms", "full_bf16", "unet_lr"];
+
+impl Target {
+    /// Checks that `cfg` asks only what this target can do.
+    pub fn check(&self, cfg: &TrainConfig) -> Result<()> {
+        match self {
+            Target::Network(_) => {
+                if cfg.train_text_encoder.is_some() || cfg.save_model_as.is_some() {
+                    bail!("train_text_encoder and save_model_as are full fine-tuning options; a network's components are chosen with network_train_unet_only / network_train_text_encoder_only");
+                }
+            }
+            Target::Model(_) => {
+                let given = [
+                    cfg.network_train_unet_only,
+                    cfg.network_train_text_encoder_only,
+                    cfg.scale_weight_norms.is_some(),
+                    cfg.full_bf16,
+                    cfg.unet_lr.is_some(),
+                ];
+                if let Some((name, _)) = NETWORK_ONLY.iter().zip(given).find(|(_, on)| *on) {
+                    bail!("{name} is a LoRA option; full fine-tuning (no network) does not take it (the UNet's LR is learning_rate, the text encoder's learning_rate_te)");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The optimizer's groups: "textencoder" (text_encoder_lr / learning_rate_te, else learning_rate) and "unet"
+    /// (for networks also per block LR weight, and LoRA+'s "plus" groups).
+    pub fn param_groups(&self, cfg: &TrainConfig) -> Result<Vec<ParamGroup>> {
+        let te_lr = cfg.text_encoder_lr.unwrap_or(cfg.learning_rate);
+        let unet_lr = cfg.unet_lr.unwrap_or(cfg.learning_rate);
+        let mut groups = Vec::new();
+        match self {
+            Target::Model(ft) => {
+                let te: Vec<Var> =
+                    ft.vars.text_encoder.iter().chain(&ft.vars.text_encoder_2).map(|(_, v)| v.clone()).collect();
+                if !te.is_empty() {
+                    groups.push(ParamGroup { name: "textencoder".into(), params: te, lr: te_lr });
+                }
+                let unet = ft.vars.unet.iter().map(|(_, v)| v.clone()).collect();
+                groups.push(ParamGroup { name: "unet".into(), params: unet, lr: unet_lr });
+            }
+            Target::Network(network) => {
+                let mut te: Vec<Pair> = Vec::new();
+                // UNet parameters grouped by block LR weight (one group without block weights), in first-seen order
+                let mut un: Vec<(f64, Vec<Pair>)> = Vec::new();
+                for (c, m) in &network.modules {
+                    let pair = ((!network.config.lora_fa).then(|| m.down.clone()), m.up.clone());
+                    match c {
+                        Component::TextEncoder if !cfg.network_train_unet_only => te.push(pair),
+                        Component::Unet if !cfg.network_train_text_encoder_only => {
+                            let w = network.lr_weight(m);
+                            match un.iter_mut().find(|(x, _)| *x == w) {
+                                Some((_, v)) => v.push(pair),
+                                None => un.push((w, vec![pair])),
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                let plus = network.config.loraplus;
+                if !te.is_empty() {
+                    groups.extend(lora_groups("textencoder", te, te_lr, plus.ratio(Component::TextEncoder)));
+                }
+                let single = un.len() == 1;
+                for (w, pairs) in un {
+                    let name = if single && w == 1.0 { "unet".to_string() } else { format!("unet_block_lr{w}") };
+                    groups.extend(lora_groups(&name, pairs, unet_lr * w, plus.ratio(Component::Unet)));
+                }
+                if groups.is_empty() {
+                    bail!("nothing to train: the network has no modules in the components selected for training");
+                }
+            }
+        }
+        Ok(groups)
+    }
+
+    /// The network, if this run trains one.
+    pub fn network(&self) -> Option<&Arc<Network>> {
+        match self {
+            Target::Network(n) => Some(n),
+            Target::Model(_) => None,
+        }
+    }
+
+    /// Training mode (a network's dropouts) on or off, with its dropout stream at `rng`.
+    pub fn set_training(&self, on: bool, rng: Option<Rng>) {
+        if let Target::Network(n) = self {
+            if let Some(r) = rng {
+                *n.state.rng.lock().expect("rng lock") = r;
+            }
+            n.set_training(on);
+        }
+    }
+
+    /// sd-scripts' `scale_weight_norms` after an optimizer step (networks only: `check` refuses it otherwise).
+    pub fn apply_max_norm(&self, max_norm: f64) -> Result<()> {
+        if let Target::Network(n) = self {
+            n.apply_max_norm(max_norm)?;
+        }
+        Ok(())
+    }
+
+    /// What a saved state holds of the trained weights, in f32 on the CPU.
+    pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        match self {
+            Target::Network(n) => n.state_dict(DType::F32),
+            Target::Model(ft) => ft
+                .named()
+                .map(|(k, v)| Ok((k, v.as_tensor().to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?)))
+                .collect(),
+        }
+    }
+
+    /// The file of a saved state that holds `state_tensors`.
+    pub fn state_file(&self) -> &'static str {
+        match self {
+            Target::Network(_) => "network.safetensors",
+            Target::Model(_) => "model.safetensors",
+        }
+    }
+
+    /// Sets the trained weights from a saved state's tensors; `dir` names the state in errors.
+    pub fn restore(&self, saved: &HashMap<String, Tensor>, dir: &Path) -> Result<()> {
+        let get = |k: &str| -> Result<&Tensor> {
+            saved.get(k).with_context(|| format!("{}: `{k}` missing from the saved weights", dir.display()))
+        };
+        match self {
+            Target::Network(n) => {
+                for (_, m) in &n.modules {
+                    m.down.set(&get(&format!("{}.lora_down.weight", m.name))?.to_dtype(m.down.dtype())?)?;
+                    m.up.set(&get(&format!("{}.lora_up.weight", m.name))?.to_dtype(m.up.dtype())?)?;
+                }
+            }
+            Target::Model(ft) => {
+                for (k, v) in ft.named() {
+                    v.set(&get(&k)?.to_dtype(v.dtype())?.to_device(v.device())?)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Where a save named `name` goes in `dir`: `name.safetensors`, or the folder `name` for a diffusers model.
+    pub fn output_path(&self, dir: &Path, name: &str) -> PathBuf {
+        match self {
+            Target::Model(FineTune { format: SaveFormat::Diffusers, .. }) => dir.join(name),
+            _ => dir.join(format!("{name}.safetensors")),
+        }
+    }
+
+    /// Writes the trained result to `path`: the network (kohya format, sd-scripts' metadata, hashes) or the whole
+    /// model (single file with ModelSpec metadata, or a diffusers folder).
+    pub fn save(
+        &self,
+        model: &StableDiffusion,
+        path: &Path,
+        resolution: (usize, usize),
+        training: &BTreeMap<String, String>,
+        dtype: DType,
+        overwrite: bool,
+    ) -> Result<()> {
+        let title = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        match self {
+            Target::Network(n) => {
+                let meta = crate::networks::file::base_metadata(n, &title, resolution, training);
+                crate::networks::file::save(n, path, &meta, dtype, overwrite)
+            }
+            Target::Model(ft) => {
+                let spec = crate::io::modelspec::modelspec(
+                    model.family,
+                    model.v_pred,
+                    None,
+                    &title,
+                    resolution,
+                    model.clip_skip,
+                );
+                model.save_with(path, ft.format, dtype, overwrite, &spec.into_iter().collect())
+            }
+        }
+    }
+
+    /// A one-line description for `trainer.options`.
+    pub fn describe(&self) -> String {
+        match self {
+            Target::Network(n) => format!("{:?}", n.config),
+            Target::Model(ft) => format!(
+                "full fine-tuning: {} UNet tensors, {} text encoder tensors, saved as {:?}",
+                ft.vars.unet.len(),
+                ft.vars.text_encoder.len() + ft.vars.text_encoder_2.len(),
+                ft.format
+            ),
+        }
+    }
+}

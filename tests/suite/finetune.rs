@@ -1,0 +1,175 @@
+//! Full fine-tuning (DreamBooth / fine-tune: the model itself trains, no network): steps equal to diffusers' and
+//! transformers' under PyTorch, saves that load back, exact resume, and clear refusals.
+
+use crate::common::*;
+use candle_core::{DType, Tensor};
+use sdtune::train::config::TrainConfig;
+use sdtune::train::{build, Batch, Trainer};
+use serde_json::json;
+use std::collections::HashMap;
+
+fn golden_batch(g: &HashMap<String, Tensor>, i: usize) -> Batch {
+    let t = |k: &str| g[&format!("b{i}.{k}")].clone();
+    let latents = t("latents");
+    let n = latents.dim(0).unwrap();
+    Batch {
+        latents,
+        input_ids: t("input_ids"),
+        weights: Tensor::ones(n, DType::F32, &candle_core::Device::Cpu).unwrap(),
+        noise: Some(t("noise")),
+        timesteps: Some(t("timesteps")),
+        time_ids: None,
+        captions: None,
+    }
+}
+
+/// Copies of every trained tensor of `tr` by the golden file's names (`unet.…`, `text_encoder.…`).
+fn trained(tr: &Trainer) -> HashMap<String, Tensor> {
+    tr.target.state_tensors().unwrap().into_iter().map(|(k, t)| (k, t.copy().unwrap())).collect()
+}
+
+#[test]
+fn fine_tuning_steps_match_diffusers_and_transformers() {
+    fine_tuning_steps_match(false);
+}
+
+/// With gradient checkpointing (UNet blocks and text-encoder layers recomputed in the backward, their own
+/// weights' gradients collected separately) the steps are PyTorch's too.
+#[test]
+fn checkpointed_fine_tuning_steps_match_diffusers_and_transformers() {
+    fine_tuning_steps_match(true);
+}
+
+fn fine_tuning_steps_match(checkpointing: bool) {
+    let g = goldens("finetune/sgd_steps.safetensors");
+    let model = load(&fixture("tiny-sd15/tiny-sd15.safetensors"));
+    let dir = scratch(&format!("finetune-parity-{checkpointing}"));
+    let cfg = TrainConfig::from_json(json!({
+        "optimizer_type": "SGDNesterov", "learning_rate": 0.05, "max_train_steps": 4,
+        "output_dir": dir, "output_name": "ft", "log_every_n_steps": 0, "gradient_checkpointing": checkpointing,
+    }))
+    .unwrap();
+    let mut tr = Trainer::fine_tune(&model, None, cfg, json!({})).unwrap();
+    let before = trained(&tr);
+    let losses: Vec<f64> = g["losses"].to_vec1().unwrap();
+    for (step, want) in losses.iter().enumerate() {
+        let loss = tr.train_batch(&golden_batch(&g, step % 2)).unwrap();
+        eprintln!("step {}: loss {loss:.7} (PyTorch {want:.7})", step + 1);
+        assert!((loss - want).abs() < 1e-5, "step {}: loss {loss} vs PyTorch {want}", step + 1);
+    }
+    let after = trained(&tr);
+    // every trained tensor against PyTorch's, and how far the weights moved
+    let (mut worst, mut worst_key, mut moved) = (0f64, String::new(), 0f64);
+    let mut compared = 0;
+    for (k, ours) in &after {
+        let golden = if k == "text_encoder.text_model.embeddings.token_embedding.weight" {
+            // only the rows of the ids used have gradients; the others must not have moved
+            let ids = &g["text_encoder.token_ids"];
+            let rows = ours.index_select(&ids.to_dtype(DType::U32).unwrap(), 0).unwrap();
+            assert_eq!(
+                max_abs_diff(ours, &before[k]),
+                max_abs_diff(&rows, &before[k].index_select(&ids.to_dtype(DType::U32).unwrap(), 0).unwrap()),
+                "unused token rows moved"
+            );
+            let d = max_abs_diff(&rows, &g["text_encoder.token_rows"]);
+            if d > worst {
+                (worst, worst_key) = (d, k.clone());
+            }
+            compared += 1;
+            continue;
+        } else {
+            g.get(k).unwrap_or_else(|| panic!("{k}: not in PyTorch's state"))
+        };
+        let d = max_abs_diff(ours, golden);
+        if d > worst {
+            (worst, worst_key) = (d, k.clone());
+        }
+        moved = moved.max(max_abs_diff(golden, &before[k]));
+        compared += 1;
+    }
+    let in_golden = g.keys().filter(|k| k.starts_with("unet.") || k.starts_with("text_encoder.text_model")).count();
+    eprintln!(
+        "checkpointing {checkpointing}: {compared} tensors: max |ours − PyTorch| = {worst:.2e} ({worst_key}); weights moved up to {moved:.3}"
+    );
+    assert_eq!(compared, in_golden + 1, "every tensor PyTorch trained is trained here (token rows counted once)");
+    assert!(moved > 1e-2, "the steps moved the weights ({moved})");
+    assert!(worst < 1e-5, "{worst_key}: max |ours − PyTorch| = {worst:e}");
+
+    // the saved single file holds the trained weights and ModelSpec's whole-model keys
+    let path = tr.save_output("ft").unwrap();
+    assert_eq!(path, dir.join("ft.safetensors"));
+    let meta = sdtune::io::tensors::read_safetensors(&path, None, &candle_core::Device::Cpu).unwrap().metadata;
+    assert_eq!(meta.get("modelspec.architecture").map(String::as_str), Some("stable-diffusion-v1"));
+    assert_eq!(meta.get("modelspec.title").map(String::as_str), Some("ft"));
+    let reloaded = load(&path);
+    for (k, ours) in &after {
+        let (comp, name) = k.split_once('.').unwrap();
+        let map = if comp == "unet" { &reloaded.components.unet } else { &reloaded.components.text_encoder };
+        assert_eq!(max_abs_diff(&map[name], ours), 0.0, "{k} saved as trained");
+    }
+}
+
+fn ft_recipe(dir: &std::path::Path, out: &str, train: serde_json::Value) -> serde_json::Value {
+    let mut train = train;
+    let o = train.as_object_mut().unwrap();
+    o.insert("output_dir".into(), json!(dir.join("out")));
+    o.insert("output_name".into(), json!(out));
+    o.insert("log_every_n_steps".into(), json!(0));
+    let mut r = training_recipe(dir, "tiny-sd15/tiny-sd15.safetensors", serde_json::Value::Null, train);
+    r["fine_tune"] = json!(true);
+    r
+}
+
+#[test]
+fn fine_tuning_learns_saves_a_diffusers_folder_and_resumes_exactly() {
+    let dir = scratch("finetune-resume");
+    let train = json!({ "learning_rate": 2e-4, "max_train_steps": 6, "seed": 5, "save_model_as": "diffusers",
+                        "save_state": true, "cache_latents": true });
+    // uninterrupted
+    let mut full = build::build(&ft_recipe(&dir, "full", train.clone())).unwrap();
+    let eval = fixed_batches(&full);
+    let before = mean_loss(&full, &eval);
+    full.run(&mut |_, _| {}).unwrap();
+    let after = mean_loss(&full, &eval);
+    eprintln!("fixed-batch loss: {before:.4} → {after:.4} after 6 AdamW steps");
+    assert!(after < before, "loss {before} → {after}");
+    // a diffusers folder that loads, with the trained weights
+    let folder = dir.join("out/full");
+    assert!(folder.join("unet/diffusion_pytorch_model.safetensors").is_file());
+    let reloaded = load(&folder);
+    let want = trained(&full);
+    let key = "unet.conv_in.weight";
+    assert_eq!(max_abs_diff(&reloaded.components.unet["conv_in.weight"], &want[key]), 0.0);
+
+    // stopped after 3 steps (the state is saved), resumed to the end
+    let mut part = build::build(&ft_recipe(&dir, "part", train)).unwrap();
+    while part.step < 3 {
+        part.train_next_batch().unwrap();
+    }
+    let state = part.save_state_now().unwrap();
+    drop(part);
+    let mut resumed = build::resume(&state, None).unwrap();
+    assert_eq!(resumed.step, 3);
+    resumed.run(&mut |_, _| {}).unwrap();
+    let got = trained(&resumed);
+    let worst = want.iter().map(|(k, w)| max_abs_diff(w, &got[k])).fold(0.0, f64::max);
+    eprintln!("resumed after 3 of 6 steps: max |Δw| = {worst:e} against the uninterrupted run");
+    assert_eq!(worst, 0.0);
+}
+
+#[test]
+fn fine_tuning_refuses_what_it_cannot_do() {
+    let dir = scratch("finetune-refuse");
+    let err = |train: serde_json::Value| format!("{:#}", build::build(&ft_recipe(&dir, "x", train)).err().unwrap());
+    let e = err(json!({ "network_train_unet_only": true }));
+    assert!(e.contains("network_train_unet_only is a LoRA option"), "{e}");
+    let e = err(json!({ "save_model_as": "ckpt" }));
+    assert!(e.contains("save_model_as ckpt"), "{e}");
+    let mut r = ft_recipe(&dir, "x", json!({}));
+    r["network"] = json!({ "dim": 4 });
+    let e = format!("{:#}", build::build(&r).err().unwrap());
+    assert!(e.contains("fine_tune trains the model itself"), "{e}");
+    // the text encoder stays as loaded with train_text_encoder false
+    let tr = build::build(&ft_recipe(&dir, "x", json!({ "train_text_encoder": false }))).unwrap();
+    assert!(trained(&tr).keys().all(|k| k.starts_with("unet.")));
+}
