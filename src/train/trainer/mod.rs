@@ -2,69 +2,31 @@
 //! timesteps → UNet → target → loss weights → backward → clip → optimizer → LR schedule, with saving, resumable
 //! state and metrics. What it trains (a network or the model) is `target::Target`.
 
-use super::config::TrainConfig;
-use super::loss::{self, element_loss, mean_per_sample, HuberSchedule, LossType};
-use super::lr::LrSchedule;
-use super::noise::{apply_multires_noise, apply_noise_offset, noisy_latents, zero_terminal_snr};
-use super::optim::{self, Optimizer};
-use super::scaler::LossScaler;
-use super::target::{FineTune, Target};
-use crate::data::buckets::size_ids;
+mod batch;
+mod output;
+
+use batch::conditioning_vector;
+pub use batch::Batch;
+
 use crate::data::cache::{cache_latents, CachedLatents};
-use crate::data::captions::{process_caption, Progress};
 use crate::data::DatasetGroup;
-use crate::models::clip::ClipOutput;
 use crate::models::StableDiffusion;
 use crate::networks::Network;
 use crate::rng::Rng;
 use crate::schedule::NoiseSchedule;
+use crate::train::config::TrainConfig;
+use crate::train::loss::{self, element_loss, mean_per_sample, HuberSchedule, LossType};
+use crate::train::lr::LrSchedule;
+use crate::train::noise::{apply_multires_noise, apply_noise_offset, noisy_latents, zero_terminal_snr};
+use crate::train::optim::{self, Optimizer};
+use crate::train::scaler::LossScaler;
+use crate::train::target::{FineTune, Target};
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
-use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-
-/// SDXL's conditioning vector for a batch: the pooled text embedding with the batch's size ids (or, without them,
-/// the latents' image size and no crop); `None` for SD 1.x/2.x.
-fn conditioning_vector(
-    model: &StableDiffusion,
-    cond: &ClipOutput,
-    b: &Batch,
-    latents: &Tensor,
-) -> Result<Option<Tensor>> {
-    let Some(pooled) = cond.pooled.as_ref().filter(|_| model.is_xl()) else { return Ok(None) };
-    let ids = match &b.time_ids {
-        Some(t) => t.clone(),
-        None => {
-            let (n, _, h, w) = latents.dims4()?;
-            let (h, w) = ((h * 8) as f32, (w * 8) as f32);
-            Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &candle_core::Device::Cpu)?.repeat((n, 1))?
-        }
-    };
-    model.sdxl_y(pooled, &ids)
-}
-
-/// One batch as the step consumes it.
-#[derive(Clone)]
-pub struct Batch {
-    /// Latents already multiplied by the VAE scale, `[B, C, h, w]`.
-    pub latents: Tensor,
-    /// Token ids `[B, 77]`.
-    pub input_ids: Tensor,
-    /// Per-sample loss weights (prior_loss_weight for regularisation images) `[B]`.
-    pub weights: Tensor,
-    /// Fixed noise / timesteps (step_with); drawn when absent.
-    pub noise: Option<Tensor>,
-    pub timesteps: Option<Tensor>,
-    /// SDXL's size conditioning `[B, 6]` (original h, w, crop top, left, target h, w); when absent, the latents'
-    /// image size with no crop.
-    pub time_ids: Option<Tensor>,
-    /// The processed captions (what `weighted_captions` encodes); absent for batches given as ids.
-    pub captions: Option<Vec<String>>,
-}
 
 /// What a running training reports to its caller.
 pub enum Event<'a> {
@@ -476,20 +438,6 @@ impl Trainer {
         }
     }
 
-    /// The batch's text conditioning: weighted captions (A1111 syntax, sd-scripts' lpw), long-caption windows, or
-    /// the plain 77-token encoding.
-    fn text_conditioning(&self, b: &Batch) -> Result<ClipOutput> {
-        if self.cfg.weighted_captions {
-            let captions = b.captions.as_ref().context("weighted_captions needs the batch's captions, not only ids")?;
-            let chunks = self.cfg.max_token_length.map_or(1, |n| n / 75);
-            return crate::sample::prompt::encode_prompts(&self.model, captions, chunks, None);
-        }
-        if b.input_ids.dim(1)? > crate::models::tokenizer::MAX_LEN {
-            return self.model.encode_windows(&b.input_ids);
-        }
-        self.model.encode_ids(&b.input_ids, None, true, false)
-    }
-
     /// The current LR of each group.
     pub fn current_lrs(&self) -> Result<Vec<(String, f64)>> {
         self.optimizer.group_lrs(self.lr.factor(self.lr_step()))
@@ -498,87 +446,6 @@ impl Trainer {
     /// The LR schedule's position: optimizer steps taken (fp16 steps skipped for overflow do not count).
     fn lr_step(&self) -> usize {
         self.step - self.scaler.as_ref().map_or(0, |s| s.skipped)
-    }
-
-    /// Builds the batch for dataset `di`, images `idx`: cached latents or VAE-encoded images, captions → ids.
-    pub fn make_batch(&self, di: usize, idx: &[usize]) -> Result<Batch> {
-        let data = self.data.as_ref().context("no dataset")?;
-        let ds = &data.datasets[di];
-        let mut rng = seed_for(self.cfg.seed, self.step * 7919 + self.batch_in_epoch, 3);
-        let progress = Progress { epoch: self.epoch + 1, step: self.step, max_train_steps: self.total_steps };
-        let mut lats = Vec::new();
-        let mut captions = Vec::new();
-        let mut weights = Vec::new();
-        let mut sizes = Vec::new();
-        match &self.caches[di] {
-            Some(cache) => {
-                for &i in idx {
-                    let im = &ds.images[i];
-                    let c = cache[i]
-                        .as_ref()
-                        .with_context(|| format!("{}: no cached latents (unreadable image)", im.path.display()))?;
-                    let sub = &ds.cfg.subsets[im.subset];
-                    let flip = sub.flip_aug && rng.uniform() < 0.5;
-                    sizes.extend(size_ids(c.original_size, c.crop_ltrb, im.placement.bucket, flip));
-                    lats.push(if flip {
-                        c.latents_flipped.clone().unwrap_or(c.latents.clone())
-                    } else {
-                        c.latents.clone()
-                    });
-                    captions.push(process_caption(&im.caption, &sub.caption, progress, &mut rng));
-                    weights.push(if im.is_reg { self.cfg.prior_loss_weight } else { 1.0 } as f32);
-                }
-            }
-            None => {
-                let mut imgs = Vec::new();
-                for &i in idx {
-                    let s = ds.sample(i, progress, &mut rng)?;
-                    sizes.extend(size_ids(s.original_size, s.crop_ltrb, s.bucket, s.flipped));
-                    imgs.push(s.image.data.iter().map(|&b| b as f32 / 127.5 - 1.0).collect::<Vec<f32>>());
-                    captions.push(s.caption);
-                    weights.push(if s.is_reg { self.cfg.prior_loss_weight } else { 1.0 } as f32);
-                }
-                let (w, h) = ds.images[idx[0]].placement.bucket;
-                let px = Tensor::from_vec(imgs.concat(), (idx.len(), h, w, 3), &candle_core::Device::Cpu)?
-                    .permute((0, 3, 1, 2))?;
-                let post = self.model.vae_encode(&px)?;
-                let std = (post.logvar.to_dtype(DType::F32)? * 0.5)?.exp()?;
-                let z = (post.mean.to_dtype(DType::F32)? + std.mul(&rng.randn(std.dims(), std.device())?)?)?;
-                for k in 0..idx.len() {
-                    lats.push(z.get(k)?);
-                }
-            }
-        }
-        let latents = (Tensor::stack(&lats, 0)? * self.model.vae_scale)?;
-        let ids: Vec<Tensor> = captions
-            .iter()
-            .map(|c| match self.cfg.max_token_length {
-                Some(n) => self.model.tokenizer.tokenize_chunks(c, n / 75, &candle_core::Device::Cpu),
-                None => self.model.tokenizer.tokenize(c, &candle_core::Device::Cpu),
-            })
-            .collect::<Result<_>>()?;
-        Ok(Batch {
-            latents,
-            input_ids: Tensor::cat(&ids, 0)?,
-            weights: Tensor::new(weights.as_slice(), &candle_core::Device::Cpu)?,
-            noise: None,
-            timesteps: None,
-            time_ids: Some(Tensor::from_vec(sizes, (idx.len(), 6), &candle_core::Device::Cpu)?),
-            captions: Some(captions),
-        })
-    }
-
-    /// The epoch's batches over all datasets as (dataset, images), shuffled together (seeded).
-    pub fn epoch_plan(&self, epoch: usize) -> Vec<(usize, Vec<usize>)> {
-        let Some(data) = &self.data else { return Vec::new() };
-        let mut plan: Vec<(usize, Vec<usize>)> = data
-            .datasets
-            .iter()
-            .enumerate()
-            .flat_map(|(di, d)| d.epoch_batches(epoch, self.cfg.seed).into_iter().map(move |b| (di, b)))
-            .collect();
-        Rng::new(self.cfg.seed ^ 0xE90C ^ epoch as u64).shuffle(&mut plan);
-        plan
     }
 
     /// Runs to the end (or until `stop`), saving as configured; `on_event` sees every optimizer step and every
@@ -676,217 +543,9 @@ impl Trainer {
         }
     }
 
-    fn output_dir(&self) -> PathBuf {
-        self.cfg.output_dir.clone().unwrap_or_else(|| PathBuf::from("output"))
-    }
-
-    /// Creates the output folder and proves it writable before any training; refuses an existing final file.
-    pub fn prepare_output(&self) -> Result<()> {
-        let dir = self.output_dir();
-        std::fs::create_dir_all(&dir).with_context(|| format!("{}: cannot create the output folder", dir.display()))?;
-        let probe = dir.join(format!(".sdtune-write-test-{}", std::process::id()));
-        std::fs::write(&probe, b"ok")
-            .with_context(|| format!("{}: the output folder is not writable", dir.display()))?;
-        let _ = std::fs::remove_file(&probe);
-        let last = self.final_path();
-        if last.exists() && !self.cfg.overwrite && self.step == 0 {
-            bail!("{}: already exists; choose another output_name or set overwrite: true", last.display());
-        }
-        Ok(())
-    }
-
-    /// Every option the run uses, defaults resolved: the model's precision and clip skip, the network, the
-    /// datasets and the loop.
-    pub fn resolved_options(&self) -> Result<serde_json::Value> {
-        Ok(serde_json::json!({
-            "model": {
-                "dtype": crate::device::dtype_name(self.model.dtype), "clip_skip": self.model.clip_skip,
-                "v_pred": self.v_pred,
-            },
-            "network": self.target.describe(),
-            "datasets": self.data.as_ref().map(|d| d.datasets.iter().map(|x| format!("{:?}", x.cfg)).collect::<Vec<_>>()),
-            "train": serde_json::to_value(&self.cfg)?,
-            "total_steps": self.total_steps,
-        }))
-    }
-
-    /// The training metadata (`ss_*`), as sd-scripts writes it.
-    pub fn metadata(&self) -> Result<BTreeMap<String, String>> {
-        let c = &self.cfg;
-        let mut m = BTreeMap::new();
-        let py = crate::io::py::py_float;
-        let opt = |v: Option<f64>| v.map(py).unwrap_or_else(|| "None".into());
-        m.insert("ss_output_name".into(), c.output_name.clone());
-        m.insert("ss_learning_rate".into(), py(c.learning_rate));
-        m.insert("ss_text_encoder_lr".into(), opt(c.text_encoder_lr));
-        m.insert("ss_unet_lr".into(), opt(c.unet_lr));
-        if let Some(d) = &self.data {
-            let reg: usize = d.datasets.iter().flat_map(|x| &x.images).filter(|i| i.is_reg).count();
-            let all: usize = d.datasets.iter().map(|x| x.images.len()).sum();
-            m.insert(
-                "ss_num_train_images".into(),
-                d.datasets
-                    .iter()
-                    .flat_map(|x| &x.images)
-                    .filter(|i| !i.is_reg)
-                    .map(|i| i.num_repeats)
-                    .sum::<usize>()
-                    .to_string(),
-            );
-            m.insert("ss_num_reg_images".into(), reg.min(all).to_string());
-            m.insert("ss_num_batches_per_epoch".into(), d.batches_per_epoch().to_string());
-            m.extend(crate::data::metadata::ss_metadata(d)?);
-        }
-        m.insert("ss_num_epochs".into(), self.epochs.to_string());
-        m.insert("ss_gradient_checkpointing".into(), if c.gradient_checkpointing { "True" } else { "False" }.into());
-        m.insert("ss_gradient_accumulation_steps".into(), c.gradient_accumulation_steps.to_string());
-        m.insert("ss_max_train_steps".into(), self.total_steps.to_string());
-        m.insert("ss_lr_warmup_steps".into(), c.warmup_steps(self.total_steps).to_string());
-        let scheduler = match self.lr {
-            LrSchedule::Adafactor => format!("adafactor:{}", crate::io::py::py_float(c.learning_rate)),
-            _ => c.lr_scheduler.clone(),
-        };
-        m.insert("ss_lr_scheduler".into(), scheduler);
-        m.insert("ss_mixed_precision".into(), c.mixed_precision.clone().unwrap_or_else(|| "no".into()));
-        m.insert("ss_full_fp16".into(), "False".into());
-        m.insert("ss_clip_skip".into(), self.model.clip_skip.to_string());
-        m.insert("ss_max_token_length".into(), self.cfg.max_token_length.map_or("None".to_string(), |n| n.to_string()));
-        m.insert(
-            "ss_cache_latents".into(),
-            if c.cache_latents || c.cache_latents_to_disk { "True" } else { "False" }.into(),
-        );
-        m.insert("ss_seed".into(), c.seed.to_string());
-        m.insert("ss_lowram".into(), "False".into());
-        m.insert("ss_noise_offset".into(), opt(c.noise_offset));
-        m.insert(
-            "ss_multires_noise_iterations".into(),
-            c.multires_noise_iterations.map(|v| v.to_string()).unwrap_or_else(|| "None".into()),
-        );
-        m.insert("ss_multires_noise_discount".into(), py(c.multires_noise_discount));
-        m.insert("ss_adaptive_noise_scale".into(), opt(c.adaptive_noise_scale));
-        m.insert("ss_zero_terminal_snr".into(), if c.zero_terminal_snr { "True" } else { "False" }.into());
-        m.insert("ss_training_comment".into(), c.training_comment.clone().unwrap_or_else(|| "None".into()));
-        m.insert("ss_sd_scripts_commit_hash".into(), format!("sdtune {}", env!("CARGO_PKG_VERSION")));
-        m.insert("ss_optimizer".into(), self.optimizer_description.clone());
-        m.insert("ss_max_grad_norm".into(), py(c.max_grad_norm));
-        m.insert("ss_prior_loss_weight".into(), py(c.prior_loss_weight));
-        m.insert("ss_min_snr_gamma".into(), opt(c.min_snr_gamma));
-        m.insert("ss_ip_noise_gamma".into(), opt(c.ip_noise_gamma));
-        m.insert("ss_debiased_estimation".into(), if c.debiased_estimation_loss { "True" } else { "False" }.into());
-        m.insert("ss_loss_type".into(), c.loss_type.clone());
-        m.insert("ss_huber_schedule".into(), c.huber_schedule.clone());
-        m.insert("ss_huber_c".into(), py(c.huber_c));
-        m.insert("ss_scale_weight_norms".into(), opt(c.scale_weight_norms));
-        m.insert("ss_steps".into(), self.step.to_string());
-        m.insert("ss_epoch".into(), self.epoch.to_string());
-        Ok(m)
-    }
-
-    /// Writes the network (`name.safetensors`, sd-scripts' metadata) or the model (`name.safetensors`, or the
-    /// diffusers folder `name`) in the output folder.
-    pub fn save_output(&self, name: &str) -> Result<PathBuf> {
-        let path = self.target.output_path(&self.output_dir(), name);
-        let meta = self.metadata()?;
-        self.target.save(&self.model, &path, self.resolution(), &meta, self.cfg.save_dtype()?, true)?;
-        Ok(path)
-    }
-
-    /// The first dataset's resolution (512² without one).
-    fn resolution(&self) -> (usize, usize) {
-        self.data.as_ref().and_then(|d| d.datasets.first()).map(|d| d.cfg.buckets.resolution).unwrap_or((512, 512))
-    }
-
     /// The network this run trains; an error when it fine-tunes the model itself.
     pub fn network(&self) -> Result<&Arc<Network>> {
         self.target.network().context("this run fine-tunes the model itself: it has no network")
-    }
-
-    /// Keeps only the last `save_last_n_epochs` / `save_last_n_steps` intermediate saves (files, or diffusers
-    /// folders).
-    fn prune(&self, steps: bool) -> Result<()> {
-        let keep = if steps { self.cfg.save_last_n_steps } else { self.cfg.save_last_n_epochs };
-        let Some(keep) = keep else { return Ok(()) };
-        let prefix =
-            if steps { format!("{}-step", self.cfg.output_name) } else { format!("{}-", self.cfg.output_name) };
-        let final_name = self.final_path().file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let suffix = final_name.strip_prefix(self.cfg.output_name.as_str()).unwrap_or(".safetensors").to_string();
-        let mut saves: Vec<PathBuf> = std::fs::read_dir(self.output_dir())?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                let n = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-                n.strip_prefix(prefix.as_str())
-                    .and_then(|rest| rest.strip_suffix(suffix.as_str()))
-                    .is_some_and(|num| !num.is_empty() && num.chars().all(|c| c.is_ascii_digit()))
-            })
-            .collect();
-        saves.sort();
-        let excess = saves.len().saturating_sub(keep);
-        for f in saves.into_iter().take(excess) {
-            let removed = if f.is_dir() { std::fs::remove_dir_all(&f) } else { std::fs::remove_file(&f) };
-            removed.with_context(|| format!("{}: cannot remove an old save", f.display()))?;
-        }
-        Ok(())
-    }
-
-    fn log_metrics(&mut self, loss: f64) -> Result<()> {
-        let dir = self.cfg.logging_dir.clone().unwrap_or_else(|| self.output_dir());
-        std::fs::create_dir_all(&dir)?;
-        let avg = self.losses.iter().rev().take(100).sum::<f64>() / self.losses.len().clamp(1, 100) as f64;
-        self.epoch_losses.push(loss);
-        let mut line = serde_json::json!({ "step": self.step, "epoch": self.epoch + 1, "loss/current": loss, "loss/average": avg });
-        let mut lrs = self.current_lrs()?;
-        if let Some(d) = self.optimizer.d() {
-            let dlr: Vec<(String, f64)> = lrs.iter().map(|(n, lr)| (format!("d*lr/{n}"), d * lr)).collect();
-            lrs.extend(dlr);
-        }
-        for (name, lr) in &lrs {
-            line[format!("lr/{name}")] = serde_json::json!(lr);
-        }
-        if self.cfg.logging_dir.is_some() {
-            if self.events.is_none() {
-                self.events = Some(crate::io::tensorboard::EventWriter::create(&dir.join(&self.cfg.output_name))?);
-            }
-            let mut scalars: Vec<(String, f32)> =
-                vec![("loss/current".into(), loss as f32), ("loss/average".into(), avg as f32)];
-            scalars.extend(lrs.iter().map(|(n, lr)| (format!("lr/{n}"), *lr as f32)));
-            let refs: Vec<(&str, f32)> = scalars.iter().map(|(k, v)| (k.as_str(), *v)).collect();
-            self.events.as_mut().expect("created above").scalars(self.step, &refs)?;
-        }
-        let mut f = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(dir.join(format!("{}-metrics.jsonl", self.cfg.output_name)))?;
-        writeln!(f, "{line}")?;
-        Ok(())
-    }
-
-    fn sample_images(&self, on_event: &mut dyn FnMut(&Trainer, Event)) -> Result<()> {
-        let Some(prompts) = &self.cfg.sample_prompts else { return Ok(()) };
-        let out = self.output_dir().join("sample");
-        let defaults = crate::sample::SampleOptions {
-            sampler: self.cfg.sample_sampler.clone(),
-            width: 512,
-            height: 512,
-            ..Default::default()
-        };
-        let res =
-            self.data.as_ref().and_then(|d| d.datasets.first()).map(|d| d.cfg.buckets.resolution).unwrap_or((512, 512));
-        let defaults = crate::sample::SampleOptions { width: res.0, height: res.1, ..defaults };
-        let written =
-            crate::sample::batch::sample_prompt_file(&self.model, prompts, &defaults, &out, &mut |_, _, _, _| {})?;
-        on_event(self, Event::Sampled(&written));
-        Ok(())
-    }
-
-    /// The state folder (`output_dir/{output_name}-state`).
-    pub fn state_dir(&self) -> PathBuf {
-        self.output_dir().join(format!("{}-state", self.cfg.output_name))
-    }
-
-    /// Saves everything needed to continue exactly: network and optimizer tensors, counters and the recipe.
-    pub fn save_state_now(&self) -> Result<PathBuf> {
-        super::state::save(self, &self.state_dir())?;
-        Ok(self.state_dir())
     }
 
     pub(crate) fn optimizer(&self) -> &Optimizer {
@@ -900,11 +559,6 @@ impl Trainer {
     /// Whether the loop is done.
     pub fn finished(&self) -> bool {
         self.step >= self.total_steps
-    }
-
-    /// Where the final network or model goes.
-    pub fn final_path(&self) -> PathBuf {
-        self.target.output_path(&self.output_dir(), &self.cfg.output_name)
     }
 }
 
