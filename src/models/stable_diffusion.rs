@@ -246,9 +246,10 @@ impl StableDiffusion {
     }
 
     /// A copy for full fine-tuning (DreamBooth, fine-tune): the UNet and, with `text_encoders`, the text
-    /// encoder(s) rebuilt on f32 variables (the copy computes in f32); the VAE and the rest shared with `self`,
-    /// which keeps its own weights. Returns the copy and its variables by component, in diffusers names.
-    pub fn trainable(&self, text_encoders: bool) -> Result<(Self, Trainables)> {
+    /// encoder(s) rebuilt on f32 variables; the copy's UNet computes in `compute` (f32, or half precision as under
+    /// autocast), trained text encoders in f32; the VAE and the rest shared with `self`, which keeps its own
+    /// weights. Returns the copy and its variables by component, in diffusers names.
+    pub fn trainable(&self, text_encoders: bool, compute: DType) -> Result<(Self, Trainables)> {
         let vars = |map: &HashMap<String, Tensor>| -> Result<Vec<(String, Var)>> {
             let mut v: Vec<(String, Var)> = map
                 .iter()
@@ -295,7 +296,7 @@ impl StableDiffusion {
             v_pred: self.v_pred,
             clip_skip: self.clip_skip,
             vae_scale: self.vae_scale,
-            dtype: DType::F32,
+            dtype: compute,
             vae_dtype: self.vae_dtype,
             device: self.device.clone(),
             source: self.source.clone(),

@@ -43,7 +43,8 @@ impl Linear {
         super::profile::time("linear (+ adapters)", x.device(), || {
             let y = super::grad::matmul_t(x, &self.weight(), x.dtype())?;
             let y = match &self.bias {
-                Some(b) => y.broadcast_add(b)?,
+                // (a trained f32 bias under half-precision compute is cast, differentiably)
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?)?,
                 None => y,
             };
             self.slot.add_adapters(x, y)
@@ -78,9 +79,13 @@ impl Conv2d {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         super::profile::time("conv2d (+ adapters)", x.device(), || {
-            let y = super::conv::conv2d(x, &self.slot.weight(), self.padding, self.stride)?;
+            let w = self.slot.weight();
+            // a trained kernel (full fine-tuning: f32 master weights) computes in the input's precision, as under
+            // autocast; a frozen one keeps its own (conv2d computes in the kernel's dtype)
+            let w = if super::grad::tracked(&w) && w.dtype() != x.dtype() { w.to_dtype(x.dtype())? } else { w };
+            let y = super::conv::conv2d(x, &w, self.padding, self.stride)?;
             let y = match &self.bias {
-                Some(b) => y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?)?,
+                Some(b) => y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, b.dims1()?, 1, 1))?)?,
                 None => y,
             };
             self.slot.add_adapters(x, y)

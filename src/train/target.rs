@@ -36,7 +36,8 @@ pub struct FineTune {
 impl FineTune {
     /// Makes the trainable copy of `model` for `cfg`: the UNet always, the text encoder(s) unless
     /// `train_text_encoder` is false (as `train_db.py`, which trains it until `stop_text_encoder_training`).
-    /// The copy is saved as `save_model_as` says, by default in the source's layout (sd-scripts' rule).
+    /// The weights are f32; with `mixed_precision` the UNet computes in half precision (bf16 stays f32 on the
+    /// CPU). The copy is saved as `save_model_as` says, by default in the source's layout (sd-scripts' rule).
     pub fn prepare(model: &StableDiffusion, cfg: &TrainConfig) -> Result<(StableDiffusion, Self)> {
         let format = match cfg.save_model_as.as_deref() {
             None => {
@@ -55,7 +56,9 @@ impl FineTune {
                 )
             }
         };
-        let (copy, vars) = model.trainable(cfg.train_text_encoder.unwrap_or(true))?;
+        // mixed precision: f32 master weights, the UNet computing in half precision (autocast's split)
+        let compute = cfg.base_dtype_for(&model.device).unwrap_or(DType::F32);
+        let (copy, vars) = model.trainable(cfg.train_text_encoder.unwrap_or(true), compute)?;
         Ok((copy, Self { vars, format }))
     }
 

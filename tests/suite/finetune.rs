@@ -109,6 +109,45 @@ fn fine_tuning_steps_match(checkpointing: bool) {
     }
 }
 
+/// With mixed_precision fp16 the weights stay f32 and the UNet computes in f16 (under dynamic loss scaling), as
+/// autocast does: the same steps as PyTorch's f32 ones within f16's rounding.
+#[test]
+fn half_precision_fine_tuning_follows_the_f32_steps() {
+    let g = goldens("finetune/sgd_steps.safetensors");
+    let model = load(&fixture("tiny-sd15/tiny-sd15.safetensors"));
+    let dir = scratch("finetune-f16");
+    let cfg = TrainConfig::from_json(json!({
+        "optimizer_type": "SGDNesterov", "learning_rate": 0.05, "max_train_steps": 4, "mixed_precision": "fp16",
+        "output_dir": dir, "output_name": "ft", "log_every_n_steps": 0,
+    }))
+    .unwrap();
+    let mut tr = Trainer::fine_tune(&model, None, cfg, json!({})).unwrap();
+    assert_eq!(tr.model.dtype, DType::F16, "the UNet computes in f16");
+    let before = trained(&tr);
+    assert!(before.values().all(|t| t.dtype() == DType::F32), "f32 master weights");
+    let losses: Vec<f64> = g["losses"].to_vec1().unwrap();
+    for (step, want) in losses.iter().enumerate() {
+        let loss = tr.train_batch(&golden_batch(&g, step % 2)).unwrap();
+        eprintln!("f16 step {}: loss {loss:.7} (PyTorch f32 {want:.7})", step + 1);
+        // f16's unit roundoff is 4.9e-4: the loss within twice that, relative
+        assert!((loss - want).abs() < 1e-3 * want, "step {}: loss {loss} vs {want}", step + 1);
+    }
+    let skipped = tr.scaler.as_ref().unwrap().skipped;
+    let after = trained(&tr);
+    let (mut worst, mut moved) = (0f64, 0f64);
+    for (k, golden) in g.iter().filter(|(k, _)| k.starts_with("unet.") || k.starts_with("text_encoder.text_model")) {
+        worst = worst.max(max_abs_diff(&after[k], golden));
+        moved = moved.max(max_abs_diff(golden, &before[k]));
+    }
+    eprintln!(
+        "f16: {skipped} steps skipped for overflow; max |ours − PyTorch f32| = {worst:.2e}, moved up to {moved:.3}"
+    );
+    assert_eq!(skipped, 0, "no step skipped: the trajectories are comparable");
+    assert!(moved > 1e-2);
+    // each step's update carries f16-rounded gradients (≈ 4 roundoffs over 4 steps): within 0.2 % of the movement
+    assert!(worst < 2e-3 * moved, "max |ours − PyTorch f32| = {worst:e} against a movement of {moved}");
+}
+
 fn ft_recipe(dir: &std::path::Path, out: &str, train: serde_json::Value) -> serde_json::Value {
     let mut train = train;
     let o = train.as_object_mut().unwrap();

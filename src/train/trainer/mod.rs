@@ -93,7 +93,10 @@ impl Trainer {
     ) -> Result<Self> {
         let (copy, ft) = FineTune::prepare(model, &cfg)?;
         if let Some(mp @ ("fp16" | "bf16")) = cfg.mixed_precision.as_deref() {
-            eprintln!("note: full fine-tuning computes in f32 (f32 weights); mixed_precision {mp} applies to the frozen VAE only");
+            eprintln!(
+                "note: full fine-tuning keeps f32 weights; mixed_precision {mp}: the UNet computes in {}, trained text encoders in f32",
+                crate::device::dtype_name(copy.dtype)
+            );
         }
         Self::new(Arc::new(copy), Target::Model(ft), data, cfg, recipe)
     }
@@ -113,7 +116,7 @@ impl Trainer {
         if cfg.weighted_captions && model.is_xl() {
             bail!("weighted_captions: sd-scripts weights captions for SD 1.x/2.x only, not for SDXL");
         }
-        let cfg_mp_fp16 = cfg.mixed_precision.as_deref() == Some("fp16") && target.network().is_some();
+        let cfg_mp_fp16 = cfg.mixed_precision.as_deref() == Some("fp16");
         let v_pred = cfg.v_parameterization.unwrap_or(model.v_pred);
         let groups = target.param_groups(&cfg)?;
         let args = optim::parse_args(&cfg.optimizer_args)?;
