@@ -9,6 +9,9 @@
 //!
 //! `cargo bench --bench train_step -- sdxl` times the same step on tiny-sdxl (both text encoders, the UNet's size
 //! conditioning).
+//!
+//! `cargo bench --bench train_step -- ft` times full fine-tuning instead (no network: every UNet and text-encoder
+//! weight trained, AdamW, the same batches).
 
 use serde_json::json;
 use std::time::Instant;
@@ -35,6 +38,19 @@ fn main() {
             "train": { "learning_rate": 1e-4, "max_train_steps": 1000, "cache_latents": true, "output_dir": dir.join("out"), "overwrite": true, "log_every_n_steps": 0, "gradient_checkpointing": checkpointing },
         })
     };
+    if args == ["ft"] {
+        let mut r = recipe(false);
+        r["network"] = serde_json::Value::Null;
+        r["fine_tune"] = json!(true);
+        r["train"]["learning_rate"] = json!(1e-5);
+        let mut tr = sdtune::train::build::build(&r).unwrap();
+        let (count, median, mean) = timed_epochs(&mut tr);
+        let n: usize = tr.target.state_tensors().unwrap().values().map(|t| t.elem_count()).sum();
+        println!("| configuration | steps | ms / step (median) | ms / step (mean) |");
+        println!("|---|---|---|---|");
+        println!("| full fine-tuning ({fixture}, sdtune, {n} weights) | {count} | {median:.1} | {mean:.1} |");
+        return;
+    }
     if args.len() == 2 {
         println!("| UNet LoRA, batch 4 | gradient checkpointing | ms / step (median of 8) | peak RSS |");
         println!("|---|---|---|---|");
@@ -60,29 +76,32 @@ fn main() {
     println!("|---|---|---|---|");
     for unet_only in [true, false] {
         let mut tr = sdtune::train::build::build(&recipe(unet_only)).unwrap();
-        let plan = tr.epoch_plan(0);
-        let batches: Vec<_> = plan.iter().map(|(di, idx)| tr.make_batch(*di, idx).unwrap()).collect();
-        for b in &batches {
-            tr.train_batch(b).unwrap(); // warm-up
-        }
-        let mut times = Vec::new();
-        for _ in 0..5 {
-            for b in &batches {
-                let t = Instant::now();
-                tr.train_batch(b).unwrap();
-                times.push(t.elapsed().as_secs_f64() * 1000.0);
-            }
-        }
-        let mean = times.iter().sum::<f64>() / times.len() as f64;
-        times.sort_by(f64::total_cmp);
+        let (count, median, mean) = timed_epochs(&mut tr);
         let name = if unet_only { "UNet LoRA only" } else { "UNet + text-encoder LoRA" };
         let n: usize = tr.network().unwrap().vars().iter().map(|(_, d, u)| d.elem_count() + u.elem_count()).sum();
         let trained = if unet_only { "UNet" } else { "all" };
         println!(
-            "| {name} ({fixture}, sdtune, {n} LoRA weights, {trained} trained) | {} | {:.1} | {:.1} |",
-            times.len(),
-            times[times.len() / 2],
-            mean
+            "| {name} ({fixture}, sdtune, {n} LoRA weights, {trained} trained) | {count} | {median:.1} | {mean:.1} |"
         );
     }
+}
+
+/// Trains one warm-up epoch of the first epoch's batches, then times five more: (steps, median ms, mean ms).
+fn timed_epochs(tr: &mut sdtune::train::Trainer) -> (usize, f64, f64) {
+    let plan = tr.epoch_plan(0);
+    let batches: Vec<_> = plan.iter().map(|(di, idx)| tr.make_batch(*di, idx).unwrap()).collect();
+    for b in &batches {
+        tr.train_batch(b).unwrap(); // warm-up
+    }
+    let mut times = Vec::new();
+    for _ in 0..5 {
+        for b in &batches {
+            let t = Instant::now();
+            tr.train_batch(b).unwrap();
+            times.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+    }
+    let mean = times.iter().sum::<f64>() / times.len() as f64;
+    times.sort_by(f64::total_cmp);
+    (times.len(), times[times.len() / 2], mean)
 }

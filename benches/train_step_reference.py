@@ -9,6 +9,9 @@ Prints a markdown row per configuration.
 `... train_step_reference.py sdxl` times the same step on tiny-sdxl (diffusers' SDXL UNet with its added
 conditioning, transformers' CLIPTextModel and CLIPTextModelWithProjection, LoRA on both text encoders).
 
+`... train_step_reference.py ft` times full fine-tuning instead (train_db.py's step: every UNet and text-encoder
+weight trained, AdamW, same batch), as `cargo bench --bench train_step -- ft`.
+
 `... train_step_reference.py RESOLUTION on|off` instead times UNet LoRA at RESOLUTION² with diffusers' gradient
 checkpointing on or off (as `cargo bench --bench train_step -- RESOLUTION on|off`) and prints the process's peak
 resident memory; run each setting in its own process.
@@ -130,7 +133,27 @@ def run_sdxl(train_te, steps=20, warmup=4):
           f"{steps} | {statistics.median(times):.1f} | {statistics.mean(times):.1f} |")
 
 
-if sys.argv[1:] == ["sdxl"]:
+def run_ft(steps=20, warmup=4):
+    unet = UNet2DConditionModel.from_pretrained(ROOT, subfolder="unet", torch_dtype=torch.float32)
+    te = CLIPTextModel.from_pretrained(ROOT, subfolder="text_encoder", dtype=torch.float32)
+    tok = CLIPTokenizer.from_pretrained(ROOT, subfolder="tokenizer")
+    sched = DDPMScheduler.from_pretrained(ROOT, subfolder="scheduler")
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    ids = tok(["a red circle"] * 4, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    latents = torch.randn(4, 4, 8, 8)
+    times = timed_steps(lambda noisy, t: unet(noisy, t, te(ids)[0]).sample, params, latents, sched, opt, steps,
+                        warmup)
+    n = sum(p.numel() for p in params)
+    print(f"| full fine-tuning (PyTorch {torch.__version__}, {torch.get_num_threads()} threads, {n} weights) | "
+          f"{steps} | {statistics.median(times):.1f} | {statistics.mean(times):.1f} |")
+
+
+if sys.argv[1:] == ["ft"]:
+    print("| configuration | steps | ms / step (median) | ms / step (mean) |")
+    print("|---|---|---|---|")
+    run_ft()
+elif sys.argv[1:] == ["sdxl"]:
     print("| configuration | steps | ms / step (median) | ms / step (mean) |")
     print("|---|---|---|---|")
     for train_te in (False, True):
