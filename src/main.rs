@@ -261,6 +261,10 @@ struct SampleArgs {
     /// cpu, cuda, cuda:N (default: cuda when available).
     #[arg(long)]
     device: Option<String>,
+    /// A textual-inversion embedding (sd-scripts' / A1111's .safetensors or .pt) that prompts use by its file
+    /// name (repeatable; `NAME=FILE` for another name).
+    #[arg(long)]
+    embedding: Vec<String>,
 }
 
 fn sample(a: SampleArgs) -> anyhow::Result<()> {
@@ -276,6 +280,14 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
     };
     sdtune::sample::schedulers::parse_sampler(&a.sampler)?;
     let model = sdtune::models::StableDiffusion::load(&a.model, &opts)?;
+    for e in &a.embedding {
+        let (word, file) = match e.split_once('=') {
+            Some((w, f)) => (Some(w), f),
+            None => (None, e.as_str()),
+        };
+        let word = model.load_embedding(std::path::Path::new(file), word)?;
+        eprintln!("embedding {word}: {file}");
+    }
     let defaults = sdtune::sample::SampleOptions {
         sampler: a.sampler,
         steps: a.steps,

@@ -1,6 +1,7 @@
 //! Reading and writing files: tensor files, whole-model checkpoints and the LDM ↔ diffusers key tables.
 
 pub mod checkpoint;
+pub mod embedding;
 pub mod keymap;
 pub mod modelspec;
 pub mod openclip;

@@ -5,6 +5,7 @@ use crate::nn::{attention, quick_gelu, LayerNorm, Linear, Weights};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::RwLock;
 
 /// The MLP activation.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -139,6 +140,8 @@ pub struct ClipTextModel {
     projection: Option<Linear>,
     /// Gradient checkpointing of every encoder layer while training.
     checkpointing: AtomicBool,
+    /// Rows of added tokens (textual-inversion embeddings), ids `vocab_size..`: `[n, hidden]`.
+    extra: RwLock<Option<Tensor>>,
 }
 
 impl ClipTextModel {
@@ -154,7 +157,57 @@ impl ClipTextModel {
         let final_ln = LayerNorm::new(&tm.pp("final_layer_norm"), cfg.eps)?;
         let projection = cfg.projection.map(|_| Linear::new(&w.pp("text_projection"))).transpose()?;
         let checkpointing = AtomicBool::new(false);
-        Ok(Self { cfg, token_embedding, position_embedding, layers, final_ln, projection, checkpointing })
+        let extra = RwLock::new(None);
+        Ok(Self { cfg, token_embedding, position_embedding, layers, final_ln, projection, checkpointing, extra })
+    }
+
+    /// Appends token rows `[n, hidden]` (cast to the embeddings' dtype and device); returns the first new id.
+    pub fn add_token_rows(&self, rows: &Tensor) -> Result<u32> {
+        let (n, d) = rows.dims2()?;
+        if d != self.cfg.hidden || n == 0 {
+            bail!("embedding vectors have shape [{n}, {d}]; this text encoder takes [n, {}]", self.cfg.hidden);
+        }
+        let rows = rows.to_dtype(self.token_embedding.dtype())?.to_device(self.token_embedding.device())?;
+        let mut extra = self.extra.write().expect("embedding lock");
+        let first = self.cfg.vocab_size + extra.as_ref().map_or(Ok(0), |e| e.dim(0))?;
+        *extra = Some(match extra.take() {
+            Some(e) => Tensor::cat(&[&e, &rows], 0)?,
+            None => rows,
+        });
+        Ok(first as u32)
+    }
+
+    /// The added token rows, if any.
+    pub fn token_rows(&self) -> Option<Tensor> {
+        self.extra.read().expect("embedding lock").clone()
+    }
+
+    /// The token embeddings of `ids` (host or device) `[B·S, hidden]`: the vocabulary's rows, and the added rows for
+    /// ids past it (differentiable in both).
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let dev = self.token_embedding.device();
+        let flat = ids.flatten_all()?;
+        let vocab = self.cfg.vocab_size as u32;
+        let extra = self.extra.read().expect("embedding lock").clone();
+        let host: Vec<u32> = match &extra {
+            Some(_) => flat.to_vec1()?,
+            None => Vec::new(),
+        };
+        let Some(extra) = extra.filter(|_| host.iter().any(|&i| i >= vocab)) else {
+            return Ok(self.token_embedding.index_select(&flat.to_device(dev)?, 0)?);
+        };
+        let n_extra = extra.dim(0)? as u32;
+        if let Some(bad) = host.iter().find(|&&i| i >= vocab + n_extra) {
+            bail!("token id {bad} is past the {} added tokens of this text encoder", n_extra);
+        }
+        let base: Vec<u32> = host.iter().map(|&i| i.min(vocab - 1)).collect();
+        let added: Vec<u32> = host.iter().map(|&i| i.saturating_sub(vocab).min(n_extra - 1)).collect();
+        let mask: Vec<f32> = host.iter().map(|&i| if i >= vocab { 1.0 } else { 0.0 }).collect();
+        let len = host.len();
+        let mask = Tensor::from_vec(mask, (len, 1), dev)?.to_dtype(self.token_embedding.dtype())?;
+        let base = self.token_embedding.index_select(&Tensor::from_vec(base, len, dev)?, 0)?;
+        let added = extra.index_select(&Tensor::from_vec(added, len, dev)?, 0)?;
+        Ok((base.broadcast_mul(&(1.0 - &mask)?)? + added.broadcast_mul(&mask)?)?)
     }
 
     /// Turns gradient checkpointing of the encoder layers on or off (see `UNet::set_gradient_checkpointing`).
@@ -175,8 +228,7 @@ impl ClipTextModel {
         // the pooled position is read from the ids as given (on the host, no device read); the lookup runs where
         // the embeddings are
         let ids = ids.to_dtype(DType::U32)?;
-        let dev_ids = ids.to_device(self.token_embedding.device())?;
-        let tok = self.token_embedding.index_select(&dev_ids.flatten_all()?, 0)?.reshape((b, s, self.cfg.hidden))?;
+        let tok = self.embed(&ids)?.reshape((b, s, self.cfg.hidden))?;
         let pos = self.position_embedding.narrow(0, 0, s)?.unsqueeze(0)?;
         let mut x = tok.broadcast_add(&pos)?;
         let run = if pooled { self.layers.len() } else { self.layers.len() + 1 - clip_skip };
@@ -192,15 +244,19 @@ impl ClipTextModel {
         let context = if final_ln { self.final_ln.forward(&chosen)? } else { chosen };
         let pooled = if pooled {
             let last = self.final_ln.forward(&x)?;
-            // transformers (eos_token_id 2 in SD configs) takes the first position of the largest id: the first EOS.
+            // transformers (eos_token_id 2 in SD configs) takes the first position of the largest id: the first EOS;
+            // with added tokens (ids past EOS) the first EOS still, as sd-scripts, A1111 and ComfyUI pool
             let rows = ids
                 .to_vec2::<u32>()?
                 .iter()
                 .enumerate()
                 .map(|(bi, row)| {
                     let max = row.iter().copied().max().unwrap_or(0);
-                    let p = row.iter().position(|&v| v == max).unwrap_or(0);
-                    last.get(bi)?.get(p)
+                    let p = row
+                        .iter()
+                        .position(|&v| v == super::tokenizer::EOS)
+                        .or_else(|| row.iter().position(|&v| v == max));
+                    last.get(bi)?.get(p.unwrap_or(0))
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             let pooled = Tensor::stack(&rows, 0)?;

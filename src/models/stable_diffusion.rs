@@ -290,6 +290,14 @@ impl StableDiffusion {
             }
             None => None,
         };
+        // loaded embeddings carry over (the tokenizer's words are shared)
+        for (old, new) in std::iter::once((&self.text_encoder, &text_encoder))
+            .chain(self.text_encoder_2.as_ref().zip(text_encoder_2.as_ref()))
+        {
+            if let Some(rows) = old.token_rows() {
+                new.add_token_rows(&rows)?;
+            }
+        }
         let vae = Vae::new(&Weights::new(components.vae.clone(), &format!("{src} (vae)")), self.vae.cfg.clone())?;
         let model = Self {
             family: self.family,
@@ -314,6 +322,50 @@ impl StableDiffusion {
             metadata: self.metadata.clone(),
         };
         Ok((model, Trainables { unet: unet_vars, text_encoder: te_vars, text_encoder_2: te2_vars }))
+    }
+
+    /// Loads a textual-inversion embedding file (sd-scripts' / A1111's safetensors, A1111's `.pt`) under `word`
+    /// (default: the file's stem), which prompts and captions then use; returns the word.
+    pub fn load_embedding(&self, path: &Path, word: Option<&str>) -> Result<String> {
+        let encoders = if self.text_encoder_2.is_some() { 2 } else { 1 };
+        let file = crate::io::embedding::load(path, encoders)?;
+        let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let word = word.map(str::to_string).unwrap_or(stem);
+        self.add_embedding(&word, &file.vectors).with_context(|| format!("{}", path.display()))?;
+        Ok(word)
+    }
+
+    /// Adds embedding vectors (`[n, width]` per text encoder) as `n` new tokens that `word` stands for.
+    pub fn add_embedding(&self, word: &str, vectors: &[Tensor]) -> Result<()> {
+        let encoders: Vec<&ClipTextModel> = std::iter::once(&self.text_encoder).chain(&self.text_encoder_2).collect();
+        if vectors.len() != encoders.len() {
+            bail!(
+                "embedding {word:?}: {} vector sets for a model with {} text encoders",
+                vectors.len(),
+                encoders.len()
+            );
+        }
+        if self.tokenizer.added_words().iter().any(|a| a.word == word.to_lowercase()) {
+            bail!("an embedding named {word:?} is already loaded in this model");
+        }
+        for (v, te) in vectors.iter().zip(&encoders) {
+            if v.dim(1)? != te.cfg.hidden {
+                bail!(
+                    "embedding {word:?} has {}-wide vectors; this model's text encoder takes {}",
+                    v.dim(1)?,
+                    te.cfg.hidden
+                );
+            }
+        }
+        let mut first = None;
+        for (v, te) in vectors.iter().zip(&encoders) {
+            let id = te.add_token_rows(v)?;
+            // both encoders add the same rows in step, so the ids agree
+            first.get_or_insert(id);
+        }
+        let first = first.expect("at least one encoder");
+        let n = vectors[0].dim(0)? as u32;
+        self.tokenizer.add_word(word, (first..first + n).collect())
     }
 
     /// `[1, 77]` token ids of `text` with the family's padding.

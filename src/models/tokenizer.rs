@@ -1,8 +1,8 @@
 //! The CLIP BPE tokenizer (bundled vocabulary), with SD's 77-token BOS/EOS/padding convention.
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use candle_core::{Device, Tensor};
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock, RwLock};
 
 /// `<|startoftext|>`.
 pub const BOS: u32 = 49406;
@@ -64,22 +64,92 @@ fn shared() -> Result<&'static tokenizers::Tokenizer> {
         .map_err(|e| anyhow!("bundled CLIP tokenizer failed to load: {e}"))
 }
 
-/// A CLIP tokenizer with the family's padding token.
+/// A word standing for added token ids (a textual-inversion embedding's vectors).
+#[derive(Clone, Debug)]
+pub struct AddedWord {
+    /// Lowercase, as the tokenizer reads text.
+    pub word: String,
+    pub ids: Vec<u32>,
+}
+
+/// A CLIP tokenizer with the family's padding token and the words of the embeddings loaded into its model.
 #[derive(Clone, Debug)]
 pub struct ClipTokenizer {
     /// Id used after EOS to fill 77 positions: 49407 (SD1) or 0 (`!`, SD2).
     pub pad_id: u32,
+    added: Arc<RwLock<Vec<AddedWord>>>,
+}
+
+/// Whether `c` can continue a word (an added word matches only as a whole word).
+fn word_char(c: Option<char>) -> bool {
+    c.is_some_and(|c| c.is_alphanumeric() || c == '_')
 }
 
 impl ClipTokenizer {
     pub fn new(pad_id: u32) -> Self {
-        Self { pad_id }
+        Self { pad_id, added: Arc::default() }
     }
 
-    /// All ids of `text` with BOS and EOS, untruncated.
+    /// Makes `word` (matched case-insensitively as a whole word) stand for `ids`; an existing word or one that
+    /// is not a single token-like word is an error.
+    pub fn add_word(&self, word: &str, ids: Vec<u32>) -> Result<()> {
+        let w = word.to_lowercase();
+        if w.is_empty() || !w.chars().all(|c| word_char(Some(c)) || "-<>".contains(c)) {
+            bail!("embedding name {word:?}: use letters, digits, `_`, `-`, `<`, `>` (it is written in prompts)");
+        }
+        let mut added = self.added.write().expect("tokenizer lock");
+        if added.iter().any(|a| a.word == w) {
+            bail!("an embedding named {word:?} is already loaded in this model");
+        }
+        added.push(AddedWord { word: w, ids });
+        Ok(())
+    }
+
+    /// The words added so far.
+    pub fn added_words(&self) -> Vec<AddedWord> {
+        self.added.read().expect("tokenizer lock").clone()
+    }
+
+    /// All ids of `text` with BOS and EOS, untruncated; added words become their ids (the text around them is
+    /// tokenized on its own, as transformers splits on added tokens).
     pub fn encode_full(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = shared()?.encode(text, true).map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
-        Ok(enc.get_ids().to_vec())
+        let added = self.added.read().expect("tokenizer lock");
+        let bpe = |t: &str, special: bool| -> Result<Vec<u32>> {
+            let enc = shared()?.encode(t, special).map_err(|e| anyhow!("tokenizing {t:?}: {e}"))?;
+            Ok(enc.get_ids().to_vec())
+        };
+        if added.is_empty() {
+            return bpe(text, true);
+        }
+        let lower = text.to_lowercase();
+        let mut ids = vec![BOS];
+        let mut start = 0;
+        let mut at = 0;
+        while at < lower.len() {
+            let before = lower[..at].chars().next_back();
+            let found = (!word_char(before))
+                .then(|| {
+                    added
+                        .iter()
+                        .filter(|a| {
+                            lower[at..].starts_with(&a.word) && !word_char(lower[at + a.word.len()..].chars().next())
+                        })
+                        .max_by_key(|a| a.word.len())
+                })
+                .flatten();
+            match found {
+                Some(a) => {
+                    ids.extend(bpe(&lower[start..at], false)?);
+                    ids.extend(&a.ids);
+                    at += a.word.len();
+                    start = at;
+                }
+                None => at += lower[at..].chars().next().map_or(1, char::len_utf8),
+            }
+        }
+        ids.extend(bpe(&lower[start..], false)?);
+        ids.push(EOS);
+        Ok(ids)
     }
 
     /// 77 ids: BOS, at most 75 tokens, EOS, then padding (transformers' `max_length` + truncation).

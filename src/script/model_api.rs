@@ -160,6 +160,13 @@ pub fn register(engine: &mut Engine) {
         })())
     });
     engine.register_fn("tokenize", |m: &mut Model, s: &str| rt(m.tokenize(s)));
+    engine.register_fn("load_embedding", |m: &mut Model, p: &str| rt(m.load_embedding(Path::new(p), None)));
+    engine.register_fn("load_embedding", |m: &mut Model, p: &str, word: &str| {
+        rt(m.load_embedding(Path::new(p), Some(word)))
+    });
+    engine.register_get("embeddings", |m: &mut Model| -> rhai::Array {
+        m.tokenizer.added_words().into_iter().map(|a| Dynamic::from(a.word)).collect()
+    });
     engine.register_fn("encode_ids", |m: &mut Model, ids: Tensor| rt(encode_ids(m, &ids, &Map::new())));
     engine.register_fn("encode_ids", |m: &mut Model, ids: Tensor, o: Map| rt(encode_ids(m, &ids, &o)));
     engine.register_fn("unet", |m: &mut Model, s: Tensor, t: Dynamic, c: Tensor| -> RhaiResult<Tensor> {

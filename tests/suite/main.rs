@@ -5,6 +5,7 @@ mod common;
 mod contract;
 mod cuda_emulated;
 mod datasets;
+mod embeddings;
 mod finetune;
 mod gradients;
 mod import;

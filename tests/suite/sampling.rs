@@ -382,4 +382,17 @@ fn sdtune_sample_cli_writes_pngs_and_reports_bad_input() {
     let (code, _, stderr) = run(ok.to_str().unwrap(), &["--sampler", "dpm++"]);
     assert_ne!(code, 0);
     assert!(stderr.contains("unknown sampler \"dpm++\"") && stderr.contains("k_dpm_2_a"), "{stderr}");
+    // an embedding used by name: the prompt's image differs from the one without it
+    std::fs::write(dir.join("emb.txt"), "a toyemb cat --w 64 --h 64 --s 3 --d 5 --ss euler_a\n").unwrap();
+    let emb = format!("toyemb={}", fixture("embeddings/toy-sd15.safetensors").display());
+    let (code, stdout3, stderr) = run(dir.join("emb.txt").to_str().unwrap(), &["--embedding", &emb]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stderr.contains("embedding toyemb:"), "{stderr}");
+    let (code, stdout4, _) = run(dir.join("emb.txt").to_str().unwrap(), &[]);
+    assert_eq!(code, 0);
+    let pixels = |p: &str| sdtune::io::png::Image::load(std::path::Path::new(p.trim())).unwrap().rgb;
+    assert_ne!(pixels(&stdout3), pixels(&stdout4), "the embedding changes the image");
+    let (code, _, stderr) = run(ok.to_str().unwrap(), &["--embedding", "missing.safetensors"]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("missing.safetensors"), "{stderr}");
 }
