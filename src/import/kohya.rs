@@ -265,10 +265,10 @@ const KEYS: &[(&str, Rule)] = &[
     ("learning_rate_te2", Special),
     ("no_token_padding", Special),
     ("token_string", Special),
-    ("init_word", DREAMBOOTH),
-    ("num_vectors_per_token", DREAMBOOTH),
-    ("template", DREAMBOOTH),
-    ("weights", DREAMBOOTH),
+    ("init_word", Special),
+    ("num_vectors_per_token", Special),
+    ("template", Special),
+    ("weights", Special),
     ("train_dir", Special),
     ("image_folder", DREAMBOOTH),
     ("train_text_encoder", DREAMBOOTH),
@@ -381,19 +381,15 @@ pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Re
     let lora_type = gui.get("LoRA_type").map(text);
     match kind(gui) {
         Kind::Lora => {}
-        Kind::DreamBooth => {
-            out_kind_note(&mut report);
-        }
-        other => {
-            let name =
-                if other == Kind::TextualInversion { "textual inversion" } else { "fine-tuning (Finetuning tab)" };
-            report.unsupported(
-                "(config)",
-                &format!(
-                    "a {name} config: {name} training is not supported yet (DreamBooth configs and LoRA configs are)"
-                ),
-            );
-        }
+        Kind::DreamBooth => out_kind_note(&mut report),
+        Kind::TextualInversion => report.note(
+            "(config)",
+            "a textual-inversion config: the word's vectors train (train_textual_inversion.py)",
+        ),
+        Kind::FineTuning => report.unsupported(
+            "(config)",
+            "a fine-tuning (Finetuning tab) config: fine-tuning (Finetuning tab) training is not supported yet (its metadata preparation; DreamBooth, textual-inversion and LoRA configs are)",
+        ),
     }
     let module = match lora_type.as_deref() {
         None | Some("Standard") => "networks.lora",
@@ -421,10 +417,14 @@ pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Re
             network_args.push(format!("{k}={}", text(v)));
         }
     }
-    if kind(gui) == Kind::Lora {
-        out.insert("network_module".into(), module.into());
-    } else {
-        out.insert("fine_tune".into(), Value::Bool(true));
+    match kind(gui) {
+        Kind::Lora => {
+            out.insert("network_module".into(), module.into());
+        }
+        Kind::DreamBooth => {
+            out.insert("fine_tune".into(), Value::Bool(true));
+        }
+        _ => {}
     }
     let noise_type = gui.get("noise_offset_type").map(text).unwrap_or_else(|| "Original".into());
     for (key, value) in gui {
@@ -524,8 +524,32 @@ fn special(
     let num = |k: &str| gui.get(k).map(coerce).and_then(|v| v.as_f64()).unwrap_or(0.0);
     match key {
         // read where the kind of config is decided, or with LoRA_type
-        "sdxl" | "sdxl_checkbox" | "flux1_checkbox" | "sd3_checkbox" | "LoRA_type" | "token_string" | "train_dir"
-        | "sample_prompts" => {}
+        "token_string" | "init_word" | "num_vectors_per_token" | "weights" => {
+            if present && kind(gui) == Kind::TextualInversion {
+                out.insert(key.into(), coerce(value));
+            } else if present {
+                report.ignored(key, "the textual-inversion tab's");
+            }
+        }
+        "template" => match (kind(gui), text(value).as_str()) {
+            (Kind::TextualInversion, "object template") => {
+                out.insert("use_object_template".into(), Value::Bool(true));
+            }
+            (Kind::TextualInversion, "style template") => {
+                out.insert("use_style_template".into(), Value::Bool(true));
+            }
+            (Kind::TextualInversion, "caption" | "") => {}
+            (Kind::TextualInversion, other) => {
+                report.unsupported(key, &format!("{other:?} is not a kohya_ss template"))
+            }
+            _ => {
+                if present {
+                    report.ignored(key, "the textual-inversion tab's");
+                }
+            }
+        },
+        "sdxl" | "sdxl_checkbox" | "flux1_checkbox" | "sd3_checkbox" | "LoRA_type" | "train_dir" | "sample_prompts" => {
+        }
         "conv_dim" | "conv_alpha" => {
             if present && gui.get("LoRA_type").map(text).as_deref() != Some("Kohya LoCon") {
                 report.ignored(key, "used only by LoRA_type Kohya LoCon");

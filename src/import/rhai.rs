@@ -125,15 +125,17 @@ pub fn script(recipe: &Value, report: &Report, source: &str, how: &str) -> Strin
     s.push_str(&format!("let model = load_model(model_path{model_opts});\n"));
     let opts = obj(&recipe["dataset_options"]);
     s.push_str(&format!("let data = dataset(data_path, {});\n", map_literal(&opts, "    ")));
+    let embedding = train.get("token_string").is_some_and(|v| !v.is_null());
     match recipe.get("network_weights").and_then(|v| v.as_str()) {
         _ if fine_tune => s.push_str("// no network: the model itself trains (DreamBooth / fine-tuning)\n"),
+        _ if embedding => s.push_str("// no network: token_string's vectors train (textual inversion)\n"),
         Some(w) => s.push_str(&format!(
             "// continues training the weights of an existing file\nlet network = load_network({}, model);\n",
             literal(&Value::from(w))
         )),
         None => s.push_str(&format!("let network = lora(model, {});\n", map_literal(&obj(&recipe["network"]), "    "))),
     }
-    let network_line = if fine_tune { "" } else { "    network: network,\n" };
+    let network_line = if fine_tune || embedding { "" } else { "    network: network,\n" };
     s.push_str(&format!("\nlet options = #{{\n    model: model,\n{network_line}    dataset: data,\n"));
     s.push_str("    output_dir: output_dir,\n");
     for (k, v) in &train {

@@ -75,3 +75,13 @@ fn sorted_keys(m: &HashMap<String, Tensor>) -> Vec<&String> {
     k.sort();
     k
 }
+
+/// Writes an embedding as sd-scripts does (`emb_params`, or SDXL's `clip_l` + `clip_g`) in `dtype`, atomically.
+pub fn save(path: &Path, vectors: &[Tensor], dtype: DType, metadata: &HashMap<String, String>) -> Result<()> {
+    let names: &[&str] = if vectors.len() == 2 { &["clip_l", "clip_g"] } else { &["emb_params"] };
+    let mut m = HashMap::new();
+    for (n, v) in names.iter().zip(vectors) {
+        m.insert(n.to_string(), v.to_dtype(dtype)?.to_device(&Device::Cpu)?);
+    }
+    crate::io::tensors::write_safetensors(path, &m, metadata)
+}

@@ -140,8 +140,9 @@ pub struct ClipTextModel {
     projection: Option<Linear>,
     /// Gradient checkpointing of every encoder layer while training.
     checkpointing: AtomicBool,
-    /// Rows of added tokens (textual-inversion embeddings), ids `vocab_size..`: `[n, hidden]`.
-    extra: RwLock<Option<Tensor>>,
+    /// Rows of added tokens (textual-inversion embeddings), ids `vocab_size..`, in the order added: `[n, hidden]`
+    /// each, kept as given (a trained embedding's variable updates in place) and cast at lookup.
+    extra: RwLock<Vec<Tensor>>,
 }
 
 impl ClipTextModel {
@@ -157,29 +158,38 @@ impl ClipTextModel {
         let final_ln = LayerNorm::new(&tm.pp("final_layer_norm"), cfg.eps)?;
         let projection = cfg.projection.map(|_| Linear::new(&w.pp("text_projection"))).transpose()?;
         let checkpointing = AtomicBool::new(false);
-        let extra = RwLock::new(None);
+        let extra = RwLock::new(Vec::new());
         Ok(Self { cfg, token_embedding, position_embedding, layers, final_ln, projection, checkpointing, extra })
     }
 
-    /// Appends token rows `[n, hidden]` (cast to the embeddings' dtype and device); returns the first new id.
+    /// Appends token rows `[n, hidden]` (moved to the embeddings' device; a variable stays one); returns the first
+    /// new id.
     pub fn add_token_rows(&self, rows: &Tensor) -> Result<u32> {
         let (n, d) = rows.dims2()?;
         if d != self.cfg.hidden || n == 0 {
             bail!("embedding vectors have shape [{n}, {d}]; this text encoder takes [n, {}]", self.cfg.hidden);
         }
-        let rows = rows.to_dtype(self.token_embedding.dtype())?.to_device(self.token_embedding.device())?;
+        let rows = rows.to_device(self.token_embedding.device())?;
         let mut extra = self.extra.write().expect("embedding lock");
-        let first = self.cfg.vocab_size + extra.as_ref().map_or(Ok(0), |e| e.dim(0))?;
-        *extra = Some(match extra.take() {
-            Some(e) => Tensor::cat(&[&e, &rows], 0)?,
-            None => rows,
-        });
+        let first = self.cfg.vocab_size + extra.iter().map(|e| e.dim(0)).sum::<candle_core::Result<usize>>()?;
+        extra.push(rows);
         Ok(first as u32)
     }
 
-    /// The added token rows, if any.
-    pub fn token_rows(&self) -> Option<Tensor> {
-        self.extra.read().expect("embedding lock").clone()
+    /// The vocabulary's token vectors of `ids` (`[n]`, host), `[n, hidden]`.
+    pub fn token_vectors(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.token_embedding.index_select(&ids.to_device(self.token_embedding.device())?, 0)?)
+    }
+
+    /// The added token rows, if any, `[n, hidden]` in the embeddings' dtype.
+    pub fn token_rows(&self) -> Result<Option<Tensor>> {
+        let extra = self.extra.read().expect("embedding lock");
+        if extra.is_empty() {
+            return Ok(None);
+        }
+        let dtype = self.token_embedding.dtype();
+        let parts = extra.iter().map(|e| e.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Some(Tensor::cat(&parts, 0)?))
     }
 
     /// The token embeddings of `ids` (host or device) `[B·S, hidden]`: the vocabulary's rows, and the added rows for
@@ -188,7 +198,7 @@ impl ClipTextModel {
         let dev = self.token_embedding.device();
         let flat = ids.flatten_all()?;
         let vocab = self.cfg.vocab_size as u32;
-        let extra = self.extra.read().expect("embedding lock").clone();
+        let extra = self.token_rows()?;
         let host: Vec<u32> = match &extra {
             Some(_) => flat.to_vec1()?,
             None => Vec::new(),

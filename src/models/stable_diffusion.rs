@@ -294,7 +294,7 @@ impl StableDiffusion {
         for (old, new) in std::iter::once((&self.text_encoder, &text_encoder))
             .chain(self.text_encoder_2.as_ref().zip(text_encoder_2.as_ref()))
         {
-            if let Some(rows) = old.token_rows() {
+            if let Some(rows) = old.token_rows()? {
                 new.add_token_rows(&rows)?;
             }
         }

@@ -27,7 +27,7 @@ pub const ENTRIES: &[(&str, &str, &str)] = &[
     ("Dataset", "d.len, d.buckets, d.batches_per_epoch, d.get(i), d.problems, d.report", "training data"),
     ("optimizer", "optimizer(name, #{ optimizer_args... })", "an optimizer choice for train(): AdamW, AdamW8bit, Lion, SGDNesterov, AdaFactor, Prodigy, DAdaptAdam"),
     ("lr_scheduler", "lr_scheduler(name, #{ warmup_steps, num_cycles, power, step_rules })", "an LR schedule for train(): constant, constant_with_warmup, linear, cosine, cosine_with_restarts, polynomial, piecewise_constant, adafactor"),
-    ("train", "train(#{ model, network, dataset, optimizer, lr_scheduler, ...sd-scripts options })", "trains to the end and returns a Run; without a network the model itself trains (DreamBooth / fine-tuning: train_text_encoder, learning_rate_te, save_model_as)"),
+    ("train", "train(#{ model, network, dataset, optimizer, lr_scheduler, ...sd-scripts options })", "trains to the end and returns a Run; without a network the model itself trains (DreamBooth / fine-tuning: train_text_encoder, learning_rate_te, save_model_as), or with token_string a textual-inversion word (init_word, num_vectors_per_token, use_object_template)"),
     ("trainer", "trainer(#{ same as train })", "a Trainer that runs only when asked"),
     ("Trainer", "t.step(), t.step_with(#{ input_ids, latents, noise, timesteps }), t.run(), t.network, t.model, t.save(path), t.options", "a training run to step through"),
     ("Run", "run.losses, run.step, run.epoch, run.stopped, run.output, run.model", "the outcome of train() / trainer.run() (run.model: the model trained on; the fine-tuned one without a network)"),

@@ -92,11 +92,13 @@ fn make_trainer(opts: &Map) -> Result<Trainer> {
         "dataset": data.as_ref().map(|d| crate::train::trainer::absolute(&d.source)),
         "dataset_options": data.as_ref().map(|d| d.options.clone()).unwrap_or(Value::Null),
         "network": network.as_ref().map_or(Value::Null, |n| network_json(n)),
-        "fine_tune": network.is_none(),
+        "fine_tune": network.is_none() && cfg.token_string.is_none(),
         "train": train_json,
     });
     match network {
         Some(n) => Trainer::new(model, n.into(), data, cfg, recipe),
+        // a new word's vectors (the model keeps the word)
+        None if cfg.token_string.is_some() => Trainer::textual_inversion(model, data, cfg, recipe),
         // no network: the model itself trains (the script contract's full fine-tuning)
         None => Trainer::fine_tune(&model, data, cfg, recipe),
     }

@@ -231,6 +231,12 @@ pub fn build(recipe: &Value) -> Result<Trainer> {
         }
         return Trainer::fine_tune(&model, data, cfg, recipe.clone());
     }
+    if r.train.get("token_string").is_some_and(|v| !v.is_null()) {
+        if r.network.as_object().is_some_and(|o| !o.is_empty()) || r.network_weights.is_some() {
+            bail!("recipe: token_string trains a textual-inversion embedding; it takes no network options or network_weights");
+        }
+        return Trainer::textual_inversion(model, data, cfg, recipe.clone());
+    }
     let mut nopts: NetworkOptions =
         serde_json::from_value(if r.network.is_null() { Value::Object(Default::default()) } else { r.network.clone() })
             .map_err(|e| anyhow::anyhow!("network options: {e}"))?;

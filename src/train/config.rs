@@ -69,6 +69,19 @@ pub struct TrainConfig {
     /// Full fine-tuning: `safetensors` (a single file) or `diffusers` / `diffusers_safetensors` (a folder);
     /// by default the source model's layout.
     pub save_model_as: Option<String>,
+    /// Textual inversion: the new word (its vectors train; the model stays frozen).
+    pub token_string: Option<String>,
+    /// Textual inversion: the word whose token embeddings start the vectors (cycled over them).
+    pub init_word: Option<String>,
+    /// Textual inversion: how many vectors the word stands for.
+    pub num_vectors_per_token: Option<usize>,
+    /// Textual inversion: an embedding file whose vectors start training instead of `init_word`'s.
+    pub weights: Option<PathBuf>,
+    /// Textual inversion: captions replaced by "a photo of a {token}"-style templates (objects) or style ones.
+    #[serde(default)]
+    pub use_object_template: bool,
+    #[serde(default)]
+    pub use_style_template: bool,
     /// sd-scripts' name; empty means AdamW.
     #[serde(default)]
     pub optimizer_type: String,

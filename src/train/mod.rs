@@ -9,6 +9,7 @@ pub mod optim;
 pub mod scaler;
 pub mod state;
 pub mod target;
+pub mod textual_inversion;
 pub mod trainer;
 
 pub use trainer::{Batch, Event, Trainer};

@@ -1,9 +1,10 @@
-//! What a run trains: a LoRA network on the frozen model (sd-scripts' `train_network.py`), or the model itself
-//! (full fine-tuning: `train_db.py`, `fine_tune.py`). Each gives the optimizer its parameter groups and saves,
+//! What a run trains: a LoRA network on the frozen model (sd-scripts' `train_network.py`), the model itself
+//! (full fine-tuning: `train_db.py`, `fine_tune.py`), or a new word's vectors (`train_textual_inversion.py`). Each gives the optimizer its parameter groups and saves,
 //! restores and describes what it trains; the loop in `trainer.rs` is the same for both.
 
 use super::config::TrainConfig;
 use super::optim::ParamGroup;
+use super::textual_inversion::TextualInversion;
 use crate::models::{SaveFormat, StableDiffusion, Trainables};
 use crate::networks::{Component, Network};
 use crate::rng::Rng;
@@ -19,6 +20,8 @@ pub enum Target {
     Network(Arc<Network>),
     /// The model's own weights (the trainer's model is the trainable copy these variables belong to).
     Model(FineTune),
+    /// A textual-inversion word's vectors, added to the frozen model.
+    Embedding(TextualInversion),
 }
 
 impl From<Arc<Network>> for Target {
@@ -103,6 +106,29 @@ impl Target {
                 if cfg.train_text_encoder.is_some() || cfg.save_model_as.is_some() {
                     bail!("train_text_encoder and save_model_as are full fine-tuning options; a network's components are chosen with network_train_unet_only / network_train_text_encoder_only");
                 }
+                if cfg.token_string.is_some() {
+                    bail!("token_string trains a textual-inversion embedding, without a network");
+                }
+            }
+            Target::Embedding(_) => {
+                let given = [
+                    ("train_text_encoder", cfg.train_text_encoder.is_some()),
+                    ("network_train_unet_only", cfg.network_train_unet_only),
+                    ("network_train_text_encoder_only", cfg.network_train_text_encoder_only),
+                    ("scale_weight_norms", cfg.scale_weight_norms.is_some()),
+                    ("full_bf16", cfg.full_bf16),
+                    ("unet_lr", cfg.unet_lr.is_some()),
+                    ("text_encoder_lr / learning_rate_te", cfg.text_encoder_lr.is_some()),
+                    ("cache_text_encoder_outputs", cfg.cache_text_encoder_outputs),
+                ];
+                if let Some((name, _)) = given.iter().find(|(_, on)| *on) {
+                    bail!(
+                        "{name} does not apply to textual inversion (only the word's vectors train, at learning_rate)"
+                    );
+                }
+                if cfg.save_model_as.as_deref().is_some_and(|s| s != "safetensors") {
+                    bail!("save_model_as: textual-inversion embeddings are saved as safetensors");
+                }
             }
             Target::Model(_) => {
                 let given = [
@@ -112,6 +138,9 @@ impl Target {
                     cfg.full_bf16,
                     cfg.unet_lr.is_some(),
                 ];
+                if cfg.token_string.is_some() {
+                    bail!("token_string trains a textual-inversion embedding, not the model");
+                }
                 if let Some((name, _)) = NETWORK_ONLY.iter().zip(given).find(|(_, on)| *on) {
                     bail!("{name} is a LoRA option; full fine-tuning (no network) does not take it (the UNet's LR is learning_rate, the text encoder's learning_rate_te)");
                 }
@@ -127,6 +156,9 @@ impl Target {
         let unet_lr = cfg.unet_lr.unwrap_or(cfg.learning_rate);
         let mut groups = Vec::new();
         match self {
+            Target::Embedding(ti) => {
+                groups.push(ParamGroup { name: "embedding".into(), params: ti.vars.clone(), lr: cfg.learning_rate });
+            }
             Target::Model(ft) => {
                 let te: Vec<Var> =
                     ft.vars.text_encoder.iter().chain(&ft.vars.text_encoder_2).map(|(_, v)| v.clone()).collect();
@@ -175,7 +207,7 @@ impl Target {
     pub fn network(&self) -> Option<&Arc<Network>> {
         match self {
             Target::Network(n) => Some(n),
-            Target::Model(_) => None,
+            _ => None,
         }
     }
 
@@ -205,6 +237,12 @@ impl Target {
                 .named()
                 .map(|(k, v)| Ok((k, v.as_tensor().to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?)))
                 .collect(),
+            Target::Embedding(ti) => ti
+                .vars
+                .iter()
+                .enumerate()
+                .map(|(i, v)| Ok((format!("embedding.{i}"), v.as_tensor().to_device(&candle_core::Device::Cpu)?)))
+                .collect(),
         }
     }
 
@@ -213,6 +251,7 @@ impl Target {
         match self {
             Target::Network(_) => "network.safetensors",
             Target::Model(_) => "model.safetensors",
+            Target::Embedding(_) => "embedding.safetensors",
         }
     }
 
@@ -233,6 +272,11 @@ impl Target {
                     v.set(&get(&k)?.to_dtype(v.dtype())?.to_device(v.device())?)?;
                 }
             }
+            Target::Embedding(ti) => {
+                for (i, v) in ti.vars.iter().enumerate() {
+                    v.set(&get(&format!("embedding.{i}"))?.to_dtype(v.dtype())?.to_device(v.device())?)?;
+                }
+            }
         }
         Ok(())
     }
@@ -245,8 +289,8 @@ impl Target {
         }
     }
 
-    /// Writes the trained result to `path`: the network (kohya format, sd-scripts' metadata, hashes) or the whole
-    /// model (single file with ModelSpec metadata, or a diffusers folder).
+    /// Writes the trained result to `path`: the network (kohya format, sd-scripts' metadata, hashes), the whole
+    /// model (single file with ModelSpec metadata, or a diffusers folder), or the embedding (sd-scripts' layout).
     pub fn save(
         &self,
         model: &StableDiffusion,
@@ -273,6 +317,22 @@ impl Target {
                 );
                 model.save_with(path, ft.format, dtype, overwrite, &spec.into_iter().collect())
             }
+            Target::Embedding(ti) => {
+                if path.exists() && !overwrite {
+                    bail!("{}: already exists; pass overwrite to replace it", path.display());
+                }
+                let mut meta = crate::io::modelspec::modelspec(
+                    model.family,
+                    model.v_pred,
+                    Some("textual-inversion"),
+                    &title,
+                    resolution,
+                    model.clip_skip,
+                );
+                meta.extend(training.iter().map(|(k, v)| (k.clone(), v.clone())));
+                let vectors: Vec<Tensor> = ti.vars.iter().map(|v| v.as_tensor().clone()).collect();
+                crate::io::embedding::save(path, &vectors, dtype, &meta.into_iter().collect())
+            }
         }
     }
 
@@ -286,6 +346,9 @@ impl Target {
                 ft.vars.text_encoder.len() + ft.vars.text_encoder_2.len(),
                 ft.format
             ),
+            Target::Embedding(ti) => {
+                format!("textual inversion: {:?}, {} vectors", ti.word, ti.vars.first().map_or(0, |v| v.dims()[0]))
+            }
         }
     }
 }

@@ -212,3 +212,97 @@ fn fine_tuning_refuses_what_it_cannot_do() {
     let tr = build::build(&ft_recipe(&dir, "x", json!({ "train_text_encoder": false }))).unwrap();
     assert!(trained(&tr).keys().all(|k| k.starts_with("unet.")));
 }
+
+/// Textual inversion: the word's two vectors (from init_word "red circle") train as in sd-scripts'
+/// train_textual_inversion.py under PyTorch (goldens: tests/python/make_ti_goldens.py); the file saved loads back
+/// as an embedding that encodes the same.
+#[test]
+fn textual_inversion_steps_match_pytorch_and_the_file_loads_back() {
+    let g = goldens("finetune/ti_steps.safetensors");
+    let model = std::sync::Arc::new(load(&fixture("tiny-sd15/tiny-sd15.safetensors")));
+    let dir = scratch("ti-parity");
+    let cfg = TrainConfig::from_json(json!({
+        "token_string": "toyword", "init_word": "red circle", "num_vectors_per_token": 2,
+        "optimizer_type": "SGDNesterov", "learning_rate": 1.0, "max_grad_norm": 0.0, "max_train_steps": 4,
+        "output_dir": dir, "output_name": "toyword", "log_every_n_steps": 0,
+    }))
+    .unwrap();
+    let mut tr = Trainer::textual_inversion(model.clone(), None, cfg, json!({})).unwrap();
+    // the word is tokens 49408, 49409 in the model, starting from "red circle"'s vectors
+    let ids: Vec<i64> = model.tokenize("a photo of toyword").unwrap().flatten_all().unwrap().to_vec1().unwrap();
+    assert_eq!(&ids[..6], &[49406, 320, 1125, 539, 49408, 49409]);
+    let start = &trained(&tr)["embedding.0"];
+    assert_eq!(max_abs_diff(start, &g["rows.start"]), 0.0, "init_word's vectors");
+    let losses: Vec<f64> = g["losses"].to_vec1().unwrap();
+    for (step, want) in losses.iter().enumerate() {
+        let loss = tr.train_batch(&golden_batch(&g, step % 2)).unwrap();
+        eprintln!("TI step {}: loss {loss:.7} (PyTorch {want:.7})", step + 1);
+        assert!((loss - want).abs() < 1e-5, "step {}: loss {loss} vs PyTorch {want}", step + 1);
+    }
+    let end = &trained(&tr)["embedding.0"];
+    let moved = max_abs_diff(&g["rows.end"], &g["rows.start"]);
+    let d = max_abs_diff(end, &g["rows.end"]);
+    eprintln!("TI vectors: max |ours − PyTorch| = {d:.2e}; moved up to {moved:.3}");
+    assert!(moved > 0.05 && d < 1e-5, "vectors {d} off PyTorch's (moved {moved})");
+    // the saved embedding: sd-scripts' layout, loads into a fresh model and encodes as the trained one
+    let path = tr.save_output("toyword").unwrap();
+    let file = sdtune::io::tensors::read_safetensors(&path, None, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(file.tensors.keys().collect::<Vec<_>>(), vec!["emb_params"]);
+    assert_eq!(file.metadata["modelspec.architecture"], "stable-diffusion-v1/textual-inversion");
+    let fresh = load(&fixture("tiny-sd15/tiny-sd15.safetensors"));
+    fresh.load_embedding(&path, None).unwrap();
+    let enc = |m: &sdtune::models::StableDiffusion| {
+        m.encode_ids(&m.tokenize("a photo of toyword").unwrap(), None, true, false).unwrap().context
+    };
+    assert!(max_abs_diff(&enc(&fresh), &enc(&model)) < 1e-6);
+}
+
+#[test]
+fn textual_inversion_trains_with_templates_on_sdxl_and_resumes_exactly() {
+    let dir = scratch("ti-sdxl");
+    let recipe = |out: &str| {
+        let mut r = training_recipe(
+            &dir,
+            "tiny-sdxl/tiny-sdxl.safetensors",
+            serde_json::Value::Null,
+            json!({ "token_string": "toyword", "init_word": "shape", "num_vectors_per_token": 3,
+                    "use_object_template": true, "learning_rate": 5e-3, "max_train_steps": 4, "seed": 3,
+                    "save_state": true, "output_dir": dir.join("out"), "output_name": out, "log_every_n_steps": 0 }),
+        );
+        r["dataset_options"]["resolution"] = json!(64);
+        r
+    };
+    let mut full = build::build(&recipe("full")).unwrap();
+    // templates replace the captions: every caption is an object template with the word
+    let b = full.make_batch(0, &[0, 1]).unwrap();
+    for c in b.captions.as_ref().unwrap() {
+        let templates = sdtune::train::textual_inversion::OBJECT_TEMPLATES;
+        assert!(templates.iter().any(|t| t.replace("{}", "toyword") == *c), "{c}");
+    }
+    let before = trained(&full);
+    full.run(&mut |_, _| {}).unwrap();
+    let after = trained(&full);
+    assert_eq!(after.len(), 2, "both SDXL text encoders' vectors");
+    for (k, v) in &after {
+        assert_eq!(v.dims()[0], 3);
+        assert!(max_abs_diff(v, &before[k]) > 0.0, "{k} trained");
+    }
+    let file =
+        sdtune::io::tensors::read_safetensors(&dir.join("out/full.safetensors"), None, &candle_core::Device::Cpu)
+            .unwrap();
+    let mut keys: Vec<_> = file.tensors.keys().cloned().collect();
+    keys.sort();
+    assert_eq!(keys, ["clip_g", "clip_l"]);
+    // stopped after 2 steps, resumed: the same vectors
+    let mut part = build::build(&recipe("part")).unwrap();
+    while part.step < 2 {
+        part.train_next_batch().unwrap();
+    }
+    let state = part.save_state_now().unwrap();
+    drop(part);
+    let mut resumed = build::resume(&state, None).unwrap();
+    resumed.run(&mut |_, _| {}).unwrap();
+    let got = trained(&resumed);
+    let worst = after.iter().map(|(k, w)| max_abs_diff(w, &got[k])).fold(0.0, f64::max);
+    assert_eq!(worst, 0.0);
+}

@@ -38,7 +38,7 @@ fn every_kohya_fixture_imports_or_says_what_is_unsupported() {
         ("Standard-AdamW.json", &[]),
         ("dreambooth-AdamW.json", &[]),
         ("SDXL-Standard-AdamW.json", &[]),
-        ("TI-AdamW8bit.json", &["textual inversion training is not supported yet"]),
+        ("TI-AdamW8bit.json", &[]),
         ("finetune-AdamW.json", &["fine-tuning (Finetuning tab) training is not supported yet"]),
         ("loha-Prodigy.json", &["LyCORIS/LoHa is not supported yet"]),
         ("preset-lokr-sd15.json", &["LyCORIS/LoKr is not supported yet"]),
@@ -230,6 +230,38 @@ fn imported_dreambooth_configs_fine_tune_the_model_like_the_direct_route() {
         let conv = sdtune::io::tensors::read_safetensors(&out, None, &candle_core::Device::Cpu).unwrap();
         assert!(conv.tensors.values().all(|t| t.dtype() == candle_core::DType::F16), "save_precision fp16");
     }
+}
+
+#[test]
+fn an_imported_textual_inversion_config_trains_its_word() {
+    let dir = scratch("import-ti");
+    let imp = import::kohya(&config("TI-AdamW8bit.json")).unwrap();
+    let o = &imp.options;
+    assert_eq!((o["token_string"].clone(), o["init_word"].clone()), (json!("zxc"), json!("*")));
+    assert_eq!((o["num_vectors_per_token"].clone(), o["use_style_template"].clone()), (json!(8), json!(true)));
+    assert!(!o.contains_key("network_module") && !o.contains_key("fine_tune"));
+    let mut flat = local(imp.options.clone(), &dir);
+    flat.insert("max_train_steps".into(), json!(2));
+    flat.insert("resolution".into(), json!("64,64"));
+    flat.insert("min_bucket_reso".into(), json!(64));
+    flat.remove("sample_every_n_steps");
+    let (recipe, _) = build::recipe_from_flat(flat).unwrap();
+    let want = build::build(&recipe).unwrap().resolved_options().unwrap();
+    assert_eq!(want["network"], json!("textual inversion: \"zxc\", 8 vectors"));
+    let script = import::rhai::script(&recipe, &imp.report, "TI-AdamW8bit.json", "test");
+    assert!(!script.contains("lora("), "{script}");
+    let args: Vec<String> = [&recipe["model"], &recipe["dataset"], &recipe["train"]["output_dir"]]
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(script_options(&script, &args), want, "the script resolves other options\n{script}");
+    let p = dir.join("recipe.rhai");
+    std::fs::write(&p, &script).unwrap();
+    sdtune::script::run_file(&p, &args).unwrap_or_else(|e| panic!("{e:#}"));
+    let out = dir.join("out/TI-Adamw8bit.safetensors");
+    let f = sdtune::io::tensors::read_safetensors(&out, None, &candle_core::Device::Cpu).unwrap();
+    assert_eq!(f.tensors["emb_params"].dims(), &[8, 32]);
+    assert_eq!(f.tensors["emb_params"].dtype(), candle_core::DType::F16, "save_precision fp16");
 }
 
 #[test]

@@ -7,6 +7,7 @@ use crate::data::captions::{process_caption, Progress};
 use crate::models::clip::ClipOutput;
 use crate::models::StableDiffusion;
 use crate::rng::Rng;
+use crate::train::textual_inversion::templated_caption;
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 
@@ -89,7 +90,8 @@ impl Trainer {
                     } else {
                         c.latents.clone()
                     });
-                    captions.push(process_caption(&im.caption, &sub.caption, progress, &mut rng));
+                    let caption = process_caption(&im.caption, &sub.caption, progress, &mut rng);
+                    captions.push(templated_caption(&self.cfg, caption, &mut rng));
                     weights.push(if im.is_reg { self.cfg.prior_loss_weight } else { 1.0 } as f32);
                 }
             }
@@ -99,7 +101,7 @@ impl Trainer {
                     let s = ds.sample(i, progress, &mut rng)?;
                     sizes.extend(size_ids(s.original_size, s.crop_ltrb, s.bucket, s.flipped));
                     imgs.push(s.image.data.iter().map(|&b| b as f32 / 127.5 - 1.0).collect::<Vec<f32>>());
-                    captions.push(s.caption);
+                    captions.push(templated_caption(&self.cfg, s.caption, &mut rng));
                     weights.push(if s.is_reg { self.cfg.prior_loss_weight } else { 1.0 } as f32);
                 }
                 let (w, h) = ds.images[idx[0]].placement.bucket;

@@ -21,6 +21,7 @@ use crate::train::noise::{apply_multires_noise, apply_noise_offset, noisy_latent
 use crate::train::optim::{self, Optimizer};
 use crate::train::scaler::LossScaler;
 use crate::train::target::{FineTune, Target};
+use crate::train::textual_inversion::TextualInversion;
 use anyhow::{bail, Context, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor};
@@ -99,6 +100,19 @@ impl Trainer {
             );
         }
         Self::new(Arc::new(copy), Target::Model(ft), data, cfg, recipe)
+    }
+
+    /// A textual-inversion run: `token_string` is added to `model` (which keeps it after training) and its vectors
+    /// train while the model stays frozen.
+    pub fn textual_inversion(
+        model: Arc<StableDiffusion>,
+        data: Option<Arc<DatasetGroup>>,
+        cfg: TrainConfig,
+        recipe: serde_json::Value,
+    ) -> Result<Self> {
+        check_frozen_precision(&model, &cfg)?;
+        let ti = TextualInversion::prepare(&model, &cfg)?;
+        Self::new(model, Target::Embedding(ti), data, cfg, recipe)
     }
 
     /// Sets up optimizer groups (text encoder / UNet LRs), the LR schedule, step counts and the latent cache.
@@ -565,8 +579,8 @@ impl Trainer {
     }
 }
 
-/// The checks between a network's dtype, the frozen model's and the precision options.
-fn check_network_precision(model: &StableDiffusion, network: &Network, cfg: &TrainConfig) -> Result<()> {
+/// The frozen model's dtype against `mixed_precision`, with a note where the CPU keeps f32.
+fn check_frozen_precision(model: &StableDiffusion, cfg: &TrainConfig) -> Result<()> {
     if cfg.mixed_precision.as_deref() == Some("bf16") && model.device.is_cpu() {
         eprintln!(
             "note: mixed_precision bf16 on the CPU keeps the frozen model in f32 (candle has no CPU bf16 convolution)"
@@ -575,13 +589,19 @@ fn check_network_precision(model: &StableDiffusion, network: &Network, cfg: &Tra
     if let Some(want) = cfg.base_dtype_for(&model.device) {
         if model.dtype != want {
             bail!(
-                "mixed_precision {} needs the model loaded in {} (load_model(path, #{{ dtype: \"{}\" }})); the LoRA weights stay f32",
+                "mixed_precision {} needs the model loaded in {} (load_model(path, #{{ dtype: \"{}\" }})); the trained weights stay f32",
                 cfg.mixed_precision.as_deref().unwrap_or(""),
                 crate::device::dtype_name(want),
                 crate::device::dtype_name(want)
             );
         }
     }
+    Ok(())
+}
+
+/// The checks between a network's dtype, the frozen model's and the precision options.
+fn check_network_precision(model: &StableDiffusion, network: &Network, cfg: &TrainConfig) -> Result<()> {
+    check_frozen_precision(model, cfg)?;
     if cfg.full_bf16 && model.device.is_cpu() {
         bail!("full_bf16 trains the LoRA weights in bf16, which candle's CPU matmul does not support: it needs a GPU");
     }
