@@ -3,7 +3,7 @@
 use crate::nn::checkpoint::Checkpointed;
 use crate::nn::{attention, quick_gelu, LayerNorm, Linear, Weights};
 use anyhow::{bail, Result};
-use candle_core::{DType, Tensor};
+use candle_core::{DType, Tensor, Var};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::RwLock;
 
@@ -133,7 +133,8 @@ pub struct ClipOutput {
 /// CLIP text transformer (token + position embeddings, causal encoder layers, final LayerNorm).
 pub struct ClipTextModel {
     pub cfg: ClipConfig,
-    token_embedding: Tensor,
+    /// The vocabulary's rows (a variable once `track_token_table` made it one).
+    token_embedding: RwLock<Tensor>,
     position_embedding: Tensor,
     layers: Vec<Checkpointed<EncoderLayer>>,
     final_ln: LayerNorm,
@@ -159,6 +160,7 @@ impl ClipTextModel {
         let projection = cfg.projection.map(|_| Linear::new(&w.pp("text_projection"))).transpose()?;
         let checkpointing = AtomicBool::new(false);
         let extra = RwLock::new(Vec::new());
+        let token_embedding = RwLock::new(token_embedding);
         Ok(Self { cfg, token_embedding, position_embedding, layers, final_ln, projection, checkpointing, extra })
     }
 
@@ -169,16 +171,37 @@ impl ClipTextModel {
         if d != self.cfg.hidden || n == 0 {
             bail!("embedding vectors have shape [{n}, {d}]; this text encoder takes [n, {}]", self.cfg.hidden);
         }
-        let rows = rows.to_device(self.token_embedding.device())?;
+        let rows = rows.to_device(self.table().device())?;
         let mut extra = self.extra.write().expect("embedding lock");
         let first = self.cfg.vocab_size + extra.iter().map(|e| e.dim(0)).sum::<candle_core::Result<usize>>()?;
         extra.push(rows);
         Ok(first as u32)
     }
 
+    /// The vocabulary's rows.
+    fn table(&self) -> Tensor {
+        self.token_embedding.read().expect("embedding lock").clone()
+    }
+
+    /// Makes the vocabulary's rows a variable (same values) so that a backward gives their gradient: textual
+    /// inversion clips its step by the whole table's gradient norm, as sd-scripts does. Returns the variable.
+    pub fn track_token_table(&self) -> Result<Var> {
+        let mut t = self.token_embedding.write().expect("embedding lock");
+        let var = Var::from_tensor(&t)?;
+        *t = var.as_tensor().clone();
+        Ok(var)
+    }
+
+    /// Makes the vocabulary's rows plain (frozen) again.
+    pub fn untrack_token_table(&self) {
+        let mut t = self.token_embedding.write().expect("embedding lock");
+        *t = t.detach();
+    }
+
     /// The vocabulary's token vectors of `ids` (`[n]`, host), `[n, hidden]`.
     pub fn token_vectors(&self, ids: &Tensor) -> Result<Tensor> {
-        Ok(self.token_embedding.index_select(&ids.to_device(self.token_embedding.device())?, 0)?)
+        let table = self.table();
+        Ok(table.index_select(&ids.to_device(table.device())?, 0)?)
     }
 
     /// The added token rows, if any, `[n, hidden]` in the embeddings' dtype.
@@ -187,7 +210,7 @@ impl ClipTextModel {
         if extra.is_empty() {
             return Ok(None);
         }
-        let dtype = self.token_embedding.dtype();
+        let dtype = self.table().dtype();
         let parts = extra.iter().map(|e| e.to_dtype(dtype)).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Some(Tensor::cat(&parts, 0)?))
     }
@@ -195,7 +218,8 @@ impl ClipTextModel {
     /// The token embeddings of `ids` (host or device) `[B·S, hidden]`: the vocabulary's rows, and the added rows for
     /// ids past it (differentiable in both).
     fn embed(&self, ids: &Tensor) -> Result<Tensor> {
-        let dev = self.token_embedding.device();
+        let table = self.table();
+        let dev = table.device();
         let flat = ids.flatten_all()?;
         let vocab = self.cfg.vocab_size as u32;
         let extra = self.token_rows()?;
@@ -204,7 +228,7 @@ impl ClipTextModel {
             None => Vec::new(),
         };
         let Some(extra) = extra.filter(|_| host.iter().any(|&i| i >= vocab)) else {
-            return Ok(self.token_embedding.index_select(&flat.to_device(dev)?, 0)?);
+            return Ok(table.index_select(&flat.to_device(dev)?, 0)?);
         };
         let n_extra = extra.dim(0)? as u32;
         if let Some(bad) = host.iter().find(|&&i| i >= vocab + n_extra) {
@@ -214,8 +238,8 @@ impl ClipTextModel {
         let added: Vec<u32> = host.iter().map(|&i| i.saturating_sub(vocab).min(n_extra - 1)).collect();
         let mask: Vec<f32> = host.iter().map(|&i| if i >= vocab { 1.0 } else { 0.0 }).collect();
         let len = host.len();
-        let mask = Tensor::from_vec(mask, (len, 1), dev)?.to_dtype(self.token_embedding.dtype())?;
-        let base = self.token_embedding.index_select(&Tensor::from_vec(base, len, dev)?, 0)?;
+        let mask = Tensor::from_vec(mask, (len, 1), dev)?.to_dtype(table.dtype())?;
+        let base = table.index_select(&Tensor::from_vec(base, len, dev)?, 0)?;
         let added = extra.index_select(&Tensor::from_vec(added, len, dev)?, 0)?;
         Ok((base.broadcast_mul(&(1.0 - &mask)?)? + added.broadcast_mul(&mask)?)?)
     }

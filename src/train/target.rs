@@ -203,6 +203,15 @@ impl Target {
         Ok(groups)
     }
 
+    /// Variables whose gradients count in the clipping norm but are not updated (textual inversion's vocabulary
+    /// rows, as sd-scripts clips over the whole table).
+    pub fn clip_only(&self) -> &[Var] {
+        match self {
+            Target::Embedding(ti) => &ti.tables,
+            _ => &[],
+        }
+    }
+
     /// The network, if this run trains one.
     pub fn network(&self) -> Option<&Arc<Network>> {
         match self {

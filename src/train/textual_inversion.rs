@@ -6,6 +6,7 @@ use crate::models::StableDiffusion;
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Tensor, Var};
+use std::sync::Arc;
 
 /// sd-scripts' `imagenet_templates_small` (`use_object_template`).
 pub const OBJECT_TEMPLATES: &[&str] = &[
@@ -65,12 +66,27 @@ pub const STYLE_TEMPLATES: &[&str] = &[
 pub struct TextualInversion {
     pub word: String,
     pub vars: Vec<Var>,
+    /// The text encoders' vocabulary rows as variables while training (with `max_grad_norm`): never updated, their
+    /// gradient counts in the clipping norm as in sd-scripts, which clips over the whole embedding table.
+    pub tables: Vec<Var>,
+    model: Arc<StableDiffusion>,
+}
+
+impl Drop for TextualInversion {
+    /// The vocabulary rows are frozen again when the run ends.
+    fn drop(&mut self) {
+        if !self.tables.is_empty() {
+            for te in std::iter::once(&self.model.text_encoder).chain(&self.model.text_encoder_2) {
+                te.untrack_token_table();
+            }
+        }
+    }
 }
 
 impl TextualInversion {
     /// Adds `token_string` to `model` as `num_vectors_per_token` new tokens whose vectors start as `weights`' or
     /// as the token embeddings of `init_word` (cycled, as sd-scripts), and are the variables trained.
-    pub fn prepare(model: &StableDiffusion, cfg: &TrainConfig) -> Result<Self> {
+    pub fn prepare(model: &Arc<StableDiffusion>, cfg: &TrainConfig) -> Result<Self> {
         let word = cfg.token_string.clone().context("textual inversion needs token_string")?;
         let n = cfg.num_vectors_per_token.unwrap_or(1);
         if n == 0 {
@@ -108,7 +124,12 @@ impl TextualInversion {
             .collect::<Result<Vec<_>>>()?;
         let rows: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
         model.add_embedding(&word, &rows).with_context(|| format!("token_string {word:?}"))?;
-        Ok(Self { word, vars })
+        let tables = if cfg.max_grad_norm > 0.0 {
+            encoders.iter().map(|te| te.track_token_table()).collect::<Result<_>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(Self { word, vars, tables, model: model.clone() })
     }
 }
 

@@ -5,8 +5,9 @@ Two tokens are added after the vocabulary (ids 49408, 49409, the word `toyword` 
 their rows initialised from `init_word` "red circle"'s token embeddings (as sd-scripts: row i from init token
 i mod len); only those rows train (sd-scripts restores the others after each step): noisy =
 DDPMScheduler(0.00085, 0.012, scaled_linear).add_noise(latents, noise, t); loss = mse(unet(noisy, t,
-text_encoder(ids)[0]), noise); backward; torch.optim.SGD(lr, momentum=0.9, nesterov=True) on the two rows; no
-gradient clipping (max_grad_norm 0).
+text_encoder(ids)[0]), noise); backward; clip_grad_norm_ over the whole token-embedding table (every row's
+gradient, as sd-scripts clips `get_input_embeddings().parameters()`) to MAX_NORM, chosen so that clipping acts at
+every step; torch.optim.SGD(lr, momentum=0.9, nesterov=True) on the table, the other rows restored after each step.
 
 Writes tests/fixtures/finetune/ti_steps.safetensors: the batches (`b{i}.latents`, `.noise`, `.input_ids` with the
 new ids, `.timesteps`), the per-step losses, and the two rows before (`rows.start`) and after (`rows.end`).
@@ -23,8 +24,9 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel
 
 FIX = "tests/fixtures/tiny-sd15"
-LR = 1.0
+LR = 30.0
 STEPS = 4
+MAX_NORM = 0.01
 WORD = [49408, 49409]
 INIT = [736, 7117]  # "red circle"
 # "a photo of toyword" and "toyword on a table"
@@ -70,18 +72,21 @@ def main():
         pred = unet(noisy, b["timesteps"], te(b["input_ids"])[0]).sample
         loss = torch.nn.functional.mse_loss(pred.float(), b["noise"].float(), reduction="none").mean([1, 2, 3]).mean()
         loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_([table], MAX_NORM)
+        new_norm = table.grad[WORD].norm().item()
         opt.step()
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():
             table[keep] = frozen  # sd-scripts' index_no_updates
         losses.append(loss.item())
-        print(f"step {step + 1}: loss {loss.item():.7f}")
+        print(f"step {step + 1}: loss {loss.item():.7f}, table gradient norm {norm.item():.4f} (new rows' {new_norm:.4f})")
     end = table[WORD].detach().clone()
     print("rows moved up to", (end - start).abs().max().item())
     out = {f"b{i}.{k}": v.contiguous() for i, b in enumerate(batches) for k, v in b.items()}
     out.update({"losses": torch.tensor(losses, dtype=torch.float64), "rows.start": start, "rows.end": end})
     save_file(out, "tests/fixtures/finetune/ti_steps.safetensors",
-              metadata={"lr": json.dumps(LR), "steps": json.dumps(STEPS), "torch": torch.__version__})
+              metadata={"lr": json.dumps(LR), "steps": json.dumps(STEPS), "max_grad_norm": json.dumps(MAX_NORM),
+                        "torch": torch.__version__})
 
 
 if __name__ == "__main__":

@@ -242,6 +242,7 @@ fn an_imported_textual_inversion_config_trains_its_word() {
     assert!(!o.contains_key("network_module") && !o.contains_key("fine_tune"));
     let mut flat = local(imp.options.clone(), &dir);
     flat.insert("max_train_steps".into(), json!(2));
+    flat.remove("max_train_epochs");
     flat.insert("resolution".into(), json!("64,64"));
     flat.insert("min_bucket_reso".into(), json!(64));
     flat.remove("sample_every_n_steps");

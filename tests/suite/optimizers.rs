@@ -68,7 +68,7 @@ fn run(file: &str, case: &Case) -> f64 {
             loss = (loss + v.as_tensor().mul(&grad).unwrap().sum_all().unwrap()).unwrap();
         }
         let grads = loss.backward().unwrap();
-        let clip = case.max_grad_norm.map_or(1.0, |n| opt.clip_coef(&grads, n).unwrap());
+        let clip = case.max_grad_norm.map_or(1.0, |n| opt.clip_coef(&grads, n, &[]).unwrap());
         opt.step_scaled(&grads, case.lr_multipliers[step], clip).unwrap();
         for (i, v) in vars.iter().enumerate() {
             let d = max_abs_diff(v.as_tensor(), &t(format!("{}.after.{step}.{i}", case.name)));

@@ -415,10 +415,11 @@ impl Optimizer {
     }
 
     /// The factor that clips the global gradient norm to `max_norm` as `clip_grad_norm_` (1 when the norm is
-    /// below it), for `step_scaled`. The squares are summed on the device: one synchronisation.
-    pub fn clip_coef(&self, grads: &GradStore, max_norm: f64) -> Result<f64> {
+    /// below it), for `step_scaled`; the gradients of `also` count in the norm too. The squares are summed on the
+    /// device: one synchronisation.
+    pub fn clip_coef(&self, grads: &GradStore, max_norm: f64, also: &[Var]) -> Result<f64> {
         let gs: Vec<&Tensor> =
-            self.groups.iter().flat_map(|g| &g.params).filter_map(|p| grads.get(p.as_tensor())).collect();
+            self.groups.iter().flat_map(|g| &g.params).chain(also).filter_map(|p| grads.get(p.as_tensor())).collect();
         let Some(first) = gs.first() else { return Ok(1.0) };
         let mut acc = Tensor::zeros(1, candle_core::DType::F32, first.device())?;
         for g in gs {

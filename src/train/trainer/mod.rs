@@ -310,7 +310,7 @@ impl Trainer {
         match &mut self.accum {
             None => self.accum = Some(grads),
             Some(acc) => {
-                for p in self.optimizer.groups.iter().flat_map(|g| &g.params) {
+                for p in self.optimizer.groups.iter().flat_map(|g| &g.params).chain(self.target.clip_only()) {
                     if let Some(g) = grads.get(p.as_tensor()) {
                         let sum = match acc.get(p.as_tensor()) {
                             Some(a) => (a + g)?,
@@ -408,7 +408,10 @@ impl Trainer {
         self.no_state_on_error = true;
         let device = self.model.device.clone();
         let overflow = match &self.scaler {
-            Some(s) => !s.unscale(&mut grads, self.optimizer.groups.iter().flat_map(|g| &g.params))?,
+            Some(s) => !s.unscale(
+                &mut grads,
+                self.optimizer.groups.iter().flat_map(|g| &g.params).chain(self.target.clip_only()),
+            )?,
             None => false,
         };
         self.stop_text_encoder_if_due();
@@ -416,7 +419,7 @@ impl Trainer {
             let factor = self.lr.factor(self.lr_step());
             crate::nn::profile::time("optimizer (+ clipping)", &device, || {
                 let clip = match self.cfg.max_grad_norm {
-                    n if n > 0.0 => self.optimizer.clip_coef(&grads, n)?,
+                    n if n > 0.0 => self.optimizer.clip_coef(&grads, n, self.target.clip_only())?,
                     _ => 1.0,
                 };
                 self.optimizer.step_scaled(&grads, factor, clip)?;
