@@ -135,27 +135,47 @@ fn script_options(script: &str, args: &[String]) -> Value {
     sdtune::script::to_json(&v).unwrap()
 }
 
+/// A config's options cut to a short run: `max_train_steps` 2 at `resolution`, no samples.
+fn quick(mut flat: serde_json::Map<String, Value>, resolution: &str) -> serde_json::Map<String, Value> {
+    flat.insert("max_train_steps".into(), json!(2));
+    flat.remove("max_train_epochs");
+    flat.insert("resolution".into(), json!(resolution));
+    flat.insert("min_bucket_reso".into(), json!(64));
+    flat.remove("sample_every_n_steps");
+    flat
+}
+
+/// The recipe built directly and written as a script resolve the same options; the script runs. Returns the
+/// resolved options and the script.
+fn script_runs_as_the_direct_route(
+    name: &str,
+    recipe: &Value,
+    report: &import::Report,
+    dir: &std::path::Path,
+) -> (Value, String) {
+    let direct = build::build(recipe).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    let want = direct.resolved_options().unwrap();
+    drop(direct);
+    let script = import::rhai::script(recipe, report, name, "test");
+    let args: Vec<String> = [&recipe["model"], &recipe["dataset"], &recipe["train"]["output_dir"]]
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(script_options(&script, &args), want, "{name}: the script resolves other options\n{script}");
+    let p = dir.join("recipe.rhai");
+    std::fs::write(&p, &script).unwrap();
+    sdtune::script::run_file(&p, &args).unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    (want, script)
+}
+
 #[test]
 fn imported_lora_recipes_resolve_like_the_direct_route_and_run_on_tiny_sd15() {
     for name in ["locon-AdamW.json", "preset-sd15_-_EDG_LoraOptiSettings.json"] {
         let dir = scratch(&format!("import-run-{}", &name[..8]));
         let imp = import::kohya(&config(name)).unwrap();
-        let mut flat = local(imp.options.clone(), &dir);
         // keep the test short and small: two optimizer steps at 64×80, no samples
-        flat.insert("max_train_steps".into(), json!(2));
-        flat.insert("resolution".into(), json!("64,80"));
-        flat.insert("min_bucket_reso".into(), json!(64));
-        flat.remove("sample_every_n_steps");
-        let (recipe, _) = build::recipe_from_flat(flat).unwrap();
-        let direct = build::build(&recipe).unwrap_or_else(|e| panic!("{name}: {e:#}"));
-        let want = direct.resolved_options().unwrap();
-        let script = import::rhai::script(&recipe, &imp.report, name, "test");
-        let args: Vec<String> = [&recipe["model"], &recipe["dataset"], &recipe["train"]["output_dir"]]
-            .iter()
-            .map(|v| v.as_str().unwrap().to_string())
-            .collect();
-        let got = script_options(&script, &args);
-        assert_eq!(got, want, "{name}: the script resolves other options than the direct route\n{script}");
+        let (recipe, _) = build::recipe_from_flat(quick(local(imp.options.clone(), &dir), "64,80")).unwrap();
+        let (want, _) = script_runs_as_the_direct_route(name, &recipe, &imp.report, &dir);
         // and kohya_ss's meaning holds in the resolved run
         let t = &want["train"];
         if name.starts_with("locon") {
@@ -168,16 +188,7 @@ fn imported_lora_recipes_resolve_like_the_direct_route_and_run_on_tiny_sd15() {
             assert_eq!(t["optimizer_type"], "AdamW8bit");
             assert!(want["datasets"][0].as_str().unwrap().contains("resolution: (64, 80)"), "{}", want["datasets"]);
         }
-        // the recipe runs as a script
-        let out = sdtune::script::run_file(
-            &{
-                let p = dir.join("recipe.rhai");
-                std::fs::write(&p, &script).unwrap();
-                p
-            },
-            &args,
-        );
-        assert!(out.is_ok(), "{name}: {out:?}");
+        // the recipe ran as a script
         assert!(dir
             .join("out")
             .join(format!("{}.safetensors", recipe["train"]["output_name"].as_str().unwrap_or("last")))
@@ -203,26 +214,12 @@ fn imported_dreambooth_configs_fine_tune_the_model_like_the_direct_route() {
             (gui["learning_rate"].clone(), json!(1e-05))
         );
         assert_eq!(o["save_model_as"], "safetensors");
-        let mut flat = local_with(imp.options.clone(), &dir, model);
-        flat.insert("max_train_steps".into(), json!(2));
-        flat.insert("resolution".into(), json!("64,64"));
-        flat.insert("min_bucket_reso".into(), json!(64));
-        flat.remove("sample_every_n_steps");
+        let flat = quick(local_with(imp.options.clone(), &dir, model), "64,64");
         let (recipe, _) = build::recipe_from_flat(flat).unwrap();
-        let direct = build::build(&recipe).unwrap_or_else(|e| panic!("{name}: {e:#}"));
-        let want = direct.resolved_options().unwrap();
+        let (want, script) = script_runs_as_the_direct_route(name, &recipe, &imp.report, &dir);
         assert!(want["network"].as_str().unwrap().starts_with("full fine-tuning"), "{}", want["network"]);
         assert_eq!(want["train"]["text_encoder_lr"], json!(1e-05));
-        let script = import::rhai::script(&recipe, &imp.report, name, "test");
         assert!(!script.contains("lora(") && !script.contains("network: network"), "{script}");
-        let args: Vec<String> = [&recipe["model"], &recipe["dataset"], &recipe["train"]["output_dir"]]
-            .iter()
-            .map(|v| v.as_str().unwrap().to_string())
-            .collect();
-        assert_eq!(script_options(&script, &args), want, "{name}: the script resolves other options\n{script}");
-        let p = dir.join("recipe.rhai");
-        std::fs::write(&p, &script).unwrap();
-        sdtune::script::run_file(&p, &args).unwrap_or_else(|e| panic!("{name}: {e:#}"));
         // the fine-tuned model, in the config's save_precision (fp16), loads as a model of its family
         let out = dir.join("out").join(format!("{}.safetensors", recipe["train"]["output_name"].as_str().unwrap()));
         let m = load(&out);
@@ -240,25 +237,10 @@ fn an_imported_textual_inversion_config_trains_its_word() {
     assert_eq!((o["token_string"].clone(), o["init_word"].clone()), (json!("zxc"), json!("*")));
     assert_eq!((o["num_vectors_per_token"].clone(), o["use_style_template"].clone()), (json!(8), json!(true)));
     assert!(!o.contains_key("network_module") && !o.contains_key("fine_tune"));
-    let mut flat = local(imp.options.clone(), &dir);
-    flat.insert("max_train_steps".into(), json!(2));
-    flat.remove("max_train_epochs");
-    flat.insert("resolution".into(), json!("64,64"));
-    flat.insert("min_bucket_reso".into(), json!(64));
-    flat.remove("sample_every_n_steps");
-    let (recipe, _) = build::recipe_from_flat(flat).unwrap();
-    let want = build::build(&recipe).unwrap().resolved_options().unwrap();
+    let (recipe, _) = build::recipe_from_flat(quick(local(imp.options.clone(), &dir), "64,64")).unwrap();
+    let (want, script) = script_runs_as_the_direct_route("TI-AdamW8bit.json", &recipe, &imp.report, &dir);
     assert_eq!(want["network"], json!("textual inversion: \"zxc\", 8 vectors"));
-    let script = import::rhai::script(&recipe, &imp.report, "TI-AdamW8bit.json", "test");
     assert!(!script.contains("lora("), "{script}");
-    let args: Vec<String> = [&recipe["model"], &recipe["dataset"], &recipe["train"]["output_dir"]]
-        .iter()
-        .map(|v| v.as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(script_options(&script, &args), want, "the script resolves other options\n{script}");
-    let p = dir.join("recipe.rhai");
-    std::fs::write(&p, &script).unwrap();
-    sdtune::script::run_file(&p, &args).unwrap_or_else(|e| panic!("{e:#}"));
     let out = dir.join("out/TI-Adamw8bit.safetensors");
     let f = sdtune::io::tensors::read_safetensors(&out, None, &candle_core::Device::Cpu).unwrap();
     assert_eq!(f.tensors["emb_params"].dims(), &[8, 32]);
