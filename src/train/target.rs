@@ -94,9 +94,18 @@ fn lora_groups(name: &str, pairs: Vec<Pair>, lr: f64, loraplus: Option<f64>) -> 
     groups
 }
 
-/// The LoRA options that mean nothing without a network, refused for full fine-tuning rather than ignored.
-const NETWORK_ONLY: &[&str] =
-    &["network_train_unet_only", "network_train_text_encoder_only", "scale_weight_norms", "full_bf16", "unet_lr"];
+/// The LoRA options given in `cfg` (they mean nothing without a network: refused rather than ignored).
+fn lora_options_given(cfg: &TrainConfig) -> impl Iterator<Item = &'static str> {
+    [
+        ("network_train_unet_only", cfg.network_train_unet_only),
+        ("network_train_text_encoder_only", cfg.network_train_text_encoder_only),
+        ("scale_weight_norms", cfg.scale_weight_norms.is_some()),
+        ("full_bf16", cfg.full_bf16),
+        ("unet_lr", cfg.unet_lr.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(name, on)| on.then_some(name))
+}
 
 impl Target {
     /// Checks that `cfg` asks only what this target can do.
@@ -111,17 +120,13 @@ impl Target {
                 }
             }
             Target::Embedding(_) => {
-                let given = [
+                let own = [
                     ("train_text_encoder", cfg.train_text_encoder.is_some()),
-                    ("network_train_unet_only", cfg.network_train_unet_only),
-                    ("network_train_text_encoder_only", cfg.network_train_text_encoder_only),
-                    ("scale_weight_norms", cfg.scale_weight_norms.is_some()),
-                    ("full_bf16", cfg.full_bf16),
-                    ("unet_lr", cfg.unet_lr.is_some()),
                     ("text_encoder_lr / learning_rate_te", cfg.text_encoder_lr.is_some()),
                     ("cache_text_encoder_outputs", cfg.cache_text_encoder_outputs),
                 ];
-                if let Some((name, _)) = given.iter().find(|(_, on)| *on) {
+                let mut given = lora_options_given(cfg).chain(own.into_iter().filter_map(|(n, on)| on.then_some(n)));
+                if let Some(name) = given.next() {
                     bail!(
                         "{name} does not apply to textual inversion (only the word's vectors train, at learning_rate)"
                     );
@@ -131,17 +136,10 @@ impl Target {
                 }
             }
             Target::Model(_) => {
-                let given = [
-                    cfg.network_train_unet_only,
-                    cfg.network_train_text_encoder_only,
-                    cfg.scale_weight_norms.is_some(),
-                    cfg.full_bf16,
-                    cfg.unet_lr.is_some(),
-                ];
                 if cfg.token_string.is_some() {
                     bail!("token_string trains a textual-inversion embedding, not the model");
                 }
-                if let Some((name, _)) = NETWORK_ONLY.iter().zip(given).find(|(_, on)| *on) {
+                if let Some(name) = lora_options_given(cfg).next() {
                     bail!("{name} is a LoRA option; full fine-tuning (no network) does not take it (the UNet's LR is learning_rate, the text encoder's learning_rate_te)");
                 }
             }
