@@ -198,8 +198,10 @@ fn inspect(a: InspectArgs) -> anyhow::Result<()> {
         caption_extension: a.caption_extension,
         ..Default::default()
     };
-    let group =
-        sdtune::data::open(&a.path, &sdtune::data::OpenOptions { call, reg_dir: a.reg_data_dir, strict: a.strict })?;
+    let group = sdtune::data::open(
+        &a.path,
+        &sdtune::data::OpenOptions { call, reg_dir: a.reg_data_dir, in_json: None, strict: a.strict },
+    )?;
     print!("{}", group.report());
     if a.verify {
         let mut bad = 0;

@@ -314,6 +314,19 @@ pub fn read_config_file(path: &Path, call: &General) -> Result<Vec<DatasetConfig
         .collect()
 }
 
+/// sd-scripts' `--in_json`: `image_dir` as one fine-tune subset whose captions and sizes come from `metadata_file`
+/// (`num_repeats` from the caller's options: sd-scripts' `dataset_repeats`).
+pub fn metadata_config(image_dir: &Path, metadata_file: &Path, call: &General) -> Result<DatasetConfig> {
+    let subset = SubsetTable {
+        image_dir: Some(image_dir.to_string_lossy().into_owned()),
+        metadata_file: Some(metadata_file.to_string_lossy().into_owned()),
+        ..Default::default()
+    };
+    let d = DatasetTable { subsets: vec![subset], ..Default::default() };
+    resolve_dataset(&d, &General::default(), call, Path::new(""))
+        .with_context(|| format!("{}", metadata_file.display()))
+}
+
 /// A kohya training folder: each `N_concept` sub-folder becomes a subset with N repeats and class tokens "concept";
 /// `reg_dir` adds regularisation subsets the same way. The error for a folder without any shows the layout.
 pub fn folder_config(train_dir: &Path, reg_dir: Option<&Path>, call: &General) -> Result<(DatasetConfig, Vec<String>)> {

@@ -25,6 +25,8 @@ pub struct OpenOptions {
     pub call: General,
     /// A regularisation folder of `N_class` sub-folders (folder datasets only).
     pub reg_dir: Option<PathBuf>,
+    /// sd-scripts' `in_json`: the folder is one fine-tune subset with this metadata file (captions, sizes).
+    pub in_json: Option<PathBuf>,
     /// Fail on the first problem instead of skipping.
     pub strict: bool,
 }
@@ -47,15 +49,24 @@ pub fn open(path: &Path, opts: &OpenOptions) -> Result<DatasetGroup> {
             path.display()
         );
     }
-    let (configs, notes) = if path.is_file() {
-        (read_config_file(path, &opts.call)?, Vec::new())
-    } else {
-        let mut call = opts.call.clone();
-        if call.resolution.is_none() {
-            call.resolution = Some(config::Resolution::Square(512));
+    let mut call = opts.call.clone();
+    if call.resolution.is_none() {
+        call.resolution = Some(config::Resolution::Square(512));
+    }
+    let (configs, notes) = match &opts.in_json {
+        _ if path.is_file() => (read_config_file(path, &opts.call)?, Vec::new()),
+        Some(json) => {
+            if opts.reg_dir.is_some() {
+                bail!(
+                    "reg_data_dir: regularisation images are for DreamBooth folders, not an in_json fine-tune dataset"
+                );
+            }
+            (vec![config::metadata_config(path, json, &call)?], Vec::new())
         }
-        let (c, notes) = folder_config(path, opts.reg_dir.as_deref(), &call)?;
-        (vec![c], notes)
+        None => {
+            let (c, notes) = folder_config(path, opts.reg_dir.as_deref(), &call)?;
+            (vec![c], notes)
+        }
     };
     let datasets = configs.into_iter().map(|c| Dataset::build(c, opts.strict)).collect::<Result<Vec<_>>>()?;
     let group = DatasetGroup { source: path.to_path_buf(), datasets, notes, options: serde_json::Value::Null };

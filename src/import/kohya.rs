@@ -30,7 +30,6 @@ const OTHER_MODEL: Rule = NotApplicable("FLUX / SD3 / other model families");
 const HUB: Rule = Ignore("Hugging Face upload settings: not supported");
 const GUI_ONLY: Rule = Ignore("a kohya_ss GUI field with no sd-scripts option");
 const LYCORIS: Rule = NotApplicable("LyCORIS / DyLoRA / native LoHa-LoKr network settings");
-const DREAMBOOTH: Rule = NotApplicable("DreamBooth / fine-tune / textual-inversion tabs");
 
 /// Every GUI key sdtune knows, and its rule. A key not in this table is an error naming it.
 const KEYS: &[(&str, Rule)] = &[
@@ -270,17 +269,17 @@ const KEYS: &[(&str, Rule)] = &[
     ("template", Special),
     ("weights", Special),
     ("train_dir", Special),
-    ("image_folder", DREAMBOOTH),
-    ("train_text_encoder", DREAMBOOTH),
-    ("block_lr", DREAMBOOTH),
-    ("batch_size", DREAMBOOTH),
-    ("dataset_repeats", DREAMBOOTH),
-    ("caption_metadata_filename", DREAMBOOTH),
-    ("latent_metadata_filename", DREAMBOOTH),
-    ("create_buckets", DREAMBOOTH),
-    ("create_caption", DREAMBOOTH),
-    ("full_path", DREAMBOOTH),
-    ("use_latent_files", DREAMBOOTH),
+    ("image_folder", Special),
+    ("train_text_encoder", Special),
+    ("block_lr", Special),
+    ("batch_size", Special),
+    ("dataset_repeats", Special),
+    ("caption_metadata_filename", Special),
+    ("latent_metadata_filename", Special),
+    ("create_buckets", Special),
+    ("create_caption", Special),
+    ("full_path", Special),
+    ("use_latent_files", Special),
 ];
 
 /// What the GUI leaves "unset": empty text, false, and a 0 in an optional number field.
@@ -386,9 +385,9 @@ pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Re
             "(config)",
             "a textual-inversion config: the word's vectors train (train_textual_inversion.py)",
         ),
-        Kind::FineTuning => report.unsupported(
+        Kind::FineTuning => report.note(
             "(config)",
-            "a fine-tuning (Finetuning tab) config: fine-tuning (Finetuning tab) training is not supported yet (its metadata preparation; DreamBooth, textual-inversion and LoRA configs are)",
+            "a Finetuning-tab config: the model itself trains (fine_tune), on the images with their metadata file (in_json), as fine_tune.py / sdxl_train.py",
         ),
     }
     let module = match lora_type.as_deref() {
@@ -421,10 +420,10 @@ pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Re
         Kind::Lora => {
             out.insert("network_module".into(), module.into());
         }
-        Kind::DreamBooth => {
+        Kind::DreamBooth | Kind::FineTuning => {
             out.insert("fine_tune".into(), Value::Bool(true));
         }
-        _ => {}
+        Kind::TextualInversion => {}
     }
     let noise_type = gui.get("noise_offset_type").map(text).unwrap_or_else(|| "Original".into());
     for (key, value) in gui {
@@ -467,7 +466,7 @@ fn dreambooth_key(
     out: &mut Map<String, Value>,
     report: &mut Report,
 ) {
-    if kind(gui) != Kind::DreamBooth {
+    if !matches!(kind(gui), Kind::DreamBooth | Kind::FineTuning) {
         if present {
             report.ignored(key, "DreamBooth / fine-tune / textual-inversion tabs");
         }
@@ -511,6 +510,63 @@ fn dreambooth_key(
     }
 }
 
+/// The Finetuning tab: fine_tune.py on `image_folder` with the metadata file in `train_dir` (the latents' one when
+/// `use_latent_files` is "Yes", else the captions'), `dataset_repeats`, `train_text_encoder`. The tab's preparation
+/// steps (merging captions into the metadata, bucketing and caching latents with sd-scripts' finetune scripts) are
+/// not run: the metadata file must exist (a missing one is an error naming it when the run opens its data).
+fn finetune_key(
+    key: &str,
+    value: &Value,
+    present: bool,
+    gui: &Map<String, Value>,
+    out: &mut Map<String, Value>,
+    report: &mut Report,
+) {
+    if kind(gui) != Kind::FineTuning {
+        if present {
+            report.ignored(key, "the Finetuning tab's");
+        }
+        return;
+    }
+    let get = |k: &str| gui.get(k).map(text).unwrap_or_default();
+    match key {
+        "image_folder" => {
+            out.insert("train_data_dir".into(), coerce(value));
+        }
+        "train_dir" => {
+            let file = if get("use_latent_files") == "Yes" {
+                get("latent_metadata_filename")
+            } else {
+                get("caption_metadata_filename")
+            };
+            let dir = text(value);
+            let path = if dir.is_empty() { file } else { format!("{}/{file}", dir.trim_end_matches('/')) };
+            out.insert("in_json".into(), Value::from(path));
+        }
+        "dataset_repeats" if present => {
+            out.insert("dataset_repeats".into(), coerce(value));
+        }
+        "train_text_encoder" => {
+            let te_lr = gui
+                .get(if is_sdxl(gui) { "learning_rate_te1" } else { "learning_rate_te" })
+                .map(coerce)
+                .and_then(|v| v.as_f64())
+                .unwrap_or(0.0);
+            // fine_tune.py trains the text encoder only when asked; the GUI's LR 0 leaves it as it is
+            out.insert("train_text_encoder".into(), Value::Bool(present && te_lr > 0.0));
+        }
+        "block_lr" if present => {
+            report.unsupported(key, "per-block LRs (sdxl_train.py's block_lr) are not supported yet")
+        }
+        "create_caption" | "create_buckets" if present => report.ignored(
+            key,
+            "a preparation step (sd-scripts' finetune scripts) that sdtune does not run: the metadata file must exist",
+        ),
+        "batch_size" | "full_path" if present => report.ignored(key, "used by the Finetuning tab's preparation steps"),
+        _ => {}
+    }
+}
+
 /// The keys the GUI reads together with others.
 fn special(
     key: &str,
@@ -548,8 +604,7 @@ fn special(
                 }
             }
         },
-        "sdxl" | "sdxl_checkbox" | "flux1_checkbox" | "sd3_checkbox" | "LoRA_type" | "train_dir" | "sample_prompts" => {
-        }
+        "sdxl" | "sdxl_checkbox" | "flux1_checkbox" | "sd3_checkbox" | "LoRA_type" | "sample_prompts" => {}
         "conv_dim" | "conv_alpha" => {
             if present && gui.get("LoRA_type").map(text).as_deref() != Some("Kohya LoCon") {
                 report.ignored(key, "used only by LoRA_type Kohya LoCon");
@@ -641,6 +696,18 @@ fn special(
         "learning_rate_te" | "learning_rate_te1" | "learning_rate_te2" | "no_token_padding" => {
             dreambooth_key(key, value, present, gui, out, report)
         }
+        "train_dir"
+        | "image_folder"
+        | "train_text_encoder"
+        | "block_lr"
+        | "batch_size"
+        | "dataset_repeats"
+        | "caption_metadata_filename"
+        | "latent_metadata_filename"
+        | "create_buckets"
+        | "create_caption"
+        | "full_path"
+        | "use_latent_files" => finetune_key(key, value, present, gui, out, report),
         "stop_text_encoder_training_pct" => {
             if present {
                 report.unsupported(key, "a percentage stop is not supported yet (stop_text_encoder_training is)");

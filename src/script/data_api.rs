@@ -50,11 +50,17 @@ pub fn from_json(v: &serde_json::Value) -> Dynamic {
 }
 
 fn open_dataset(path: &str, opts: &Map) -> Result<DatasetRef> {
+    let m_all = opts.clone();
     let mut m = opts.clone();
     let reg = m
         .remove("reg_data_dir")
         .filter(|v| !v.is_unit())
         .map(|v| v.into_string().map_err(|t| anyhow::anyhow!("reg_data_dir must be a string, got {t}")))
+        .transpose()?;
+    let in_json = m
+        .remove("in_json")
+        .filter(|v| !v.is_unit())
+        .map(|v| v.into_string().map_err(|t| anyhow::anyhow!("in_json must be a string, got {t}")))
         .transpose()?;
     let strict = m
         .remove("strict")
@@ -62,10 +68,11 @@ fn open_dataset(path: &str, opts: &Map) -> Result<DatasetRef> {
         .transpose()?
         .unwrap_or(false);
     let call: General = serde_json::from_value(to_json(&Dynamic::from_map(m))?)
-        .map_err(|e| anyhow::anyhow!("dataset: {e} (also accepted: reg_data_dir, strict)"))?;
-    let mut group = open(Path::new(path), &OpenOptions { call, reg_dir: reg.map(PathBuf::from), strict })?;
+        .map_err(|e| anyhow::anyhow!("dataset: {e} (also accepted: reg_data_dir, in_json, strict)"))?;
+    let opts = OpenOptions { call, reg_dir: reg.map(PathBuf::from), in_json: in_json.map(PathBuf::from), strict };
+    let mut group = open(Path::new(path), &opts)?;
     // kept for the training recipe, so that a resumed run opens the same dataset
-    group.options = to_json(&Dynamic::from_map(opts.clone()))?;
+    group.options = to_json(&Dynamic::from_map(m_all))?;
     Ok(Arc::new(group))
 }
 

@@ -192,10 +192,11 @@ pub fn open_dataset(r: &Recipe) -> Result<Option<crate::data::DatasetGroup>> {
     let Some(path) = &r.dataset else { return Ok(None) };
     let mut o = obj(&r.dataset_options);
     let reg = o.remove("reg_data_dir").and_then(|v| v.as_str().map(PathBuf::from));
+    let in_json = o.remove("in_json").and_then(|v| v.as_str().map(PathBuf::from));
     let strict = o.remove("strict").and_then(|v| v.as_bool()).unwrap_or(false);
     let call: General =
         serde_json::from_value(Value::Object(o)).map_err(|e| anyhow::anyhow!("dataset options: {e}"))?;
-    let mut g = crate::data::open(path, &OpenOptions { call, reg_dir: reg, strict })?;
+    let mut g = crate::data::open(path, &OpenOptions { call, reg_dir: reg, in_json, strict })?;
     g.options = r.dataset_options.clone();
     Ok(Some(g))
 }
@@ -301,6 +302,7 @@ const DATASET_KEYS: &[&str] = &[
     "caption_dropout_every_n_epochs",
     "caption_tag_dropout_rate",
     "reg_data_dir",
+    "in_json",
     "num_repeats",
 ];
 const NETWORK_KEYS: &[&str] = &[
@@ -350,6 +352,10 @@ pub fn recipe_from_flat(flat: serde_json::Map<String, Value>) -> Result<(Value, 
             "train_data_dir" | "dataset_config" => dataset = v.as_str().map(PathBuf::from),
             "train_batch_size" => {
                 dataset_options.insert("batch_size".into(), v);
+            }
+            // sd-scripts' repeats of an in_json (fine-tune) dataset
+            "dataset_repeats" => {
+                dataset_options.insert("num_repeats".into(), v);
             }
             "network_weights" => network_weights = v.as_str().map(PathBuf::from),
             "fine_tune" => fine_tune = v.as_bool().context("fine_tune must be true or false")?,

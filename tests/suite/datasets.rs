@@ -398,6 +398,28 @@ fn finetune_subsets_read_the_metadata_json() {
     assert_eq!(cap("two.jpg"), "street, night");
     assert_eq!(g.len(), 4);
     assert!(g.problems().iter().any(|p| p.to_string().contains("missing") && p.skipped));
+    // sd-scripts' --in_json / --dataset_repeats: the folder with that metadata file is the same dataset
+    let (recipe, _) = sdtune::train::build::recipe_from_flat(
+        serde_json::json!({
+            "pretrained_model_name_or_path": "m.safetensors", "train_data_dir": dir.join("imgs"),
+            "in_json": dir.join("meta.json"), "dataset_repeats": 2,
+            "resolution": 128, "enable_bucket": true, "min_bucket_reso": 64, "bucket_reso_steps": 32,
+        })
+        .as_object()
+        .unwrap()
+        .clone(),
+    )
+    .unwrap();
+    let r: sdtune::train::build::Recipe = serde_json::from_value(recipe).unwrap();
+    let g2 = sdtune::train::build::open_dataset(&r).unwrap().unwrap();
+    let d2 = &g2.datasets[0];
+    assert_eq!(g2.len(), 4);
+    for im in &d.images {
+        let other = d2.images.iter().find(|i| i.path == im.path).unwrap();
+        assert_eq!((&other.caption, other.num_repeats), (&im.caption, im.num_repeats));
+    }
+    let e = open(&dir.join("imgs"), &OpenOptions { in_json: Some(dir.join("nope.json")), ..Default::default() });
+    assert!(format!("{:#}", e.err().unwrap()).contains("nope.json"));
 }
 
 #[test]

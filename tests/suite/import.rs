@@ -39,7 +39,7 @@ fn every_kohya_fixture_imports_or_says_what_is_unsupported() {
         ("dreambooth-AdamW.json", &[]),
         ("SDXL-Standard-AdamW.json", &[]),
         ("TI-AdamW8bit.json", &[]),
-        ("finetune-AdamW.json", &["fine-tuning (Finetuning tab) training is not supported yet"]),
+        ("finetune-AdamW.json", &[]),
         ("loha-Prodigy.json", &["LyCORIS/LoHa is not supported yet"]),
         ("preset-lokr-sd15.json", &["LyCORIS/LoKr is not supported yet"]),
         ("preset-SDXL_-_LoRA_AI_Now_prodigy_v1.0.json", &[]),
@@ -245,6 +245,39 @@ fn an_imported_textual_inversion_config_trains_its_word() {
     let f = sdtune::io::tensors::read_safetensors(&out, None, &candle_core::Device::Cpu).unwrap();
     assert_eq!(f.tensors["emb_params"].dims(), &[8, 32]);
     assert_eq!(f.tensors["emb_params"].dtype(), candle_core::DType::F16, "save_precision fp16");
+}
+
+#[test]
+fn an_imported_finetuning_config_trains_the_model_on_its_metadata() {
+    let dir = scratch("import-ft");
+    let imp = import::kohya(&config("finetune-AdamW.json")).unwrap();
+    let o = &imp.options;
+    // fine_tune.py on image_folder with train_dir's caption metadata (use_latent_files "No"), 50 repeats, the text
+    // encoder trained at learning_rate_te
+    assert_eq!((o["fine_tune"].clone(), o["in_json"].clone()), (json!(true), json!("./test/meta-1_cap5.json")));
+    assert_eq!(o["train_data_dir"], json!("./test/img/10_darius kawasaki person"));
+    assert_eq!((o["dataset_repeats"].clone(), o["train_text_encoder"].clone()), (json!(50), json!(true)));
+    assert_eq!(o["learning_rate_te"], json!(5e-06));
+    // the images and a metadata file as merge_captions_to_metadata.py writes it
+    let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 1, 4, 64, 0).unwrap();
+    let images = data.join("1_toy");
+    let mut meta = serde_json::Map::new();
+    for e in std::fs::read_dir(&images).unwrap() {
+        let p = e.unwrap().path();
+        if p.extension().is_some_and(|x| x == "txt") {
+            let caption = std::fs::read_to_string(&p).unwrap();
+            meta.insert(p.file_stem().unwrap().to_string_lossy().into_owned(), json!({ "caption": caption }));
+        }
+    }
+    std::fs::write(dir.join("meta.json"), Value::Object(meta).to_string()).unwrap();
+    let mut flat = quick(local(imp.options.clone(), &dir), "64,64");
+    flat.insert("train_data_dir".into(), json!(images));
+    flat.insert("in_json".into(), json!(dir.join("meta.json")));
+    let (recipe, _) = build::recipe_from_flat(flat).unwrap();
+    let (want, _) = script_runs_as_the_direct_route("finetune-AdamW.json", &recipe, &imp.report, &dir);
+    assert!(want["network"].as_str().unwrap().starts_with("full fine-tuning"), "{}", want["network"]);
+    assert!(want["datasets"][0].as_str().unwrap().contains("metadata_file: Some("), "{}", want["datasets"]);
+    assert!(dir.join("out/test_ft.safetensors").is_file());
 }
 
 #[test]
