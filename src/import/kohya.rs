@@ -491,13 +491,10 @@ fn dreambooth_key(
             let (te1, te2) = (num("learning_rate_te1"), num("learning_rate_te2"));
             if te1 <= 0.0 && te2 <= 0.0 {
                 out.insert("train_text_encoder".into(), Value::Bool(false));
-            } else if te1 == te2 {
-                out.insert("learning_rate_te".into(), Value::from(te1));
             } else {
-                report.unsupported(
-                    "learning_rate_te2",
-                    &format!("SDXL's two text encoders at different LRs ({te1} and {te2}) are not supported yet: give both the same LR, or 0 for neither"),
-                );
+                // sdxl_train.py: each encoder at its LR, 0 leaving it untrained
+                out.insert("learning_rate_te1".into(), Value::from(te1.max(0.0)));
+                out.insert("learning_rate_te2".into(), Value::from(te2.max(0.0)));
             }
         }
         // SDXL's learning_rate_te2 is read with te1 above

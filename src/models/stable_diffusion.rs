@@ -245,11 +245,11 @@ impl StableDiffusion {
         })
     }
 
-    /// A copy for full fine-tuning (DreamBooth, fine-tune): the UNet and, with `text_encoders`, the text
-    /// encoder(s) rebuilt on f32 variables; the copy's UNet computes in `compute` (f32, or half precision as under
+    /// A copy for full fine-tuning (DreamBooth, fine-tune): the UNet and the text encoders `text_encoders` says
+    /// (first, second) rebuilt on f32 variables; the copy's UNet computes in `compute` (f32, or half precision as under
     /// autocast), trained text encoders in f32; the VAE and the rest shared with `self`, which keeps its own
     /// weights. Returns the copy and its variables by component, in diffusers names.
-    pub fn trainable(&self, text_encoders: bool, compute: DType) -> Result<(Self, Trainables)> {
+    pub fn trainable(&self, text_encoders: (bool, bool), compute: DType) -> Result<(Self, Trainables)> {
         let vars = |map: &HashMap<String, Tensor>| -> Result<Vec<(String, Var)>> {
             let mut v: Vec<(String, Var)> = map
                 .iter()
@@ -271,13 +271,13 @@ impl StableDiffusion {
         let (te_layers, te2_layers) = (Registry::default(), Registry::default());
         let mut te_vars = Vec::new();
         let mut te2_vars = Vec::new();
-        if text_encoders {
+        if text_encoders.0 {
             te_vars = vars(&components.text_encoder)?;
             components.text_encoder = as_map(&te_vars);
-            if self.text_encoder_2.is_some() {
-                te2_vars = vars(&components.text_encoder_2)?;
-                components.text_encoder_2 = as_map(&te2_vars);
-            }
+        }
+        if text_encoders.1 && self.text_encoder_2.is_some() {
+            te2_vars = vars(&components.text_encoder_2)?;
+            components.text_encoder_2 = as_map(&te2_vars);
         }
         let te_w = Weights::new(components.text_encoder.clone(), &format!("{src} (text encoder)"))
             .with_registry(te_layers.clone());

@@ -66,6 +66,10 @@ pub struct TrainConfig {
     pub text_encoder_lr: Option<f64>,
     /// Full fine-tuning: whether the text encoder(s) train too (default true, as `train_db.py`).
     pub train_text_encoder: Option<bool>,
+    /// SDXL full fine-tuning: each text encoder's LR (`sdxl_train.py`; default `learning_rate_te`, else
+    /// `learning_rate`; 0 leaves that encoder untrained).
+    pub learning_rate_te1: Option<f64>,
+    pub learning_rate_te2: Option<f64>,
     /// Full fine-tuning: `safetensors` (a single file) or `diffusers` / `diffusers_safetensors` (a folder);
     /// by default the source model's layout.
     pub save_model_as: Option<String>,

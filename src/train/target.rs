@@ -34,6 +34,8 @@ impl From<Arc<Network>> for Target {
 pub struct FineTune {
     pub vars: Trainables,
     pub format: SaveFormat,
+    /// Two text encoders (their optimizer groups are separate).
+    pub sdxl: bool,
 }
 
 impl FineTune {
@@ -59,10 +61,15 @@ impl FineTune {
                 )
             }
         };
+        if !model.is_xl() && (cfg.learning_rate_te1.is_some() || cfg.learning_rate_te2.is_some()) {
+            bail!("learning_rate_te1 / learning_rate_te2 are SDXL's (two text encoders); use learning_rate_te");
+        }
         // mixed precision: f32 master weights, the UNet computing in half precision (autocast's split)
         let compute = cfg.base_dtype_for(&model.device).unwrap_or(DType::F32);
-        let (copy, vars) = model.trainable(cfg.train_text_encoder.unwrap_or(true), compute)?;
-        Ok((copy, Self { vars, format }))
+        let train_te = cfg.train_text_encoder.unwrap_or(true);
+        let (lr1, lr2) = te_lrs(cfg);
+        let (copy, vars) = model.trainable((train_te && lr1 != 0.0, train_te && lr2 != 0.0), compute)?;
+        Ok((copy, Self { vars, format, sdxl: model.is_xl() }))
     }
 
     /// Every variable with its state name (`unet.`, `text_encoder.`, `text_encoder_2.` + the diffusers name).
@@ -72,6 +79,13 @@ impl FineTune {
             .into_iter()
             .flat_map(|(c, list)| list.iter().map(move |(k, var)| (format!("{c}.{k}"), var)))
     }
+}
+
+/// The text encoders' LRs in full fine-tuning: `learning_rate_te1` / `_te2` (SDXL), else `learning_rate_te`, else
+/// `learning_rate`, as sdxl_train.py and train_db.py take them.
+fn te_lrs(cfg: &TrainConfig) -> (f64, f64) {
+    let te = cfg.text_encoder_lr.unwrap_or(cfg.learning_rate);
+    (cfg.learning_rate_te1.unwrap_or(te), cfg.learning_rate_te2.unwrap_or(te))
 }
 
 /// A LoRA module's trained weights: down (absent for LoRA-FA) and up.
@@ -158,11 +172,23 @@ impl Target {
                 groups.push(ParamGroup { name: "embedding".into(), params: ti.vars.clone(), lr: cfg.learning_rate });
             }
             Target::Model(ft) => {
-                let te: Vec<Var> =
-                    ft.vars.text_encoder.iter().chain(&ft.vars.text_encoder_2).map(|(_, v)| v.clone()).collect();
-                if !te.is_empty() {
-                    groups.push(ParamGroup { name: "textencoder".into(), params: te, lr: te_lr });
+                // SD 1.x/2.x: one "textencoder" group; SDXL: one per encoder (sdxl_train.py's own LRs)
+                let (lr1, lr2) = te_lrs(cfg);
+                let sdxl = ft.sdxl;
+                let v = &ft.vars;
+                for (name, vars, lr) in [
+                    (if sdxl { "textencoder1" } else { "textencoder" }, &v.text_encoder, lr1),
+                    ("textencoder2", &v.text_encoder_2, lr2),
+                ] {
+                    if !vars.is_empty() {
+                        groups.push(ParamGroup {
+                            name: name.into(),
+                            params: vars.iter().map(|(_, p)| p.clone()).collect(),
+                            lr,
+                        });
+                    }
                 }
+
                 let unet = ft.vars.unet.iter().map(|(_, v)| v.clone()).collect();
                 groups.push(ParamGroup { name: "unet".into(), params: unet, lr: unet_lr });
             }

@@ -211,6 +211,22 @@ fn fine_tuning_refuses_what_it_cannot_do() {
     // the text encoder stays as loaded with train_text_encoder false
     let tr = build::build(&ft_recipe(&dir, "x", json!({ "train_text_encoder": false }))).unwrap();
     assert!(trained(&tr).keys().all(|k| k.starts_with("unet.")));
+    let e = err(json!({ "learning_rate_te1": 1e-5 }));
+    assert!(e.contains("SDXL's"), "{e}");
+    // SDXL (sdxl_train.py): an LR per text encoder, 0 leaving one untrained
+    let mut r = training_recipe(
+        &dir,
+        "tiny-sdxl/tiny-sdxl.safetensors",
+        serde_json::Value::Null,
+        json!({ "learning_rate": 1e-4, "learning_rate_te1": 0.0, "learning_rate_te2": 2e-5, "max_train_steps": 1,
+                "output_dir": dir.join("xl"), "log_every_n_steps": 0 }),
+    );
+    r["fine_tune"] = json!(true);
+    r["dataset_options"]["resolution"] = json!(64);
+    let tr = build::build(&r).unwrap();
+    let t = trained(&tr);
+    assert!(t.keys().any(|k| k.starts_with("text_encoder_2.")) && !t.keys().any(|k| k.starts_with("text_encoder.")));
+    assert_eq!(tr.current_lrs().unwrap(), [("textencoder2".to_string(), 2e-5), ("unet".to_string(), 1e-4)]);
 }
 
 /// Textual inversion: the word's two vectors (from init_word "red circle") train as in sd-scripts'

@@ -209,16 +209,22 @@ fn imported_dreambooth_configs_fine_tune_the_model_like_the_direct_route() {
         assert_eq!(o["fine_tune"], json!(true));
         assert!(!o.contains_key("network_module"));
         let gui: Value = serde_json::from_str(&std::fs::read_to_string(config(name)).unwrap()).unwrap();
-        assert_eq!(
-            (o["learning_rate"].clone(), o["learning_rate_te"].clone()),
-            (gui["learning_rate"].clone(), json!(1e-05))
-        );
+        assert_eq!(o["learning_rate"], gui["learning_rate"]);
+        // SDXL: sdxl_train.py's own LR per text encoder
+        let te_keys: &[&str] =
+            if name.starts_with("SDXL") { &["learning_rate_te1", "learning_rate_te2"] } else { &["learning_rate_te"] };
+        for k in te_keys {
+            assert_eq!(o[*k], json!(1e-05), "{name}: {k}");
+        }
         assert_eq!(o["save_model_as"], "safetensors");
         let flat = quick(local_with(imp.options.clone(), &dir, model), "64,64");
         let (recipe, _) = build::recipe_from_flat(flat).unwrap();
         let (want, script) = script_runs_as_the_direct_route(name, &recipe, &imp.report, &dir);
         assert!(want["network"].as_str().unwrap().starts_with("full fine-tuning"), "{}", want["network"]);
-        assert_eq!(want["train"]["text_encoder_lr"], json!(1e-05));
+        for k in te_keys {
+            let resolved = if *k == "learning_rate_te" { "text_encoder_lr" } else { k };
+            assert_eq!(want["train"][resolved], json!(1e-05), "{name}: {k}");
+        }
         assert!(!script.contains("lora(") && !script.contains("network: network"), "{script}");
         // the fine-tuned model, in the config's save_precision (fp16), loads as a model of its family
         let out = dir.join("out").join(format!("{}.safetensors", recipe["train"]["output_name"].as_str().unwrap()));

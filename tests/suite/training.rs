@@ -701,6 +701,13 @@ fn loraplus_trains_up_weights_at_the_ratio() {
     }
     let meta = sdtune::io::tensors::read_metadata(&dir.join("out/plus.safetensors")).unwrap();
     assert_eq!(meta["ss_network_args"], r#"{"loraplus_lr_ratio": "16.0", "loraplus_text_encoder_lr_ratio": "4.0"}"#);
+    // stop_text_encoder_training stops both text-encoder groups (the plus one too)
+    r["train"]["stop_text_encoder_training"] = json!(0);
+    r["train"]["overwrite"] = json!(true);
+    let mut tr = build::build(&r).unwrap();
+    tr.run(&mut |_, _| {}).unwrap();
+    let names: Vec<String> = tr.current_lrs().unwrap().into_iter().map(|(n, _)| n).collect();
+    assert_eq!(names, ["unet", "unet plus"]);
 }
 
 /// `max_token_length` 150 / 225 (sd-scripts' long captions): captions go into 77-token windows as sd-scripts'

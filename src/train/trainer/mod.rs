@@ -448,7 +448,8 @@ impl Trainer {
     fn stop_text_encoder_if_due(&mut self) {
         if let Some(n) = self.cfg.stop_text_encoder_training {
             if self.step >= n && !self.te_stopped {
-                if let Some(i) = self.optimizer.groups.iter().position(|g| g.name == "textencoder") {
+                // every text-encoder group: "textencoder", LoRA+'s "textencoder plus", SDXL's "textencoder1" / "2"
+                while let Some(i) = self.optimizer.groups.iter().position(|g| g.name.starts_with("textencoder")) {
                     self.optimizer.groups.remove(i);
                     self.optimizer.state.remove(i);
                     self.optimizer.param_steps.remove(i);
