@@ -90,7 +90,7 @@ pub fn option_keys_of(function: &str) -> Vec<String> {
         "lora" => field_names::<crate::train::build::NetworkOptions>(),
         "dataset" => {
             let mut k = field_names::<crate::data::config::General>();
-            k.extend(strs(&["reg_data_dir", "strict"]));
+            k.extend(strs(&["reg_data_dir", "in_json", "strict"]));
             k
         }
         "load_model" => strs(model_api::LOAD_KEYS),
