@@ -456,16 +456,17 @@ pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Re
     Ok((out, report, prompts))
 }
 
+/// What a tab's key translation reads (the GUI config) and writes (the options, the report).
+struct Tab<'a> {
+    gui: &'a Map<String, Value>,
+    out: &'a mut Map<String, Value>,
+    report: &'a mut Report,
+}
+
 /// The DreamBooth tab's text-encoder LRs (`learning_rate_te` for SD 1.x/2.x; `learning_rate_te1` / `_te2` for
 /// SDXL, where the GUI trains the text encoders when either is above 0) and `no_token_padding`.
-fn dreambooth_key(
-    key: &str,
-    value: &Value,
-    present: bool,
-    gui: &Map<String, Value>,
-    out: &mut Map<String, Value>,
-    report: &mut Report,
-) {
+fn dreambooth_key(key: &str, value: &Value, present: bool, cx: Tab) {
+    let Tab { gui, out, report } = cx;
     if !matches!(kind(gui), Kind::DreamBooth | Kind::FineTuning) {
         if present {
             report.ignored(key, "DreamBooth / fine-tune / textual-inversion tabs");
@@ -511,14 +512,8 @@ fn dreambooth_key(
 /// `use_latent_files` is "Yes", else the captions'), `dataset_repeats`, `train_text_encoder`. The tab's preparation
 /// steps (merging captions into the metadata, bucketing and caching latents with sd-scripts' finetune scripts) are
 /// not run: the metadata file must exist (a missing one is an error naming it when the run opens its data).
-fn finetune_key(
-    key: &str,
-    value: &Value,
-    present: bool,
-    gui: &Map<String, Value>,
-    out: &mut Map<String, Value>,
-    report: &mut Report,
-) {
+fn finetune_key(key: &str, value: &Value, present: bool, cx: Tab) {
+    let Tab { gui, out, report } = cx;
     if kind(gui) != Kind::FineTuning {
         if present {
             report.ignored(key, "the Finetuning tab's");
@@ -691,7 +686,7 @@ fn special(
             }
         }
         "learning_rate_te" | "learning_rate_te1" | "learning_rate_te2" | "no_token_padding" => {
-            dreambooth_key(key, value, present, gui, out, report)
+            dreambooth_key(key, value, present, Tab { gui, out, report })
         }
         "train_dir"
         | "image_folder"
@@ -704,7 +699,7 @@ fn special(
         | "create_buckets"
         | "create_caption"
         | "full_path"
-        | "use_latent_files" => finetune_key(key, value, present, gui, out, report),
+        | "use_latent_files" => finetune_key(key, value, present, Tab { gui, out, report }),
         "stop_text_encoder_training_pct" => {
             if present {
                 report.unsupported(key, "a percentage stop is not supported yet (stop_text_encoder_training is)");
