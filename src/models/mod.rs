@@ -4,8 +4,10 @@ pub mod clip;
 pub mod family;
 mod stable_diffusion;
 pub mod tokenizer;
+mod trainable;
 pub mod unet;
 pub mod vae;
 
 pub use family::Family;
-pub use stable_diffusion::{LoadOptions, SaveFormat, StableDiffusion, Trainables};
+pub use stable_diffusion::{LoadOptions, SaveFormat, StableDiffusion};
+pub use trainable::Trainables;
