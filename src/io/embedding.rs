@@ -17,19 +17,9 @@ pub struct EmbeddingFile {
 pub fn load(path: &Path, encoders: usize) -> Result<EmbeddingFile> {
     let ext = path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase);
     let tensors: HashMap<String, Tensor> = match ext.as_deref() {
+        // A1111: the vectors under string_to_param (the dict's one entry, usually `*`)
         Some("pt" | "bin" | "ckpt" | "pth") => {
-            // A1111: the vectors under string_to_param (the dict's one entry, usually `*`)
-            let pth = candle_core::pickle::PthTensors::new(path, Some("string_to_param"))
-                .or_else(|_| candle_core::pickle::PthTensors::new(path, None))
-                .map_err(|e| anyhow::anyhow!("{}: not a readable embedding (zip + pickle): {e}", path.display()))?;
-            let names: Vec<String> = pth.tensor_infos().keys().cloned().collect();
-            let mut m = HashMap::new();
-            for n in names {
-                if let Some(t) = pth.get(&n)? {
-                    m.insert(n, t);
-                }
-            }
-            m
+            crate::io::tensors::read_pickled(path, "string_to_param", None, &Device::Cpu)?
         }
         _ => crate::io::tensors::read_safetensors(path, None, &Device::Cpu)?.tensors,
     };

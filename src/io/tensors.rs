@@ -59,7 +59,17 @@ pub fn read_safetensors(path: &Path, dtype: Option<DType>, device: &Device) -> R
 /// Reads a PyTorch zip checkpoint (`.ckpt`, `.pt`, `.bin`) with candle's pickle reader (no code is executed),
 /// taking `state_dict` when present.
 pub fn read_ckpt(path: &Path, dtype: Option<DType>, device: &Device) -> Result<TensorFile> {
-    let pth = candle_core::pickle::PthTensors::new(path, Some("state_dict"))
+    let tensors = read_pickled(path, "state_dict", dtype, device)?;
+    if tensors.is_empty() {
+        bail!("{}: no tensors found in the checkpoint's state_dict", path.display());
+    }
+    Ok(TensorFile { tensors, metadata: HashMap::new() })
+}
+
+/// The tensors of a PyTorch zip pickle under the dict entry `key` when there is one, else at its top level (no
+/// code is executed).
+pub fn read_pickled(path: &Path, key: &str, dtype: Option<DType>, device: &Device) -> Result<HashMap<String, Tensor>> {
+    let pth = candle_core::pickle::PthTensors::new(path, Some(key))
         .or_else(|_| candle_core::pickle::PthTensors::new(path, None))
         .map_err(|e| anyhow::anyhow!("{}: not a readable PyTorch checkpoint (zip + pickle) : {e}", path.display()))?;
     let mut tensors = HashMap::new();
@@ -71,10 +81,7 @@ pub fn read_ckpt(path: &Path, dtype: Option<DType>, device: &Device) -> Result<T
             tensors.insert(name, cast_float(t.to_device(device)?, dtype)?);
         }
     }
-    if tensors.is_empty() {
-        bail!("{}: no tensors found in the checkpoint's state_dict", path.display());
-    }
-    Ok(TensorFile { tensors, metadata: HashMap::new() })
+    Ok(tensors)
 }
 
 /// Reads any supported tensor file by extension.
