@@ -78,7 +78,7 @@ fn main() {
         let mut tr = sdtune::train::build::build(&recipe(unet_only)).unwrap();
         let (count, median, mean) = timed_epochs(&mut tr);
         let name = if unet_only { "UNet LoRA only" } else { "UNet + text-encoder LoRA" };
-        let n: usize = tr.network().unwrap().vars().iter().map(|(_, d, u)| d.elem_count() + u.elem_count()).sum();
+        let n: usize = tr.network().unwrap().vars().iter().map(|(_, v)| v.elem_count()).sum();
         let trained = if unet_only { "UNet" } else { "all" };
         println!(
             "| {name} ({fixture}, sdtune, {n} LoRA weights, {trained} trained) | {count} | {median:.1} | {mean:.1} |"

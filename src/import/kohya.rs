@@ -31,6 +31,42 @@ const HUB: Rule = Ignore("Hugging Face upload settings: not supported");
 const GUI_ONLY: Rule = Ignore("a kohya_ss GUI field with no sd-scripts option");
 const LYCORIS: Rule = NotApplicable("LyCORIS / DyLoRA / native LoHa-LoKr network settings");
 
+/// The `network_args` kohya_ss writes for its LyCORIS types (`lora_gui.py`), in its order: (argument, GUI key,
+/// the GUI's default when the key is absent). `algo` is added by type.
+const LYCORIS_ARGS: &[(&str, &str, &str, &[&str])] = &[
+    ("preset", "LyCORIS_preset", "full", &["LoHa", "LoKr"]),
+    ("conv_dim", "conv_dim", "1", &["LoHa", "LoKr"]),
+    ("conv_alpha", "conv_alpha", "1", &["LoHa", "LoKr"]),
+    ("use_tucker", "use_tucker", "False", &["LoHa", "LoKr"]),
+    ("rank_dropout", "rank_dropout", "0", &["LoHa", "LoKr"]),
+    ("bypass_mode", "bypass_mode", "False", &["LoHa", "LoKr"]),
+    ("dora_wd", "dora_wd", "False", &["LoHa", "LoKr"]),
+    ("module_dropout", "module_dropout", "0", &["LoHa", "LoKr"]),
+    ("factor", "factor", "-1", &["LoKr"]),
+    ("use_cp", "use_cp", "False", &["LoKr"]),
+    ("use_scalar", "use_scalar", "False", &["LoHa", "LoKr"]),
+    ("decompose_both", "decompose_both", "False", &["LoKr"]),
+    ("rank_dropout_scale", "rank_dropout_scale", "False", &["LoHa", "LoKr"]),
+    ("train_norm", "train_norm", "False", &["LoHa", "LoKr"]),
+];
+
+/// The LyCORIS type of a `LoRA_type` sdtune trains (`LyCORIS/LoHa` → LoHa), if it is one.
+fn lycoris_type(gui: &Map<String, Value>) -> Option<&'static str> {
+    match gui.get("LoRA_type").map(text).as_deref() {
+        Some("LyCORIS/LoHa") => Some("LoHa"),
+        Some("LyCORIS/LoKr") => Some("LoKr"),
+        _ => None,
+    }
+}
+
+/// A GUI value as Python's f-string writes it (`True`/`False` for booleans).
+fn py_text(v: &Value) -> String {
+    match v {
+        Value::Bool(b) => if *b { "True" } else { "False" }.into(),
+        other => text(other),
+    }
+}
+
 /// Every GUI key sdtune knows, and its rule. A key not in this table is an error naming it.
 const KEYS: &[(&str, Rule)] = &[
     // the model
@@ -100,18 +136,18 @@ const KEYS: &[(&str, Rule)] = &[
     ("block_lr_zero_threshold", Special),
     ("conv_dims", GUI_ONLY),
     ("conv_alphas", GUI_ONLY),
-    ("LyCORIS_preset", LYCORIS),
-    ("factor", LYCORIS),
-    ("use_cp", LYCORIS),
-    ("use_tucker", LYCORIS),
-    ("use_scalar", LYCORIS),
-    ("rank_dropout_scale", LYCORIS),
+    ("LyCORIS_preset", Special),
+    ("factor", Special),
+    ("use_cp", Special),
+    ("use_tucker", Special),
+    ("use_scalar", Special),
+    ("rank_dropout_scale", Special),
     ("constrain", LYCORIS),
     ("rescaled", LYCORIS),
-    ("train_norm", LYCORIS),
-    ("bypass_mode", LYCORIS),
-    ("dora_wd", LYCORIS),
-    ("decompose_both", LYCORIS),
+    ("train_norm", Special),
+    ("bypass_mode", Special),
+    ("dora_wd", Special),
+    ("decompose_both", Special),
     ("train_on_input", LYCORIS),
     ("unit", LYCORIS),
     // optimizer and schedule
@@ -394,10 +430,13 @@ pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Re
         None | Some("Standard") => "networks.lora",
         Some("Kohya LoCon") => "networks.lora",
         Some("LoRA-FA") => "networks.lora_fa",
+        Some("LyCORIS/LoHa" | "LyCORIS/LoKr") => "lycoris.kohya",
         Some(other) => {
             report.unsupported(
                 "LoRA_type",
-                &format!("{other} is not supported yet (Standard, Kohya LoCon and LoRA-FA are)"),
+                &format!(
+                    "{other} is not supported yet (Standard, Kohya LoCon, LoRA-FA, LyCORIS/LoHa and LyCORIS/LoKr are)"
+                ),
             );
             "networks.lora"
         }
@@ -411,7 +450,22 @@ pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Re
             }
         }
     }
+    if let Some(t) = lycoris_type(gui) {
+        // the GUI's LyCORIS arguments, every one written (absent keys at the GUI's defaults)
+        for (arg, key, default, types) in LYCORIS_ARGS {
+            if types.contains(&t) {
+                let v =
+                    gui.get(*key).map(py_text).filter(|v| !v.trim().is_empty()).unwrap_or_else(|| default.to_string());
+                network_args.push(format!("{arg}={v}"));
+            }
+        }
+        // the GUI's order: algo before train_norm, the last
+        network_args.insert(network_args.len() - 1, format!("algo={}", t.to_ascii_lowercase()));
+    }
     for k in NETWORK_ARGS {
+        if lycoris_type(gui).is_some() && matches!(k, "rank_dropout" | "module_dropout") {
+            continue; // written with the LyCORIS arguments
+        }
         if let Some(v) = get(k) {
             network_args.push(format!("{k}={}", text(v)));
         }
@@ -598,8 +652,25 @@ fn special(
         },
         "sdxl" | "sdxl_checkbox" | "flux1_checkbox" | "sd3_checkbox" | "LoRA_type" | "sample_prompts" => {}
         "conv_dim" | "conv_alpha" => {
-            if present && gui.get("LoRA_type").map(text).as_deref() != Some("Kohya LoCon") {
-                report.ignored(key, "used only by LoRA_type Kohya LoCon");
+            if present
+                && gui.get("LoRA_type").map(text).as_deref() != Some("Kohya LoCon")
+                && lycoris_type(gui).is_none()
+            {
+                report.ignored(key, "used only by LoRA_type Kohya LoCon and the LyCORIS types");
+            }
+        }
+        k if LYCORIS_ARGS.iter().any(|(_, g, _, _)| *g == k) && !NETWORK_ARGS.contains(&k) => {
+            let used =
+                lycoris_type(gui).is_some_and(|t| LYCORIS_ARGS.iter().any(|(_, g, _, ts)| *g == k && ts.contains(&t)));
+            if present && !used {
+                match lycoris_type(gui) {
+                    Some(t) => report.ignored(key, &format!("the GUI does not pass it for LyCORIS/{t}")),
+                    None => {
+                        if let NotApplicable(why) = LYCORIS {
+                            report.ignored(key, why);
+                        }
+                    }
+                }
             }
         }
         k if NETWORK_ARGS.contains(&k) => {}

@@ -1,7 +1,8 @@
 //! kohya-format network files: reading (type detection, name matching, family checks) and writing (keys, alpha,
 //! `ss_*` metadata, `sshs_*` hashes, ModelSpec), atomically.
 
-use super::lora::{Dropouts, LoraModule};
+use super::lycoris::{Algo, LycorisConfig};
+use super::module::{Dropouts, Factors, Half, Module};
 use super::{new_state, Component, Network, NetworkConfig};
 use crate::io::py::{py_float, Py};
 use crate::models::{Family, StableDiffusion};
@@ -13,14 +14,22 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-/// Network types recognised by their keys: (key fragment, type name, supported).
-const NETWORK_TYPES: &[(&str, &str, bool)] = &[
-    (".lora_down.weight", "LoRA", true),
-    (".hada_w1_a", "LoHa", false),
-    (".lokr_w1", "LoKr", false),
-    (".oft_blocks", "OFT", false),
-    (".diff", "full diff", false),
-    (".dylora_down", "DyLoRA", false),
+/// The key that marks a module of each supported type: (key suffix, type).
+const MODULE_MARKERS: &[(&str, &str)] =
+    &[(".lora_down.weight", "LoRA"), (".hada_w1_a", "LoHa"), (".lokr_w1", "LoKr"), (".lokr_w1_a", "LoKr")];
+
+/// Keys of network types and options not supported: (key fragment, what it is).
+const UNSUPPORTED: &[(&str, &str)] = &[
+    (".hada_t1", "Tucker-decomposed LoHa (use_tucker)"),
+    (".lokr_t2", "Tucker-decomposed LoKr (use_tucker)"),
+    (".lora_mid.weight", "Tucker-decomposed LoCon (use_tucker)"),
+    (".dora_scale", "DoRA (dora_wd)"),
+    (".oft_blocks", "OFT"),
+    (".oft_diag", "OFT"),
+    (".diff", "full diff"),
+    (".dylora_down", "DyLoRA"),
+    (".on_input", "(IA)³"),
+    (".a1.weight", "GLoRA"),
 ];
 
 /// Key prefixes of SDXL networks (SGM UNet names, two text encoders).
@@ -44,18 +53,20 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
             model.family.info().label
         );
     }
-    let kind = NETWORK_TYPES.iter().find(|(frag, _, _)| keys.iter().any(|k| k.contains(frag)));
-    match kind {
-        None => bail!("{name}: not a network file: no LoRA/LyCORIS keys (expected `<module>.lora_down.weight` and `.lora_up.weight`)"),
-        Some((_, t, false)) => bail!("{name}: {t} networks are not supported yet (LoRA and LoRA-C3Lier are)"),
-        Some(_) => {}
+    if let Some((frag, what)) = UNSUPPORTED.iter().find(|(frag, _)| keys.iter().any(|k| k.contains(frag))) {
+        bail!("{name}: a {what} network (keys `*{frag}*`), which is not supported yet (LoRA, LoCon/C3Lier, LoHa and LoKr are)");
     }
+    let mut module_names: Vec<(String, &str)> = keys
+        .iter()
+        .filter_map(|k| MODULE_MARKERS.iter().find_map(|(m, t)| k.strip_suffix(m).map(|n| (n.to_string(), *t))))
+        .collect();
+    if module_names.is_empty() {
+        bail!("{name}: not a network file: no LoRA/LyCORIS keys (expected e.g. `<module>.lora_down.weight` and `.lora_up.weight`, or LyCORIS' `.hada_w1_a` / `.lokr_w1`)");
+    }
+    module_names.sort();
     let by_name: HashMap<String, (Component, crate::nn::adapter::LayerInfo)> =
         super::named_layers(model).into_iter().map(|(c, l, n)| (n, (c, l))).collect();
-    let mut module_names: Vec<String> =
-        keys.iter().filter_map(|k| k.strip_suffix(".lora_down.weight")).map(String::from).collect();
-    module_names.sort();
-    let unknown: Vec<&String> = module_names.iter().filter(|n| !by_name.contains_key(*n)).collect();
+    let unknown: Vec<&String> = module_names.iter().map(|(n, _)| n).filter(|n| !by_name.contains_key(*n)).collect();
     if !unknown.is_empty() {
         bail!(
             "{name}: {} of {} modules do not exist in this {} model (e.g. `{}`): is the network for another model family?",
@@ -67,62 +78,57 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
     }
     let state = new_state(Dropouts::default(), 0);
     let mut modules = Vec::new();
-    let (mut dim, mut alpha0, mut conv) = (0, 0.0, None);
-    for m in &module_names {
+    let (mut dim, mut alpha0, mut conv, mut algo) = (0, 0.0, None, None);
+    for (m, kind) in &module_names {
         let (c, layer) = by_name[m].clone();
-        let down = f.tensors[&format!("{m}.lora_down.weight")].to_dtype(DType::F32)?;
-        let up = f
-            .tensors
-            .get(&format!("{m}.lora_up.weight"))
-            .with_context(|| format!("{name}: `{m}.lora_up.weight` is missing"))?
-            .to_dtype(DType::F32)?;
-        let r = down.dims()[0];
-        let ok = match &layer.kind {
-            LayerKind::Linear { in_features, out_features } => {
-                down.dims() == [r, *in_features] && up.dims() == [*out_features, r]
-                    || down.dims() == [r, *in_features, 1, 1] && up.dims() == [*out_features, r, 1, 1]
+        let get = |suffix: &str| -> Result<Tensor> {
+            Ok(f.tensors
+                .get(&format!("{m}.{suffix}"))
+                .with_context(|| format!("{name}: `{m}.{suffix}` is missing"))?
+                .to_dtype(DType::F32)?)
+        };
+        let factors = match *kind {
+            "LoRA" => lora_factors(&name, m, &layer.kind, get("lora_down.weight")?, get("lora_up.weight")?)?,
+            "LoHa" => {
+                let [w1a, w1b, w2a, w2b] = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"].map(&get);
+                loha_factors(&name, m, &layer.kind, [w1a?, w1b?, w2a?, w2b?])?
             }
-            LayerKind::Conv { in_channels, out_channels, kernel, .. } => {
-                down.dims() == [r, *in_channels, kernel.0, kernel.1] && up.dims() == [*out_channels, r, 1, 1]
-            }
-        };
-        if !ok {
-            bail!(
-                "{name}: module `{m}` has down {:?} / up {:?}, which do not fit the model's layer {:?}: is the network for another model family?",
-                down.dims(),
-                up.dims(),
-                layer.kind
-            );
-        }
-        // a 4-D 1×1 LoRA on a Linear layer (SD2 single-file quirk) is used as 2-D
-        let (down, up) = if matches!(layer.kind, LayerKind::Linear { .. }) && down.rank() == 4 {
-            (down.squeeze(3)?.squeeze(2)?, up.squeeze(3)?.squeeze(2)?)
-        } else {
-            (down, up)
-        };
-        let alpha = match f.tensors.get(&format!("{m}.alpha")) {
-            Some(a) => a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?.first().copied().unwrap_or(r as f64),
-            None => r as f64,
-        };
-        match &layer.kind {
-            LayerKind::Conv { kernel, .. } if *kernel != (1, 1) => conv = Some((r, alpha)),
             _ => {
-                dim = r;
+                let half = |full: &str, a: &str, b: &str| -> Result<Half> {
+                    match f.tensors.contains_key(&format!("{m}.{full}")) {
+                        true => Ok(Half::Full(Var::from_tensor(&get(full)?)?)),
+                        false => {
+                            let b = get(b)?;
+                            let b = b.reshape((b.dims()[0], ()))?;
+                            Ok(Half::LowRank(Var::from_tensor(&get(a)?)?, Var::from_tensor(&b)?))
+                        }
+                    }
+                };
+                let (w1, w2) = (half("lokr_w1", "lokr_w1_a", "lokr_w1_b")?, half("lokr_w2", "lokr_w2_a", "lokr_w2_b")?);
+                check_lokr(&name, m, &layer.kind, &w1, &w2)?;
+                Factors::Lokr { w1, w2 }
+            }
+        };
+        if *kind != "LoRA" {
+            algo = algo.or(Some(if *kind == "LoHa" { Algo::Loha } else { Algo::Lokr }));
+        }
+        let r = factors.rank();
+        let alpha = match f.tensors.get(&format!("{m}.alpha")) {
+            Some(a) => a.to_dtype(DType::F64)?.flatten_all()?.to_vec1::<f64>()?.first().copied(),
+            None => None,
+        }
+        .unwrap_or(r.unwrap_or(1) as f64);
+        match &layer.kind {
+            LayerKind::Conv { kernel, .. } if *kernel != (1, 1) => conv = Some((r.unwrap_or(1), alpha)),
+            _ => {
+                dim = r.unwrap_or(1);
                 alpha0 = alpha;
             }
         }
-        modules.push((
-            c,
-            Arc::new(LoraModule {
-                name: m.clone(),
-                layer,
-                down: Var::from_tensor(&down)?,
-                up: Var::from_tensor(&up)?,
-                alpha,
-                state: state.clone(),
-            }),
-        ));
+        modules.push((c, Arc::new(Module::new(m.clone(), layer, factors, alpha, state.clone()))));
     }
+    let metadata: BTreeMap<String, String> = f.metadata.into_iter().collect();
+    let lycoris = algo.map(|algo| lycoris_from_metadata(algo, &metadata));
     let config = NetworkConfig {
         dim,
         alpha: alpha0,
@@ -130,16 +136,105 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
         conv_alpha: conv.map(|c| c.1),
         train_text_encoder: modules.iter().any(|(c, _)| *c == Component::TextEncoder),
         train_unet: modules.iter().any(|(c, _)| *c == Component::Unet),
+        lycoris,
         ..Default::default()
     };
-    Ok(Network {
-        state,
-        modules,
-        family: model.family,
-        base: super::BaseModel::of(model),
-        config,
-        metadata: f.metadata.into_iter().collect(),
-    })
+    Ok(Network { state, modules, family: model.family, base: super::BaseModel::of(model), config, metadata })
+}
+
+/// A LoRA module's factors, checked against its layer (a 4-D 1×1 LoRA on a Linear layer, an SD2 single-file
+/// quirk, is used as 2-D).
+fn lora_factors(file: &str, m: &str, kind: &LayerKind, down: Tensor, up: Tensor) -> Result<Factors> {
+    let r = down.dims()[0];
+    let ok = match kind {
+        LayerKind::Linear { in_features, out_features } => {
+            down.dims() == [r, *in_features] && up.dims() == [*out_features, r]
+                || down.dims() == [r, *in_features, 1, 1] && up.dims() == [*out_features, r, 1, 1]
+        }
+        LayerKind::Conv { in_channels, out_channels, kernel, .. } => {
+            down.dims() == [r, *in_channels, kernel.0, kernel.1] && up.dims() == [*out_channels, r, 1, 1]
+        }
+    };
+    if !ok {
+        bail!(
+            "{file}: module `{m}` has down {:?} / up {:?}, which do not fit the model's layer {kind:?}: is the network for another model family?",
+            down.dims(),
+            up.dims(),
+        );
+    }
+    let (down, up) = if matches!(kind, LayerKind::Linear { .. }) && down.rank() == 4 {
+        (down.squeeze(3)?.squeeze(2)?, up.squeeze(3)?.squeeze(2)?)
+    } else {
+        (down, up)
+    };
+    Ok(Factors::Lora { down: Var::from_tensor(&down)?, up: Var::from_tensor(&up)? })
+}
+
+/// The layer's weight as a matrix: (rows, columns with the kernel flattened in).
+fn matrix_shape(kind: &LayerKind) -> (usize, usize) {
+    let s = super::module::weight_shape(kind);
+    (s[0], s[1..].iter().product())
+}
+
+/// A LoHa module's factors, checked: `w1a` [out, r], `w1b` [r, in·k·k], the same for `w2`.
+fn loha_factors(file: &str, m: &str, kind: &LayerKind, [w1a, w1b, w2a, w2b]: [Tensor; 4]) -> Result<Factors> {
+    let (out, cols) = matrix_shape(kind);
+    let w1b = w1b.reshape((w1b.dims()[0], ()))?;
+    let w2b = w2b.reshape((w2b.dims()[0], ()))?;
+    let fits = |a: &Tensor, b: &Tensor| a.dims() == [out, b.dims()[0]] && b.dims()[1] == cols;
+    if !fits(&w1a, &w1b) || !fits(&w2a, &w2b) {
+        bail!(
+            "{file}: LoHa module `{m}` has hada_w1_a {:?}, hada_w1_b {:?}, hada_w2_a {:?}, hada_w2_b {:?}, which do not fit the model's layer {kind:?}: is the network for another model family?",
+            w1a.dims(), w1b.dims(), w2a.dims(), w2b.dims()
+        );
+    }
+    let v = |t: &Tensor| Var::from_tensor(t);
+    Ok(Factors::Loha { w1a: v(&w1a)?, w1b: v(&w1b)?, w2a: v(&w2a)?, w2b: v(&w2b)? })
+}
+
+/// Checks that `w1 ⊗ w2` has the layer's weight shape.
+fn check_lokr(file: &str, m: &str, kind: &LayerKind, w1: &Half, w2: &Half) -> Result<()> {
+    let shape = |h: &Half| -> (usize, usize) {
+        match h {
+            Half::Full(w) => {
+                let d = w.as_tensor().dims();
+                (d[0], d[1..].iter().product())
+            }
+            Half::LowRank(a, b) => (a.as_tensor().dims()[0], b.as_tensor().dims()[1]),
+        }
+    };
+    let low_rank_fits = |h: &Half| match h {
+        Half::Full(w) => w.as_tensor().rank() >= 2,
+        Half::LowRank(a, b) => a.as_tensor().rank() == 2 && a.as_tensor().dims()[1] == b.as_tensor().dims()[0],
+    };
+    let ((a, c), (b, d)) = (shape(w1), shape(w2));
+    if !low_rank_fits(w1) || !low_rank_fits(w2) || (a * b, c * d) != matrix_shape(kind) {
+        bail!(
+            "{file}: LoKr module `{m}` gives a {}×{} ΔW, which does not fit the model's layer {kind:?}: is the network for another model family?",
+            a * b,
+            c * d
+        );
+    }
+    Ok(())
+}
+
+/// The LyCORIS options recorded in a file's `ss_network_args` (preset, factor, decompose_both), as far as known.
+fn lycoris_from_metadata(algo: Algo, metadata: &BTreeMap<String, String>) -> LycorisConfig {
+    let args: Vec<(String, String)> = metadata
+        .get("ss_network_args")
+        .and_then(|s| serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(s).ok())
+        .map(|m| {
+            m.into_iter().map(|(k, v)| (k, v.as_str().map(String::from).unwrap_or_else(|| v.to_string()))).collect()
+        })
+        .unwrap_or_default();
+    let arg = |k: &str| args.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    LycorisConfig {
+        algo,
+        preset: arg("preset").and_then(|p| LycorisConfig::preset(p).ok()).unwrap_or(&super::lycoris::PRESETS[0]),
+        factor: arg("factor").and_then(|f| f.parse().ok()).unwrap_or(-1),
+        decompose_both: arg("decompose_both").is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        args,
+    }
 }
 
 /// `sshs_model_hash` and `sshs_legacy_hash` as sd-scripts computes them: over a serialisation carrying only the
@@ -166,24 +261,34 @@ pub fn base_metadata(
     let (version, _, _) = crate::io::modelspec::model_version(net.family, net.base.v_pred);
     let mut m = BTreeMap::new();
     let c = &net.config;
-    m.insert("ss_network_module".into(), if c.lora_fa { "networks.lora_fa" } else { "networks.lora" }.into());
+    let module = match (&c.lycoris, c.lora_fa) {
+        (Some(_), _) => "lycoris.kohya",
+        (None, true) => "networks.lora_fa",
+        (None, false) => "networks.lora",
+    };
+    m.insert("ss_network_module".into(), module.into());
     m.insert("ss_network_dim".into(), c.dim.to_string());
     m.insert("ss_network_alpha".into(), py_float(c.alpha));
     m.insert("ss_network_dropout".into(), c.dropouts.neuron.map(py_float).unwrap_or_else(|| "None".into()));
     // Python's json.dumps of the network_args dict (values are the strings given), in insertion order
     let mut args: Vec<(String, String)> = Vec::new();
-    if let Some(d) = c.conv_dim {
+    if let Some(ly) = &c.lycoris {
+        // LyCORIS networks: the network_args as given (sd-scripts records them as strings)
+        args.extend(ly.args.iter().cloned());
+    } else if let Some(d) = c.conv_dim {
         args.push(("conv_dim".into(), d.to_string()));
         args.push(("conv_alpha".into(), py_float(c.conv_alpha.unwrap_or(1.0))));
     }
-    if let Some(p) = c.dropouts.rank {
-        args.push(("rank_dropout".into(), py_float(p)));
+    if c.lycoris.is_none() {
+        if let Some(p) = c.dropouts.rank {
+            args.push(("rank_dropout".into(), py_float(p)));
+        }
+        if let Some(p) = c.dropouts.module {
+            args.push(("module_dropout".into(), py_float(p)));
+        }
+        args.extend(c.blocks.given.iter().cloned());
+        args.extend(c.loraplus.args().into_iter().map(|(k, v)| (k, py_float(v))));
     }
-    if let Some(p) = c.dropouts.module {
-        args.push(("module_dropout".into(), py_float(p)));
-    }
-    args.extend(c.blocks.given.iter().cloned());
-    args.extend(c.loraplus.args().into_iter().map(|(k, v)| (k, py_float(v))));
     if !args.is_empty() {
         let dict = Py::Dict(args.into_iter().map(|(k, v)| (k, Py::Str(v))).collect());
         m.insert("ss_network_args".into(), dict.dumps());

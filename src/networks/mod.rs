@@ -1,16 +1,18 @@
-//! Networks (LoRA-LierLa and LoRA-C3Lier, sd-scripts' `networks.lora`): creation with sd-scripts' module selection
-//! and names, kohya-format files (keys, `alpha`, `ss_*`/`sshs_*`/ModelSpec metadata), apply / remove / merge.
+//! Networks (LoRA-LierLa and LoRA-C3Lier, sd-scripts' `networks.lora`; LyCORIS LoHa and LoKr, `lycoris.kohya`):
+//! creation with sd-scripts' and LyCORIS' module selection and names, kohya-format files (keys, `alpha`,
+//! `ss_*`/`sshs_*`/ModelSpec metadata), apply / remove / merge.
 
 pub mod blocks;
 pub mod file;
-pub mod lora;
+pub mod lycoris;
+pub mod module;
 
 use crate::models::{Family, StableDiffusion};
 use crate::nn::adapter::{LayerInfo, LayerKind};
 use crate::rng::Rng;
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, Var};
-use lora::{Dropouts, LoraAdapter, LoraModule, NetworkState};
+use module::{Dropouts, Factors, Module, ModuleAdapter, NetworkState};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -34,6 +36,8 @@ pub struct NetworkConfig {
     pub dtype: DType,
     /// LoRA+ learning-rate ratios of the up weights.
     pub loraplus: LoraPlus,
+    /// A LyCORIS network (`lycoris.kohya`) instead of sd-scripts' LoRA.
+    pub lycoris: Option<lycoris::LycorisConfig>,
 }
 
 /// LoRA+ (sd-scripts' `loraplus_lr_ratio`, `loraplus_unet_lr_ratio`, `loraplus_text_encoder_lr_ratio`): the up
@@ -81,6 +85,7 @@ impl Default for NetworkConfig {
             lora_fa: false,
             dtype: DType::F32,
             loraplus: LoraPlus::default(),
+            lycoris: None,
         }
     }
 }
@@ -170,7 +175,7 @@ impl BaseModel {
 /// A LoRA network bound to a model's layers.
 pub struct Network {
     pub state: Arc<NetworkState>,
-    pub modules: Vec<(Component, Arc<LoraModule>)>,
+    pub modules: Vec<(Component, Arc<Module>)>,
     pub family: Family,
     pub base: BaseModel,
     pub config: NetworkConfig,
@@ -229,11 +234,14 @@ impl Network {
         layers(model).iter().any(|(_, l)| Arc::ptr_eq(&l.slot.0, &m.layer.slot.0))
     }
 
-    /// A new network for `model`: down Kaiming-uniform (a = √5, i.e. U(±1/√fan_in)) or, for LoRA-FA,
-    /// N(0, 2/(in + rank)); up zero; in f32.
+    /// A new network for `model`. LoRA: down Kaiming-uniform (a = √5, i.e. U(±1/√fan_in)) or, for LoRA-FA,
+    /// N(0, 2/(in + rank)); up zero. LyCORIS: as `lycoris::init`. In `cfg.dtype`.
     pub fn create(model: &StableDiffusion, cfg: &NetworkConfig, seed: u64) -> Result<Self> {
         if model.family == Family::Sdxl && cfg.blocks != blocks::BlockConfig::default() {
             bail!("block-wise dims, alphas and LR weights are for SD 1.x/2.x UNets; SDXL networks take one dim and alpha (and conv_dim/conv_alpha)");
+        }
+        if cfg.lycoris.is_some() && (cfg.blocks != blocks::BlockConfig::default() || cfg.lora_fa) {
+            bail!("block-wise dims, alphas and LR weights and LoRA-FA are options of sd-scripts' networks.lora, not of LyCORIS networks");
         }
         if cfg.dim == 0 {
             bail!("network dim must be at least 1");
@@ -241,9 +249,16 @@ impl Network {
         let state = new_state(cfg.dropouts, seed);
         let mut rng = Rng::new(seed);
         let dev = model.device.clone();
+        let sdxl = model.family == Family::Sdxl;
         let mut modules = Vec::new();
         for (c, layer, name) in named_layers(model) {
             if (c == Component::Unet && !cfg.train_unet) || (c == Component::TextEncoder && !cfg.train_text_encoder) {
+                continue;
+            }
+            if let Some(ly) = &cfg.lycoris {
+                let Some((r, alpha)) = lycoris::rank_for(c, &layer, cfg, ly, sdxl) else { continue };
+                let (factors, alpha) = lycoris::init(&layer.kind, ly, r, alpha, &mut rng, cfg.dtype, &dev)?;
+                modules.push((c, Arc::new(Module::new(name, layer, factors, alpha, state.clone()))));
                 continue;
             }
             let Some((r, alpha)) = rank_for(c, &layer, cfg) else { continue };
@@ -269,10 +284,12 @@ impl Network {
             let down = Var::from_tensor(&Tensor::from_vec(vals, down_shape.as_slice(), &dev)?.to_dtype(cfg.dtype)?)?;
             let up = Var::from_tensor(&Tensor::zeros(up_shape.as_slice(), cfg.dtype, &dev)?)?;
             let alpha = if alpha == 0.0 { r as f64 } else { alpha };
-            modules.push((c, Arc::new(LoraModule { name, layer, down, up, alpha, state: state.clone() })));
+            modules.push((c, Arc::new(Module::new(name, layer, Factors::Lora { down, up }, alpha, state.clone()))));
         }
         if modules.is_empty() {
-            bail!("no layers to train: enable train_unet or train_text_encoder");
+            bail!(
+                "no layers to train: enable train_unet or train_text_encoder (or choose a preset with layers in them)"
+            );
         }
         Ok(Self {
             state,
@@ -292,14 +309,9 @@ impl Network {
             .modules
             .iter()
             .map(|(c, m)| {
-                let module = LoraModule {
-                    name: m.name.clone(),
-                    layer: m.layer.clone(),
-                    down: m.down.clone(),
-                    up: m.up.clone(),
-                    alpha: m.alpha,
-                    state: state.clone(),
-                };
+                let mut module =
+                    Module::new(m.name.clone(), m.layer.clone(), m.factors.clone(), m.alpha, state.clone());
+                module.scalar = m.scalar.clone();
                 (*c, Arc::new(module))
             })
             .collect();
@@ -307,12 +319,13 @@ impl Network {
         Self { state, modules, config, ..self }
     }
 
-    /// Attaches every module to its layer: later forwards add `multiplier · scale · up(down(x))`.
+    /// Attaches every module to its layer: later forwards add `multiplier · ΔW · x` (LoRA: `multiplier · scale ·
+    /// up(down(x))`).
     pub fn apply(&self, multiplier: f64) {
         self.set_multiplier(multiplier);
         for (_, m) in &self.modules {
             m.layer.slot.detach(self.state.id);
-            m.layer.slot.attach(Arc::new(LoraAdapter::new(m.clone())));
+            m.layer.slot.attach(Arc::new(ModuleAdapter::new(m.clone())));
         }
     }
 
@@ -342,33 +355,26 @@ impl Network {
         Ok(())
     }
 
-    /// The trainable parameters: (component, down, up) per module.
-    pub fn vars(&self) -> Vec<(Component, Var, Var)> {
-        self.modules.iter().map(|(c, m)| (*c, m.down.clone(), m.up.clone())).collect()
+    /// The trained variables with their component, module by module in file order.
+    pub fn vars(&self) -> Vec<(Component, Var)> {
+        self.modules.iter().flat_map(|(c, m)| m.vars().into_iter().map(move |v| (*c, v))).collect()
     }
 
-    /// The network's tensors under kohya's keys, in `dtype` (alpha too, as sd-scripts does).
+    /// The network's tensors under kohya's and LyCORIS' keys, in `dtype` (alpha too, as sd-scripts does).
     pub fn state_dict(&self, dtype: DType) -> Result<std::collections::HashMap<String, Tensor>> {
+        let cpu = candle_core::Device::Cpu;
         let mut out = std::collections::HashMap::new();
         for (_, m) in &self.modules {
-            out.insert(
-                format!("{}.lora_down.weight", m.name),
-                m.down.as_tensor().to_dtype(dtype)?.to_device(&candle_core::Device::Cpu)?,
-            );
-            out.insert(
-                format!("{}.lora_up.weight", m.name),
-                m.up.as_tensor().to_dtype(dtype)?.to_device(&candle_core::Device::Cpu)?,
-            );
-            out.insert(
-                format!("{}.alpha", m.name),
-                Tensor::new(m.alpha as f32, &candle_core::Device::Cpu)?.to_dtype(dtype)?,
-            );
+            for (suffix, t) in m.saved()? {
+                out.insert(format!("{}.{suffix}", m.name), t.to_dtype(dtype)?.to_device(&cpu)?);
+            }
+            out.insert(format!("{}.alpha", m.name), Tensor::new(m.alpha as f32, &cpu)?.to_dtype(dtype)?);
         }
         Ok(out)
     }
 
-    /// sd-scripts' `apply_max_norm_regularization`: per module `n = max(‖ΔW‖_F, max_norm/2)`, and when
-    /// `min(n, max_norm)/n < 1` both factors are scaled by its square root. Returns (modules scaled, mean norm,
+    /// sd-scripts' (and LyCORIS') `apply_max_norm_regularization`: per module `n = max(‖ΔW‖_F, max_norm/2)`, and
+    /// when `min(n, max_norm)/n < 1` ΔW is scaled by it (`Module::scale_delta`). Returns (modules scaled, mean norm,
     /// max norm) of the norms after scaling.
     pub fn apply_max_norm(&self, max_norm: f64) -> Result<(usize, f64, f64)> {
         if self.modules.is_empty() {
@@ -388,9 +394,7 @@ impl Network {
             let n = norm.max(max_norm / 2.0);
             let ratio = n.min(max_norm) / n;
             if ratio != 1.0 {
-                let s = ratio.sqrt();
-                m.down.set(&(m.down.as_tensor() * s)?)?;
-                m.up.set(&(m.up.as_tensor() * s)?)?;
+                m.scale_delta(ratio)?;
                 scaled += 1;
                 norms.push(norm * ratio);
             } else {
@@ -402,7 +406,7 @@ impl Network {
     }
 
     /// The LR weight of a module (block-wise LR; 1 for the text encoder and without block weights).
-    pub fn lr_weight(&self, m: &LoraModule) -> f64 {
+    pub fn lr_weight(&self, m: &Module) -> f64 {
         match &self.config.blocks.lr {
             Some(lr) => lr.weight(blocks::block_index(&m.name)),
             None => 1.0,

@@ -5,7 +5,7 @@ use super::config::TrainConfig;
 use super::trainer::Trainer;
 use crate::data::{config::General, OpenOptions};
 use crate::models::{LoadOptions, StableDiffusion};
-use crate::networks::{lora::Dropouts, Network, NetworkConfig};
+use crate::networks::{module::Dropouts, Network, NetworkConfig};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
@@ -47,9 +47,169 @@ pub struct NetworkOptions {
     pub loraplus_lr_ratio: Option<f64>,
     pub loraplus_unet_lr_ratio: Option<f64>,
     pub loraplus_text_encoder_lr_ratio: Option<f64>,
+    /// LyCORIS (`network_module = lycoris.kohya`): `algo` (loha, lokr), `preset`, LoKr's `factor` and
+    /// `decompose_both`, `rank_dropout_scale`; the options LyCORIS has beyond these are refused when on.
+    #[serde(flatten)]
+    pub lycoris: LycorisOptions,
+}
+
+/// The `network_args` of `lycoris.kohya`, as given (kohya_ss writes Python's `True`/`False` as text).
+#[derive(Deserialize, serde::Serialize, Default, Clone, Debug)]
+pub struct LycorisOptions {
+    pub algo: Option<String>,
+    pub preset: Option<String>,
+    pub factor: Option<Value>,
+    pub decompose_both: Option<Value>,
+    pub rank_dropout_scale: Option<Value>,
+    pub bypass_mode: Option<Value>,
+    pub use_tucker: Option<Value>,
+    pub use_cp: Option<Value>,
+    pub use_conv_cp: Option<Value>,
+    pub disable_conv_cp: Option<Value>,
+    pub use_scalar: Option<Value>,
+    pub dora_wd: Option<Value>,
+    pub train_norm: Option<Value>,
+    pub full_matrix: Option<Value>,
+    pub rs_lora: Option<Value>,
+    pub unbalanced_factorization: Option<Value>,
+    /// Options of other algorithms (DyLoRA, IA3, Diag-OFT), without effect on LoHa and LoKr.
+    pub wd_on_output: Option<Value>,
+    pub block_size: Option<Value>,
+    pub train_on_input: Option<Value>,
+    pub constraint: Option<Value>,
+    pub rescaled: Option<Value>,
+}
+
+impl LycorisOptions {
+    /// The names of the options given.
+    fn given(&self) -> Vec<&'static str> {
+        let v = serde_json::to_value(self).unwrap_or_default();
+        let mut names = Vec::new();
+        if let Value::Object(m) = v {
+            for (k, x) in m {
+                if !x.is_null() {
+                    names.push(LYCORIS_KEYS.iter().find(|n| **n == k).copied().unwrap_or("algo"));
+                }
+            }
+        }
+        names
+    }
+}
+
+/// Option names of `lycoris.kohya` (`network_args`).
+pub const LYCORIS_KEYS: &[&str] = &[
+    "algo",
+    "preset",
+    "factor",
+    "decompose_both",
+    "rank_dropout_scale",
+    "bypass_mode",
+    "use_tucker",
+    "use_cp",
+    "use_conv_cp",
+    "disable_conv_cp",
+    "use_scalar",
+    "dora_wd",
+    "train_norm",
+    "full_matrix",
+    "rs_lora",
+    "unbalanced_factorization",
+    "wd_on_output",
+    "block_size",
+    "train_on_input",
+    "constraint",
+    "rescaled",
+];
+
+/// A flag given as a bool, a number or Python's `True`/`False` text.
+fn flag(name: &str, v: &Option<Value>) -> Result<bool> {
+    Ok(match v {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(Value::Number(n)) => n.as_f64() != Some(0.0),
+        Some(Value::String(s)) => match s.to_ascii_lowercase().as_str() {
+            "true" | "1" => true,
+            "false" | "0" | "none" | "" => false,
+            _ => bail!("{name}: expected True or False, got {s:?}"),
+        },
+        Some(other) => bail!("{name}: expected True or False, got {other}"),
+    })
+}
+
+/// A `network_args` value as text (what `ss_network_args` records).
+fn arg_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        Value::Bool(b) => if *b { "True" } else { "False" }.into(),
+        Value::Number(n) if n.is_f64() => crate::io::py::py_float(n.as_f64().unwrap_or(0.0)),
+        other => other.to_string(),
+    }
 }
 
 impl NetworkOptions {
+    /// The LyCORIS configuration when the module is `lycoris.kohya`.
+    fn lycoris(&self) -> Result<crate::networks::lycoris::LycorisConfig> {
+        use crate::networks::lycoris::{Algo, LycorisConfig};
+        let l = &self.lycoris;
+        let algo = match l.algo.as_deref().map(|a| a.trim_matches('"').to_ascii_lowercase()).as_deref() {
+            Some("loha") => Algo::Loha,
+            Some("lokr") => Algo::Lokr,
+            None | Some("lora" | "locon") => bail!("LyCORIS LoCon (algo=locon, LyCORIS' default) is not supported yet: use algo=loha or algo=lokr, or sd-scripts' networks.lora with conv_dim (kohya's LoCon)"),
+            Some(a) => bail!("LyCORIS algo `{a}` is not supported yet (loha and lokr are)"),
+        };
+        for (name, v, what) in [
+            ("use_tucker", &l.use_tucker, "Tucker decomposition"),
+            ("use_cp", &l.use_cp, "Tucker decomposition"),
+            ("use_conv_cp", &l.use_conv_cp, "Tucker decomposition"),
+            ("use_scalar", &l.use_scalar, "the trained scalar"),
+            ("dora_wd", &l.dora_wd, "DoRA weight decomposition"),
+            ("train_norm", &l.train_norm, "training norm layers"),
+            ("full_matrix", &l.full_matrix, "LoKr's full-matrix mode"),
+            ("rs_lora", &l.rs_lora, "rank-stabilized scaling"),
+            ("unbalanced_factorization", &l.unbalanced_factorization, "LoKr's unbalanced factorization"),
+        ] {
+            if flag(name, v)? {
+                bail!("LyCORIS {name}=True ({what}) is not supported yet; set it to False");
+            }
+        }
+        if l.disable_conv_cp.is_some() && !flag("disable_conv_cp", &l.disable_conv_cp)? {
+            bail!("LyCORIS disable_conv_cp=False (Tucker decomposition) is not supported yet");
+        }
+        let preset = LycorisConfig::preset(l.preset.as_deref().unwrap_or("full"))?;
+        let factor = match &l.factor {
+            None | Some(Value::Null) => -1,
+            Some(v) => arg_text(v)
+                .parse::<f64>()
+                .map(|f| f as i64)
+                .map_err(|_| anyhow::anyhow!("factor: expected an integer, got {v}"))?,
+        };
+        let py = crate::io::py::py_float;
+        let given: Vec<(&str, Option<String>)> = vec![
+            ("preset", l.preset.clone()),
+            ("conv_dim", self.conv_dim.map(|d| d.to_string())),
+            ("conv_alpha", self.conv_alpha.map(py)),
+            ("use_tucker", l.use_tucker.as_ref().map(arg_text)),
+            ("rank_dropout", self.rank_dropout.map(py)),
+            ("bypass_mode", l.bypass_mode.as_ref().map(arg_text)),
+            ("dora_wd", l.dora_wd.as_ref().map(arg_text)),
+            ("module_dropout", self.module_dropout.map(py)),
+            ("factor", l.factor.as_ref().map(arg_text)),
+            ("use_cp", l.use_cp.as_ref().map(arg_text)),
+            ("use_scalar", l.use_scalar.as_ref().map(arg_text)),
+            ("decompose_both", l.decompose_both.as_ref().map(arg_text)),
+            ("rank_dropout_scale", l.rank_dropout_scale.as_ref().map(arg_text)),
+            ("algo", Some(algo.name().to_string())),
+            ("train_norm", l.train_norm.as_ref().map(arg_text)),
+        ];
+        Ok(LycorisConfig {
+            algo,
+            preset,
+            factor,
+            decompose_both: flag("decompose_both", &l.decompose_both)?,
+            args: given.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v))).collect(),
+        })
+    }
+
     /// The block options given, in sd-scripts' order, as text.
     fn block_args(&self) -> Vec<(String, String)> {
         let py = crate::io::py::py_float;
@@ -100,11 +260,17 @@ impl NetworkOptions {
             lr,
             given: self.block_args(),
         };
-        let lora_fa = match self.module.as_deref() {
-            None | Some("networks.lora" | "lora") => false,
-            Some("networks.lora_fa" | "lora_fa") => true,
-            Some(m) => bail!("network_module {m} is not supported yet; available: networks.lora, networks.lora_fa"),
+        let (lora_fa, lycoris) = match self.module.as_deref() {
+            None | Some("networks.lora" | "lora") => (false, None),
+            Some("networks.lora_fa" | "lora_fa") => (true, None),
+            Some("lycoris.kohya" | "lycoris") => (false, Some(self.lycoris()?)),
+            Some(m) => bail!("network_module {m} is not supported yet; available: networks.lora, networks.lora_fa, lycoris.kohya (algo loha or lokr)"),
         };
+        if lycoris.is_none() {
+            if let Some(k) = self.lycoris.given().first() {
+                bail!("network option `{k}` is an option of LyCORIS networks: set network_module lycoris.kohya");
+            }
+        }
         let dtype = match self.dtype.as_deref() {
             None => candle_core::DType::F32,
             Some(d) => match crate::device::parse_dtype(d)? {
@@ -133,7 +299,13 @@ impl NetworkOptions {
             alpha: self.alpha.unwrap_or(1.0),
             conv_dim: self.conv_dim,
             conv_alpha: self.conv_alpha,
-            dropouts: Dropouts { neuron: self.dropout, rank: self.rank_dropout, module: self.module_dropout },
+            dropouts: Dropouts {
+                neuron: self.dropout,
+                rank: self.rank_dropout,
+                module: self.module_dropout,
+                rank_scale: flag("rank_dropout_scale", &self.lycoris.rank_dropout_scale)?,
+            },
+            lycoris,
             train_unet: self.train_unet.unwrap_or(true),
             train_text_encoder: self.train_text_encoder.unwrap_or(true),
         })
@@ -371,6 +543,7 @@ pub fn recipe_from_flat(flat: serde_json::Map<String, Value>) -> Result<(Value, 
                     let num: Value = av
                         .parse::<u64>()
                         .map(Value::from)
+                        .or_else(|_| av.parse::<i64>().map(Value::from))
                         .or_else(|_| av.parse::<f64>().map(Value::from))
                         .unwrap_or(Value::from(av));
                     network.insert(ak.to_string(), num);
@@ -414,4 +587,46 @@ pub fn recipe_from_flat(flat: serde_json::Map<String, Value>) -> Result<(Value, 
         "train": Value::Object(train),
     });
     Ok((recipe, notes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(v: Value) -> Result<NetworkConfig> {
+        serde_json::from_value::<NetworkOptions>(v)?.config()
+    }
+
+    #[test]
+    fn lycoris_options_are_read_and_checked() {
+        let c = options(serde_json::json!({
+            "network_module": "lycoris.kohya", "network_dim": 8, "algo": "lokr", "factor": 4,
+            "decompose_both": "True", "preset": "attn-mlp", "use_tucker": "False", "rank_dropout_scale": true
+        }))
+        .unwrap();
+        let ly = c.lycoris.unwrap();
+        assert_eq!(
+            (ly.algo, ly.preset.name, ly.factor, ly.decompose_both),
+            (crate::networks::lycoris::Algo::Lokr, "attn-mlp", 4, true)
+        );
+        assert!(c.dropouts.rank_scale);
+        assert_eq!(ly.args.iter().find(|(k, _)| k == "use_tucker").unwrap().1, "False");
+        // unknown keys are still refused; LyCORIS keys without lycoris.kohya, and LyCORIS options we lack, too
+        let e = options(serde_json::json!({ "network_dim": 8, "no_such": 1 })).unwrap_err().to_string();
+        assert!(e.contains("no_such"), "{e}");
+        let e = options(serde_json::json!({ "algo": "loha" })).unwrap_err().to_string();
+        assert!(e.contains("lycoris.kohya"), "{e}");
+        let e = options(serde_json::json!({ "network_module": "lycoris.kohya", "algo": "loha", "use_tucker": "True" }))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("use_tucker") && e.contains("not supported"), "{e}");
+        let e =
+            options(serde_json::json!({ "network_module": "lycoris.kohya", "algo": "locon" })).unwrap_err().to_string();
+        assert!(e.contains("LoCon"), "{e}");
+        let e =
+            options(serde_json::json!({ "network_module": "lycoris.kohya", "algo": "loha", "preset": "mine.toml" }))
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("mine.toml") && e.contains("attn-mlp"), "{e}");
+    }
 }

@@ -183,6 +183,8 @@ pub struct TrainConfig {
     #[serde(default = "ddim")]
     pub sample_sampler: String,
     pub logging_dir: Option<PathBuf>,
+    /// sd-scripts' `log_prefix`: the TensorBoard run folder is `logging_dir/{log_prefix}{output_name}`.
+    pub log_prefix: Option<String>,
     pub mixed_precision: Option<String>,
     pub training_comment: Option<String>,
     /// Max-norm regularisation of each module's ΔW (sd-scripts' `scale_weight_norms`).

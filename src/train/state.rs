@@ -3,7 +3,7 @@
 
 use super::trainer::Trainer;
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device};
+use candle_core::Device;
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -66,7 +66,7 @@ pub fn load_into(tr: &mut Trainer, dir: &Path) -> Result<()> {
     let info = read_info(dir)?;
     let dev = tr.model.device.clone();
     let file = dir.join(tr.target.state_file());
-    let weights = crate::io::tensors::read_safetensors(&file, Some(DType::F32), &dev)
+    let weights = crate::io::tensors::read_safetensors(&file, None, &dev)
         .with_context(|| format!("{}: the saved weights (is this state from a run of the same kind?)", dir.display()))?
         .tensors;
     tr.target.restore(&weights, dir)?;

@@ -89,22 +89,27 @@ fn te_lrs(cfg: &TrainConfig) -> (f64, f64) {
 }
 
 /// A LoRA module's trained weights: down (absent for LoRA-FA) and up.
-type Pair = (Option<Var>, Var);
+/// A module's trained variables: (those at the group's LR, LoRA's up weight that LoRA+ scales).
+type Pair = (Vec<Var>, Option<Var>);
 
-/// A component's optimizer groups: its (down, up) pairs at `lr`, or with LoRA+ the downs at `lr` and the ups at
-/// `lr · ratio` in a group named "`name` plus", as sd-scripts' `prepare_optimizer_params` makes them.
+/// A component's optimizer groups: its modules' variables at `lr`, or with LoRA+ the LoRA up weights at
+/// `lr · ratio` in a group named "`name` plus" (LoHa and LoKr have none), as sd-scripts' and LyCORIS'
+/// `prepare_optimizer_params` make them.
 fn lora_groups(name: &str, pairs: Vec<Pair>, lr: f64, loraplus: Option<f64>) -> Vec<ParamGroup> {
     let Some(ratio) = loraplus else {
-        let params = pairs.into_iter().flat_map(|(d, u)| d.into_iter().chain([u])).collect();
+        let params = pairs.into_iter().flat_map(|(d, u)| d.into_iter().chain(u)).collect();
         return vec![ParamGroup { name: name.to_string(), params, lr }];
     };
-    let (downs, ups): (Vec<Option<Var>>, Vec<Var>) = pairs.into_iter().unzip();
-    let downs: Vec<Var> = downs.into_iter().flatten().collect();
+    let (downs, ups): (Vec<Vec<Var>>, Vec<Option<Var>>) = pairs.into_iter().unzip();
+    let (downs, ups): (Vec<Var>, Vec<Var>) =
+        (downs.into_iter().flatten().collect(), ups.into_iter().flatten().collect());
     let mut groups = Vec::new();
     if !downs.is_empty() {
         groups.push(ParamGroup { name: name.to_string(), params: downs, lr });
     }
-    groups.push(ParamGroup { name: format!("{name} plus"), params: ups, lr: lr * ratio });
+    if !ups.is_empty() {
+        groups.push(ParamGroup { name: format!("{name} plus"), params: ups, lr: lr * ratio });
+    }
     groups
 }
 
@@ -197,7 +202,7 @@ impl Target {
                 // UNet parameters grouped by block LR weight (one group without block weights), in first-seen order
                 let mut un: Vec<(f64, Vec<Pair>)> = Vec::new();
                 for (c, m) in &network.modules {
-                    let pair = ((!network.config.lora_fa).then(|| m.down.clone()), m.up.clone());
+                    let pair = m.trainable(network.config.lora_fa);
                     match c {
                         Component::TextEncoder if !cfg.network_train_unet_only => te.push(pair),
                         Component::Unet if !cfg.network_train_text_encoder_only => {
@@ -265,7 +270,16 @@ impl Target {
     /// What a saved state holds of the trained weights, in f32 on the CPU.
     pub fn state_tensors(&self) -> Result<HashMap<String, Tensor>> {
         match self {
-            Target::Network(n) => n.state_dict(DType::F32),
+            Target::Network(n) => {
+                let mut out = HashMap::new();
+                for (_, m) in &n.modules {
+                    for (k, t) in m.state()? {
+                        let t = if k == "scalar" { t } else { t.to_dtype(DType::F32)? };
+                        out.insert(format!("{}.{k}", m.name), t.to_device(&candle_core::Device::Cpu)?);
+                    }
+                }
+                Ok(out)
+            }
             Target::Model(ft) => ft
                 .named()
                 .map(|(k, v)| Ok((k, v.as_tensor().to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?)))
@@ -296,8 +310,11 @@ impl Target {
         match self {
             Target::Network(n) => {
                 for (_, m) in &n.modules {
-                    m.down.set(&get(&format!("{}.lora_down.weight", m.name))?.to_dtype(m.down.dtype())?)?;
-                    m.up.set(&get(&format!("{}.lora_up.weight", m.name))?.to_dtype(m.up.dtype())?)?;
+                    let scalar = match saved.get(&format!("{}.scalar", m.name)) {
+                        Some(s) => Some(s.to_dtype(DType::F64)?.to_scalar::<f64>()?),
+                        None => None,
+                    };
+                    m.restore(|suffix| Ok(get(&format!("{}.{suffix}", m.name))?.clone()), scalar)?;
                 }
             }
             Target::Model(ft) => {

@@ -129,3 +129,16 @@ pub fn mean_loss(tr: &sdtune::train::Trainer, batches: &[sdtune::train::Batch]) 
         .sum::<f64>()
         / batches.len() as f64
 }
+
+/// A LoRA network's (component, down, up) per module.
+pub fn lora_pairs(
+    net: &sdtune::networks::Network,
+) -> Vec<(sdtune::networks::Component, candle_core::Var, candle_core::Var)> {
+    net.modules
+        .iter()
+        .map(|(c, m)| match &m.factors {
+            sdtune::networks::module::Factors::Lora { down, up } => (*c, down.clone(), up.clone()),
+            f => panic!("{}: a {} module, not LoRA", m.name, f.kind()),
+        })
+        .collect()
+}

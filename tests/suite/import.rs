@@ -40,8 +40,8 @@ fn every_kohya_fixture_imports_or_says_what_is_unsupported() {
         ("SDXL-Standard-AdamW.json", &[]),
         ("TI-AdamW8bit.json", &[]),
         ("finetune-AdamW.json", &[]),
-        ("loha-Prodigy.json", &["LyCORIS/LoHa is not supported yet"]),
-        ("preset-lokr-sd15.json", &["LyCORIS/LoKr is not supported yet"]),
+        ("loha-Prodigy.json", &[]),
+        ("preset-lokr-sd15.json", &[]),
         ("preset-SDXL_-_LoRA_AI_Now_prodigy_v1.0.json", &[]),
     ];
     for (name, unsupported) in expect {
@@ -236,6 +236,64 @@ fn imported_dreambooth_configs_fine_tune_the_model_like_the_direct_route() {
 }
 
 #[test]
+fn imported_lycoris_configs_train_and_save_lycoris_files() {
+    // kohya_ss' LyCORIS/LoHa (an SDXL config) and LyCORIS/LoKr (an SD 1.5 preset): lycoris.kohya with the
+    // network_args the GUI writes, every one of them
+    for (name, model, algo, prefix) in [
+        ("loha-Prodigy.json", "tiny-sdxl/tiny-sdxl.safetensors", "loha", ".hada_w"),
+        ("preset-lokr-sd15.json", "tiny-sd15/tiny-sd15.safetensors", "lokr", ".lokr_w"),
+    ] {
+        let dir = scratch(&format!("import-lyco-{algo}"));
+        let imp = import::kohya(&config(name)).unwrap();
+        let o = &imp.options;
+        assert_eq!(o["network_module"], "lycoris.kohya");
+        let args: Vec<&str> = o["network_args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+        let keys: Vec<&str> = args.iter().map(|a| a.split('=').next().unwrap()).collect();
+        let mut want = vec![
+            "preset",
+            "conv_dim",
+            "conv_alpha",
+            "use_tucker",
+            "rank_dropout",
+            "bypass_mode",
+            "dora_wd",
+            "module_dropout",
+        ];
+        want.extend(if algo == "lokr" {
+            &["factor", "use_cp", "use_scalar", "decompose_both"][..]
+        } else {
+            &["use_scalar"][..]
+        });
+        want.extend(["rank_dropout_scale", "algo", "train_norm"]);
+        assert_eq!(keys, want, "{name}: the GUI's network_args, in its order");
+        assert!(
+            args.contains(&format!("algo={algo}").as_str())
+                && args.contains(&"preset=full")
+                && args.contains(&"use_tucker=False")
+        );
+        let lines = imp.report.lines().join("\n");
+        assert!(!lines.contains(": use_tucker: ") && !lines.contains(": LyCORIS_preset: "), "{lines}");
+        let flat = quick(local_with(imp.options.clone(), &dir, model), "64,64");
+        let (recipe, _) = build::recipe_from_flat(flat).unwrap();
+        let (want, _) = script_runs_as_the_direct_route(name, &recipe, &imp.report, &dir);
+        let debug_name = if algo == "loha" { "algo: Loha" } else { "algo: Lokr" };
+        assert!(want["network"].as_str().unwrap().contains(debug_name), "{}", want["network"]);
+        let stem = recipe["train"]["output_name"].as_str().unwrap_or("last");
+        let out = dir.join("out").join(format!("{stem}.safetensors"));
+        let saved = sdtune::io::tensors::read_safetensors(&out, None, &candle_core::Device::Cpu).unwrap();
+        assert!(saved.tensors.keys().any(|k| k.contains(prefix)), "{name}: {prefix}* keys");
+        assert!(!saved.tensors.keys().any(|k| k.contains(".lora_down")));
+        assert_eq!(saved.metadata["ss_network_module"], "lycoris.kohya");
+        let margs: Value = serde_json::from_str(&saved.metadata["ss_network_args"]).unwrap();
+        assert_eq!((margs["algo"].as_str(), margs["preset"].as_str()), (Some(algo), Some("full")));
+        // and it loads back as the network it is
+        let m = load(&fixture(model));
+        let net = sdtune::networks::file::load(&out, &m).unwrap();
+        assert_eq!(net.config.lycoris.as_ref().unwrap().algo.name(), algo);
+    }
+}
+
+#[test]
 fn an_imported_textual_inversion_config_trains_its_word() {
     let dir = scratch("import-ti");
     let imp = import::kohya(&config("TI-AdamW8bit.json")).unwrap();
@@ -304,16 +362,15 @@ fn sdtune_import_writes_a_recipe_and_refuses_to_overwrite() {
     let again = run(&["import", "kohya", cfg.to_str().unwrap(), "-o", out.to_str().unwrap()]);
     assert!(!again.status.success() && String::from_utf8_lossy(&again.stderr).contains("already exists"));
     // an unsupported config: the report, no recipe
-    let o = run(&[
-        "import",
-        "kohya",
-        config("loha-Prodigy.json").to_str().unwrap(),
-        "-o",
-        dir.join("loha.rhai").to_str().unwrap(),
-    ]);
+    let mut ia3: serde_json::Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(config("loha-Prodigy.json")).unwrap()).unwrap();
+    ia3.insert("LoRA_type".into(), json!("LyCORIS/iA3"));
+    let ia3_path = dir.join("ia3.json");
+    std::fs::write(&ia3_path, serde_json::to_string(&ia3).unwrap()).unwrap();
+    let o = run(&["import", "kohya", ia3_path.to_str().unwrap(), "-o", dir.join("ia3.rhai").to_str().unwrap()]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("LyCORIS/LoHa is not supported yet"));
-    assert!(!dir.join("loha.rhai").exists());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("LyCORIS/iA3 is not supported yet"));
+    assert!(!dir.join("ia3.rhai").exists());
     // `sdtune train --kohya`: the config runs directly, flags win
     let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 1, 2, 64, 0).unwrap();
     let model = fixture("tiny-sd15/tiny-sd15.safetensors");

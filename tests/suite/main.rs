@@ -10,6 +10,7 @@ mod finetune;
 mod gradients;
 mod import;
 mod kernel;
+mod lycoris;
 mod networks;
 mod optimizers;
 mod parity;

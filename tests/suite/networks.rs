@@ -184,7 +184,7 @@ fn max_norm_regularization_follows_sd_scripts() {
     // the fixture LoRA has non-zero ΔW; with max_norm below every module's norm, all are scaled to exactly max_norm
     let model = load(&fixture("tiny-sd15"));
     let net = file::load(&fixture(FILES[0].1), &model).unwrap();
-    let norm = |m: &sdtune::networks::lora::LoraModule| {
+    let norm = |m: &sdtune::networks::module::Module| {
         m.delta_weight().unwrap().sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap().sqrt() as f64
     };
     let smallest = net.modules.iter().map(|(_, m)| norm(m)).fold(f64::MAX, f64::min);

@@ -19,9 +19,7 @@ fn recipe_to(dir: &std::path::Path, out: &str, mut train: serde_json::Value) -> 
 }
 
 fn weights(tr: &sdtune::train::Trainer) -> Vec<f32> {
-    tr.network()
-        .unwrap()
-        .vars()
+    lora_pairs(tr.network().unwrap())
         .iter()
         .flat_map(|(_, d, u)| {
             let f32s = |t: &candle_core::Tensor| {
@@ -436,9 +434,11 @@ fn tensorboard_events_and_metrics_are_written() {
     let _ = std::fs::remove_dir_all(&logs);
     let mut tr = build::build(&recipe(&dir, json!({
         "learning_rate": 1e-4, "max_train_steps": 4, "output_dir": dir.join("out"), "output_name": "tb", "logging_dir": logs, "log_every_n_steps": 0,
+        "log_prefix": "run1-",
     }))).unwrap();
     tr.run(&mut |_, _| {}).unwrap();
-    let events: Vec<_> = std::fs::read_dir(logs.join("tb")).unwrap().map(|e| e.unwrap().path()).collect();
+    // the run's folder: logging_dir/{log_prefix}{output_name}
+    let events: Vec<_> = std::fs::read_dir(logs.join("run1-tb")).unwrap().map(|e| e.unwrap().path()).collect();
     assert_eq!(events.len(), 1);
     let bytes = std::fs::read(&events[0]).unwrap();
     // TFRecord framing: walk the records (length, crc, data, crc)
@@ -545,13 +545,13 @@ fn mixed_precision_trains_a_half_precision_base_with_f32_lora_weights() {
     assert_eq!(tr.model.dtype, candle_core::DType::F16);
     tr.run(&mut |_, _| {}).unwrap();
     assert!(tr.losses.iter().all(|l| l.is_finite()));
-    assert!(tr.network().unwrap().vars().iter().all(|(_, d, u)| d.as_tensor().dtype() == candle_core::DType::F32
+    assert!(lora_pairs(tr.network().unwrap()).iter().all(|(_, d, u)| d.as_tensor().dtype() == candle_core::DType::F32
         && u.as_tensor().dtype() == candle_core::DType::F32));
     // the fp16 loss scale: 2¹⁶ unless a step overflowed (then halved per skipped step)
     let s = tr.scaler.clone().expect("fp16 has a loss scaler");
     assert_eq!(s.scale * 2f64.powi(s.skipped as i32), 65536.0, "{s:?}");
     assert!(
-        tr.network().unwrap().vars().iter().any(|(_, _, u)| u
+        lora_pairs(tr.network().unwrap()).iter().any(|(_, _, u)| u
             .as_tensor()
             .abs()
             .unwrap()
@@ -572,8 +572,7 @@ fn mixed_precision_trains_a_half_precision_base_with_f32_lora_weights() {
     let model = std::sync::Arc::new(load(&fixture("tiny-sd15")));
     let cfg = sdtune::networks::NetworkConfig { dtype: candle_core::DType::BF16, ..Default::default() };
     let net = std::sync::Arc::new(sdtune::networks::Network::create(&model, &cfg, 0).unwrap());
-    assert!(net
-        .vars()
+    assert!(lora_pairs(&net)
         .iter()
         .all(|(_, d, u)| d.dtype() == candle_core::DType::BF16 && u.dtype() == candle_core::DType::BF16));
     let tcfg = sdtune::train::config::TrainConfig::from_json(json!({})).unwrap();
@@ -598,27 +597,22 @@ fn lora_fa_trains_up_only() {
     r["network"] = json!({ "network_module": "networks.lora_fa", "dim": 8, "alpha": 8.0 });
     let mut tr = build::build(&r).unwrap();
     let downs = |tr: &sdtune::train::Trainer| -> Vec<Vec<f32>> {
-        tr.network()
-            .unwrap()
-            .vars()
+        lora_pairs(tr.network().unwrap())
             .iter()
             .map(|(_, d, _)| d.as_tensor().flatten_all().unwrap().to_vec1().unwrap())
             .collect()
     };
     let before = downs(&tr);
     // N(0, 2/(in + r)): the first module's sample std is near its target
-    let (_, m) = &tr.network().unwrap().modules[0];
-    let d0 = m.down.as_tensor();
+    let (_, d0, _) = &lora_pairs(tr.network().unwrap())[0];
+    let d0 = d0.as_tensor();
     let want = (2.0 / (d0.dims()[1] + 8) as f64).sqrt();
     let n = before[0].len() as f64;
     let got = (before[0].iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / n).sqrt();
     assert!((got / want - 1.0).abs() < 0.15, "down std {got} vs {want}");
     tr.run(&mut |_, _| {}).unwrap();
     assert_eq!(downs(&tr), before, "LoRA-FA keeps down frozen");
-    let up_moved = tr
-        .network()
-        .unwrap()
-        .vars()
+    let up_moved = lora_pairs(tr.network().unwrap())
         .iter()
         .any(|(_, _, u)| u.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() > 0.0);
     assert!(up_moved, "up trains");
@@ -680,10 +674,10 @@ fn loraplus_trains_up_weights_at_the_ratio() {
         assert!((lr - wl).abs() < 1e-12 * wl.max(1.0), "{name}: {lr} (want {wl})");
     }
     let copy = |v: &candle_core::Var| v.as_tensor().copy().unwrap();
-    let before: Vec<_> = tr.network().unwrap().vars().iter().map(|(c, d, u)| (*c, copy(d), copy(u))).collect();
+    let before: Vec<_> = lora_pairs(tr.network().unwrap()).iter().map(|(c, d, u)| (*c, copy(d), copy(u))).collect();
     tr.run(&mut |_, _| {}).unwrap();
     let mut largest = std::collections::BTreeMap::new();
-    for ((c, d0, u0), (_, d, u)) in before.iter().zip(tr.network().unwrap().vars()) {
+    for ((c, d0, u0), (_, d, u)) in before.iter().zip(lora_pairs(tr.network().unwrap())) {
         for (kind, a, b) in [("down", d0, d.as_tensor()), ("up", u0, u.as_tensor())] {
             let e = largest.entry((format!("{c:?}"), kind)).or_insert(0.0f64);
             *e = e.max(max_abs_diff(a, b));
@@ -796,7 +790,7 @@ fn weighted_captions_weight_tokens_and_train_the_text_encoder() {
     b.captions = Some(vec![caption.replacen(&first, &format!("({first}:1.5)"), 1); n]);
     assert_ne!(loss(&weighted, &b), loss(&plain, &b), "a weighted word changes the conditioning");
     let te_ups = |tr: &sdtune::train::Trainer| -> Vec<f32> {
-        let vars = tr.network().unwrap().vars();
+        let vars = lora_pairs(tr.network().unwrap());
         let te = vars.iter().filter(|(c, _, _)| *c == Component::TextEncoder);
         te.flat_map(|(_, _, u)| u.as_tensor().flatten_all().unwrap().to_vec1::<f32>().unwrap()).collect()
     };

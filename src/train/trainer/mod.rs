@@ -609,7 +609,7 @@ fn check_network_precision(model: &StableDiffusion, network: &Network, cfg: &Tra
     if cfg.full_bf16 && model.device.is_cpu() {
         bail!("full_bf16 trains the LoRA weights in bf16, which candle's CPU matmul does not support: it needs a GPU");
     }
-    let net_dtype = network.modules.first().map(|(_, m)| m.down.dtype()).unwrap_or(DType::F32);
+    let net_dtype = network.modules.first().map(|(_, m)| m.vars()[0].dtype()).unwrap_or(DType::F32);
     match (cfg.full_bf16, net_dtype) {
         (true, DType::BF16) | (false, DType::F32) => Ok(()),
         (true, d) => bail!(

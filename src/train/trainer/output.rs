@@ -173,7 +173,8 @@ impl Trainer {
         }
         if self.cfg.logging_dir.is_some() {
             if self.events.is_none() {
-                self.events = Some(crate::io::tensorboard::EventWriter::create(&dir.join(&self.cfg.output_name))?);
+                let run = format!("{}{}", self.cfg.log_prefix.as_deref().unwrap_or(""), self.cfg.output_name);
+                self.events = Some(crate::io::tensorboard::EventWriter::create(&dir.join(run))?);
             }
             let mut scalars: Vec<(String, f32)> =
                 vec![("loss/current".into(), loss as f32), ("loss/average".into(), avg as f32)];

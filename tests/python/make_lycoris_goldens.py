@@ -1,0 +1,107 @@
+"""LyCORIS LoHa / LoKr networks on the tiny SD 1.5 fixture, made and run by LyCORIS itself (`lycoris.kohya`, the
+`network_module` kohya_ss writes for its LyCORIS/LoHa and LyCORIS/LoKr types), with diffusers' UNet and
+transformers' CLIP.
+
+For each configuration in CONFIGS, writes into tests/fixtures/lycoris/:
+- `{tag}.safetensors`: the network as LyCORIS saves it (`save_weights`, f32), after its weights were set to seeded
+  random values (a fresh network's ΔW is zero, which would test nothing);
+and `golden.safetensors` with the shared inputs (`in.*`) and, per tag:
+- `{tag}.shape.<key>`: an int64 vector with the shape of every tensor of the *fresh* network (what sdtune must create
+  for the same options), `{tag}.alpha.<module>`: its alpha;
+- `{tag}.unet.out` / `{tag}.te.out`: the UNet's noise prediction and CLIP's last hidden state with the network applied
+  at multiplier 0.7 (LyCORIS' default rebuild-ΔW forward);
+- `{tag}.loss`, `{tag}.grad.<key>`: loss = mean((unet(x, t, te(ids)) - target)²) with the network at multiplier 1,
+  and every network parameter's gradient (text encoder and UNet modules alike).
+The options of each configuration are in the file's metadata (`{tag}.args`).
+
+Needs (not in CI): torch, diffusers, transformers, safetensors, lycoris-lora 3.2.0.post2 (LyCORIS 4.x's `full`
+preset fails on SD 1.x UNets: it targets the `TimestepEmbedding` class and the `time_embedding.linear_*` names,
+and asserts on the duplicate module names).
+    /tmp/tv/bin/python tests/python/make_lycoris_goldens.py
+"""
+import importlib.metadata
+import json
+import os
+
+import lycoris.kohya as lk
+import torch
+from diffusers import UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import CLIPTextModel
+
+FIX = "tests/fixtures"
+OUT = os.path.join(FIX, "lycoris")
+CONFIGS = [
+    # (tag, network_dim, network_alpha, network_args)
+    ("loha", 4, 2.0, {"algo": "loha", "conv_dim": "2", "conv_alpha": "1"}),
+    ("lokr", 2, 1.0, {"algo": "lokr", "conv_dim": "2", "conv_alpha": "1"}),
+    ("lokr_both", 1, 1.0, {"algo": "lokr", "decompose_both": "True", "factor": "4", "preset": "attn-mlp"}),
+    ("loha_lin", 2, 0.0, {"algo": "loha", "preset": "full-lin"}),
+]
+
+
+def models():
+    unet = UNet2DConditionModel.from_pretrained(os.path.join(FIX, "tiny-sd15", "unet"), torch_dtype=torch.float32)
+    te = CLIPTextModel.from_pretrained(os.path.join(FIX, "tiny-sd15", "text_encoder"), torch_dtype=torch.float32)
+    return unet.eval(), te.eval()
+
+
+def main():
+    os.makedirs(OUT, exist_ok=True)
+    g = torch.Generator().manual_seed(20261205)
+    inputs = {
+        "in.sample": torch.randn((2, 4, 16, 16), generator=g),
+        "in.timesteps": torch.tensor([999.0, 250.0]),
+        "in.ids": torch.randint(1, 1000, (2, 77), generator=g),
+        "in.target": torch.randn((2, 4, 16, 16), generator=g),
+    }
+    out = dict(inputs)
+    meta = {"lycoris": importlib.metadata.version("lycoris-lora"), "torch": torch.__version__}
+    for tag, dim, alpha, args in CONFIGS:
+        unet, te = models()
+        for p in list(unet.parameters()) + list(te.parameters()):
+            p.requires_grad_(False)
+        # transformers 5's CLIPTextModel has no `text_model` level; sd-scripts (transformers 4) names the text
+        # encoder's modules under it (`lora_te_text_model_encoder_...`), so LyCORIS walks a holder that has one
+        holder = torch.nn.Module()
+        holder.text_model = te
+        net = lk.create_network(1.0, dim, alpha, None, holder, unet, **dict(args))
+        net.apply_to(holder, unet, apply_text_encoder=True, apply_unet=True)
+        fresh = net.state_dict()
+        for k, v in fresh.items():
+            if k.endswith(".alpha"):
+                out[f"{tag}.alpha.{k[:-len('.alpha')]}"] = v.detach().float().reshape(1)
+            else:
+                out[f"{tag}.shape.{k}"] = torch.tensor(list(v.shape), dtype=torch.int64)
+        # seeded random weights (std 0.3), so that every factor matters
+        with torch.no_grad():
+            for name, p in net.named_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        net.save_weights(os.path.join(OUT, f"{tag}.safetensors"), torch.float32,
+                         {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(dim),
+                          "ss_network_alpha": str(alpha), "ss_network_args": json.dumps(args)})
+        meta[f"{tag}.args"] = json.dumps({"network_dim": dim, "network_alpha": alpha, **args})
+        # applied at 0.7, no gradients
+        net.set_multiplier(0.7)
+        with torch.no_grad():
+            ctx = te(inputs["in.ids"])[0]
+            out[f"{tag}.te.out"] = ctx.contiguous()
+            out[f"{tag}.unet.out"] = unet(inputs["in.sample"], inputs["in.timesteps"], ctx).sample.contiguous()
+        # a training step's gradients at multiplier 1
+        net.set_multiplier(1.0)
+        net.train()
+        ctx = te(inputs["in.ids"])[0]
+        pred = unet(inputs["in.sample"], inputs["in.timesteps"], ctx).sample
+        loss = torch.nn.functional.mse_loss(pred, inputs["in.target"])
+        loss.backward()
+        out[f"{tag}.loss"] = loss.detach().reshape(1)
+        n = 0
+        for name, p in net.named_parameters():
+            out[f"{tag}.grad.{name}"] = p.grad.detach().contiguous()
+            n += 1
+        print(f"{tag}: {len(fresh)} tensors, {n} parameters, loss {loss.item():.6f}")
+    save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(OUT, "golden.safetensors"), meta)
+
+
+if __name__ == "__main__":
+    main()
