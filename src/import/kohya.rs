@@ -34,25 +34,27 @@ const LYCORIS: Rule = NotApplicable("LyCORIS / DyLoRA / native LoHa-LoKr network
 /// The `network_args` kohya_ss writes for its LyCORIS types (`lora_gui.py`), in its order: (argument, GUI key,
 /// the GUI's default when the key is absent). `algo` is added by type.
 const LYCORIS_ARGS: &[(&str, &str, &str, &[&str])] = &[
-    ("preset", "LyCORIS_preset", "full", &["LoHa", "LoKr"]),
-    ("conv_dim", "conv_dim", "1", &["LoHa", "LoKr"]),
-    ("conv_alpha", "conv_alpha", "1", &["LoHa", "LoKr"]),
-    ("use_tucker", "use_tucker", "False", &["LoHa", "LoKr"]),
-    ("rank_dropout", "rank_dropout", "0", &["LoHa", "LoKr"]),
-    ("bypass_mode", "bypass_mode", "False", &["LoHa", "LoKr"]),
-    ("dora_wd", "dora_wd", "False", &["LoHa", "LoKr"]),
-    ("module_dropout", "module_dropout", "0", &["LoHa", "LoKr"]),
+    ("preset", "LyCORIS_preset", "full", &["LoCon", "LoHa", "LoKr"]),
+    ("conv_dim", "conv_dim", "1", &["LoCon", "LoHa", "LoKr"]),
+    ("conv_alpha", "conv_alpha", "1", &["LoCon", "LoHa", "LoKr"]),
+    ("use_tucker", "use_tucker", "False", &["LoCon", "LoHa", "LoKr"]),
+    ("rank_dropout", "rank_dropout", "0", &["LoCon", "LoHa", "LoKr"]),
+    ("bypass_mode", "bypass_mode", "False", &["LoCon", "LoHa", "LoKr"]),
+    ("dora_wd", "dora_wd", "False", &["LoCon", "LoHa", "LoKr"]),
+    ("module_dropout", "module_dropout", "0", &["LoCon", "LoHa", "LoKr"]),
     ("factor", "factor", "-1", &["LoKr"]),
     ("use_cp", "use_cp", "False", &["LoKr"]),
-    ("use_scalar", "use_scalar", "False", &["LoHa", "LoKr"]),
+    ("use_scalar", "use_scalar", "False", &["LoCon", "LoHa", "LoKr"]),
     ("decompose_both", "decompose_both", "False", &["LoKr"]),
-    ("rank_dropout_scale", "rank_dropout_scale", "False", &["LoHa", "LoKr"]),
-    ("train_norm", "train_norm", "False", &["LoHa", "LoKr"]),
+    ("rank_dropout_scale", "rank_dropout_scale", "False", &["LoCon", "LoHa", "LoKr"]),
+    ("train_norm", "train_norm", "False", &["LoCon", "LoHa", "LoKr"]),
 ];
 
-/// The LyCORIS type of a `LoRA_type` sdtune trains (`LyCORIS/LoHa` → LoHa), if it is one.
+/// The LyCORIS type of a `LoRA_type` sdtune trains (`LyCORIS/LoHa` → LoHa; the legacy `LoCon` is the GUI's
+/// LyCORIS/LoCon), if it is one.
 fn lycoris_type(gui: &Map<String, Value>) -> Option<&'static str> {
     match gui.get("LoRA_type").map(text).as_deref() {
+        Some("LyCORIS/LoCon" | "LoCon") => Some("LoCon"),
         Some("LyCORIS/LoHa") => Some("LoHa"),
         Some("LyCORIS/LoKr") => Some("LoKr"),
         _ => None,
@@ -430,12 +432,12 @@ pub fn to_sd_scripts(gui: &Map<String, Value>) -> Result<(Map<String, Value>, Re
         None | Some("Standard") => "networks.lora",
         Some("Kohya LoCon") => "networks.lora",
         Some("LoRA-FA") => "networks.lora_fa",
-        Some("LyCORIS/LoHa" | "LyCORIS/LoKr") => "lycoris.kohya",
+        Some("LyCORIS/LoCon" | "LoCon" | "LyCORIS/LoHa" | "LyCORIS/LoKr") => "lycoris.kohya",
         Some(other) => {
             report.unsupported(
                 "LoRA_type",
                 &format!(
-                    "{other} is not supported yet (Standard, Kohya LoCon, LoRA-FA, LyCORIS/LoHa and LyCORIS/LoKr are)"
+                    "{other} is not supported yet (Standard, Kohya LoCon, LoRA-FA, LyCORIS/LoCon, LyCORIS/LoHa and LyCORIS/LoKr are)"
                 ),
             );
             "networks.lora"

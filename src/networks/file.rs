@@ -20,9 +20,7 @@ const MODULE_MARKERS: &[(&str, &str)] =
 
 /// Keys of network types and options not supported: (key fragment, what it is).
 const UNSUPPORTED: &[(&str, &str)] = &[
-    (".hada_t1", "Tucker-decomposed LoHa (use_tucker)"),
     (".lokr_t2", "Tucker-decomposed LoKr (use_tucker)"),
-    (".lora_mid.weight", "Tucker-decomposed LoCon (use_tucker)"),
     (".dora_scale", "DoRA (dora_wd)"),
     (".oft_blocks", "OFT"),
     (".oft_diag", "OFT"),
@@ -76,7 +74,11 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
             unknown[0]
         );
     }
-    let state = new_state(Dropouts::default(), 0);
+    // LyCORIS' forward (ΔW rebuilt; the same outputs, other dropouts and max-norm) for its files
+    let lycoris_file = f.metadata.get("ss_network_module").is_some_and(|m| m.starts_with("lycoris"))
+        || module_names.iter().any(|(_, t)| *t != "LoRA")
+        || keys.iter().any(|k| k.ends_with(".lora_mid.weight"));
+    let state = new_state(Dropouts::default(), 0, lycoris_file);
     let mut modules = Vec::new();
     let (mut dim, mut alpha0, mut conv, mut algo) = (0, 0.0, None, None);
     for (m, kind) in &module_names {
@@ -87,11 +89,16 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
                 .with_context(|| format!("{name}: `{m}.{suffix}` is missing"))?
                 .to_dtype(DType::F32)?)
         };
+        let has = |suffix: &str| f.tensors.contains_key(&format!("{m}.{suffix}"));
         let factors = match *kind {
-            "LoRA" => lora_factors(&name, m, &layer.kind, get("lora_down.weight")?, get("lora_up.weight")?)?,
+            "LoRA" => {
+                let mid = if has("lora_mid.weight") { Some(get("lora_mid.weight")?) } else { None };
+                lora_factors(&name, m, &layer.kind, get("lora_down.weight")?, get("lora_up.weight")?, mid)?
+            }
             "LoHa" => {
                 let [w1a, w1b, w2a, w2b] = ["hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"].map(&get);
-                loha_factors(&name, m, &layer.kind, [w1a?, w1b?, w2a?, w2b?])?
+                let t = if has("hada_t1") { Some((get("hada_t1")?, get("hada_t2")?)) } else { None };
+                loha_factors(&name, m, &layer.kind, [w1a?, w1b?, w2a?, w2b?], t)?
             }
             _ => {
                 let half = |full: &str, a: &str, b: &str| -> Result<Half> {
@@ -111,6 +118,9 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
         };
         if *kind != "LoRA" {
             algo = algo.or(Some(if *kind == "LoHa" { Algo::Loha } else { Algo::Lokr }));
+        }
+        if lycoris_file && *kind == "LoRA" {
+            algo = algo.or(Some(Algo::Locon));
         }
         let r = factors.rank();
         let alpha = match f.tensors.get(&format!("{m}.alpha")) {
@@ -142,22 +152,36 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
     Ok(Network { state, modules, family: model.family, base: super::BaseModel::of(model), config, metadata })
 }
 
-/// A LoRA module's factors, checked against its layer (a 4-D 1×1 LoRA on a Linear layer, an SD2 single-file
-/// quirk, is used as 2-D).
-fn lora_factors(file: &str, m: &str, kind: &LayerKind, down: Tensor, up: Tensor) -> Result<Factors> {
+/// A LoRA / LoCon module's factors, checked against its layer (a 4-D 1×1 LoRA on a Linear layer, an SD2
+/// single-file quirk, is used as 2-D). With `mid` (Tucker): a 1×1 down, the layer's k×k mid, a 1×1 up.
+fn lora_factors(
+    file: &str,
+    m: &str,
+    kind: &LayerKind,
+    down: Tensor,
+    up: Tensor,
+    mid: Option<Tensor>,
+) -> Result<Factors> {
     let r = down.dims()[0];
-    let ok = match kind {
-        LayerKind::Linear { in_features, out_features } => {
+    let ok = match (kind, &mid) {
+        (LayerKind::Linear { in_features, out_features }, None) => {
             down.dims() == [r, *in_features] && up.dims() == [*out_features, r]
                 || down.dims() == [r, *in_features, 1, 1] && up.dims() == [*out_features, r, 1, 1]
         }
-        LayerKind::Conv { in_channels, out_channels, kernel, .. } => {
+        (LayerKind::Conv { in_channels, out_channels, kernel, .. }, None) => {
             down.dims() == [r, *in_channels, kernel.0, kernel.1] && up.dims() == [*out_channels, r, 1, 1]
         }
+        (LayerKind::Conv { in_channels, out_channels, kernel, .. }, Some(mid)) => {
+            down.dims() == [r, *in_channels, 1, 1]
+                && mid.dims() == [r, r, kernel.0, kernel.1]
+                && up.dims() == [*out_channels, r, 1, 1]
+        }
+        (LayerKind::Linear { .. }, Some(_)) => false,
     };
     if !ok {
+        let mid = mid.as_ref().map(|t| format!(" / mid {:?}", t.dims())).unwrap_or_default();
         bail!(
-            "{file}: module `{m}` has down {:?} / up {:?}, which do not fit the model's layer {kind:?}: is the network for another model family?",
+            "{file}: module `{m}` has down {:?}{mid} / up {:?}, which do not fit the model's layer {kind:?}: is the network for another model family?",
             down.dims(),
             up.dims(),
         );
@@ -167,7 +191,8 @@ fn lora_factors(file: &str, m: &str, kind: &LayerKind, down: Tensor, up: Tensor)
     } else {
         (down, up)
     };
-    Ok(Factors::Lora { down: Var::from_tensor(&down)?, up: Var::from_tensor(&up)? })
+    let mid = mid.map(|t| Var::from_tensor(&t)).transpose()?;
+    Ok(Factors::Lora { down: Var::from_tensor(&down)?, up: Var::from_tensor(&up)?, mid })
 }
 
 /// The layer's weight as a matrix: (rows, columns with the kernel flattened in).
@@ -176,20 +201,46 @@ fn matrix_shape(kind: &LayerKind) -> (usize, usize) {
     (s[0], s[1..].iter().product())
 }
 
-/// A LoHa module's factors, checked: `w1a` [out, r], `w1b` [r, in·k·k], the same for `w2`.
-fn loha_factors(file: &str, m: &str, kind: &LayerKind, [w1a, w1b, w2a, w2b]: [Tensor; 4]) -> Result<Factors> {
+/// A LoHa module's factors, checked: `w1a` [out, r], `w1b` [r, in·k·k], the same for `w2`; with Tucker
+/// decomposition (`t`) `w1a` [r, out], `w1b` [r, in] and `t1` [r, r, k, k].
+fn loha_factors(
+    file: &str,
+    m: &str,
+    kind: &LayerKind,
+    [w1a, w1b, w2a, w2b]: [Tensor; 4],
+    t: Option<(Tensor, Tensor)>,
+) -> Result<Factors> {
     let (out, cols) = matrix_shape(kind);
-    let w1b = w1b.reshape((w1b.dims()[0], ()))?;
-    let w2b = w2b.reshape((w2b.dims()[0], ()))?;
-    let fits = |a: &Tensor, b: &Tensor| a.dims() == [out, b.dims()[0]] && b.dims()[1] == cols;
-    if !fits(&w1a, &w1b) || !fits(&w2a, &w2b) {
+    let shape = super::module::weight_shape(kind);
+    let v = |t: &Tensor| Var::from_tensor(t);
+    let fits = match &t {
+        None => {
+            let (w1b, w2b) = (w1b.reshape((w1b.dims()[0], ()))?, w2b.reshape((w2b.dims()[0], ()))?);
+            let fits = |a: &Tensor, b: &Tensor| a.dims() == [out, b.dims()[0]] && b.dims()[1] == cols;
+            if fits(&w1a, &w1b) && fits(&w2a, &w2b) {
+                return Ok(Factors::Loha { w1a: v(&w1a)?, w1b: v(&w1b)?, w2a: v(&w2a)?, w2b: v(&w2b)?, t: None });
+            }
+            false
+        }
+        Some((t1, t2)) => {
+            let fits = |a: &Tensor, b: &Tensor, t: &Tensor| {
+                shape.len() == 4
+                    && a.dims() == [a.dims()[0], out]
+                    && b.dims() == [b.dims()[0], shape[1]]
+                    && t.dims() == [a.dims()[0], b.dims()[0], shape[2], shape[3]]
+            };
+            fits(&w1a, &w1b, t1) && fits(&w2a, &w2b, t2)
+        }
+    };
+    if !fits {
         bail!(
-            "{file}: LoHa module `{m}` has hada_w1_a {:?}, hada_w1_b {:?}, hada_w2_a {:?}, hada_w2_b {:?}, which do not fit the model's layer {kind:?}: is the network for another model family?",
-            w1a.dims(), w1b.dims(), w2a.dims(), w2b.dims()
+            "{file}: LoHa module `{m}` has hada_w1_a {:?}, hada_w1_b {:?}, hada_w2_a {:?}, hada_w2_b {:?}{}, which do not fit the model's layer {kind:?}: is the network for another model family?",
+            w1a.dims(), w1b.dims(), w2a.dims(), w2b.dims(),
+            t.as_ref().map(|(t1, _)| format!(", hada_t1 {:?}", t1.dims())).unwrap_or_default()
         );
     }
-    let v = |t: &Tensor| Var::from_tensor(t);
-    Ok(Factors::Loha { w1a: v(&w1a)?, w1b: v(&w1b)?, w2a: v(&w2a)?, w2b: v(&w2b)? })
+    let (t1, t2) = t.expect("checked: Tucker factors");
+    Ok(Factors::Loha { w1a: v(&w1a)?, w1b: v(&w1b)?, w2a: v(&w2a)?, w2b: v(&w2b)?, t: Some((v(&t1)?, v(&t2)?)) })
 }
 
 /// Checks that `w1 ⊗ w2` has the layer's weight shape.
@@ -233,6 +284,9 @@ fn lycoris_from_metadata(algo: Algo, metadata: &BTreeMap<String, String>) -> Lyc
         preset: arg("preset").and_then(|p| LycorisConfig::preset(p).ok()).unwrap_or(&super::lycoris::PRESETS[0]),
         factor: arg("factor").and_then(|f| f.parse().ok()).unwrap_or(-1),
         decompose_both: arg("decompose_both").is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        tucker: ["use_tucker", "use_cp", "use_conv_cp"]
+            .iter()
+            .any(|k| arg(k).is_some_and(|v| v.eq_ignore_ascii_case("true"))),
         args,
     }
 }

@@ -1,6 +1,6 @@
-//! LyCORIS networks as sd-scripts trains them through `network_module = lycoris.kohya` (kohya_ss' LyCORIS/LoHa and
-//! LyCORIS/LoKr types): the presets' target layers, the ranks per layer, LoKr's factorization and the initial
-//! factors, following LyCORIS 3.2 (`lycoris/kohya.py`, `modules/loha.py`, `modules/lokr.py`).
+//! LyCORIS networks as sd-scripts trains them through `network_module = lycoris.kohya` (kohya_ss' LyCORIS/LoCon,
+//! LyCORIS/LoHa and LyCORIS/LoKr types): the presets' target layers, the ranks per layer, LoKr's factorization and
+//! the initial factors, following LyCORIS 3.2 (`lycoris/kohya.py`, `modules/{locon,loha,lokr}.py`).
 
 use super::module::{Factors, Half};
 use super::{Component, NetworkConfig};
@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Tensor, Var};
 /// The LyCORIS algorithm (`algo=` in `network_args`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Algo {
+    Locon,
     Loha,
     Lokr,
 }
@@ -19,6 +20,7 @@ pub enum Algo {
 impl Algo {
     pub fn name(self) -> &'static str {
         match self {
+            Algo::Locon => "locon",
             Algo::Loha => "loha",
             Algo::Lokr => "lokr",
         }
@@ -91,6 +93,8 @@ pub struct LycorisConfig {
     pub factor: i64,
     /// LoKr's `decompose_both`: the smaller side low-rank too.
     pub decompose_both: bool,
+    /// `use_tucker` (`use_cp`): LoCon's and LoHa's k×k convolutions Tucker-decomposed.
+    pub tucker: bool,
     /// The `network_args` as given, for `ss_network_args`.
     pub args: Vec<(String, String)>,
 }
@@ -194,15 +198,42 @@ pub fn init(
         var((0..shape.iter().product()).map(|_| ((rng.uniform() * 2.0 - 1.0) * bound) as f32).collect(), shape)
     };
     let alpha = if alpha == 0.0 { r as f64 } else { alpha };
+    // Tucker decomposition applies to k×k convolutions only
+    let tucker = ly.tucker.then_some(k).flatten().filter(|k| *k != (1, 1));
     Ok(match ly.algo {
-        Algo::Loha => {
-            let cols = inp * kk;
-            let w1b = normal(rng, &[r, cols], 1.0)?;
-            let w1a = normal(rng, &[out, r], 0.1)?;
-            let w2b = normal(rng, &[r, cols], 1.0)?;
-            let w2a = zeros(&[out, r])?;
-            (Factors::Loha { w1a, w1b, w2a, w2b }, alpha)
+        Algo::Locon => {
+            let factors = match (k, tucker) {
+                (None, _) => Factors::Lora { down: kaiming(rng, &[r, inp])?, up: zeros(&[out, r])?, mid: None },
+                (Some((kh, kw)), None) => {
+                    Factors::Lora { down: kaiming(rng, &[r, inp, kh, kw])?, up: zeros(&[out, r, 1, 1])?, mid: None }
+                }
+                (Some(_), Some((kh, kw))) => Factors::Lora {
+                    down: kaiming(rng, &[r, inp, 1, 1])?,
+                    up: zeros(&[out, r, 1, 1])?,
+                    mid: Some(kaiming(rng, &[r, r, kh, kw])?),
+                },
+            };
+            (factors, alpha)
         }
+        Algo::Loha => match tucker {
+            None => {
+                let cols = inp * kk;
+                let w1b = normal(rng, &[r, cols], 1.0)?;
+                let w1a = normal(rng, &[out, r], 0.1)?;
+                let w2b = normal(rng, &[r, cols], 1.0)?;
+                let w2a = zeros(&[out, r])?;
+                (Factors::Loha { w1a, w1b, w2a, w2b, t: None }, alpha)
+            }
+            Some((kh, kw)) => {
+                let t1 = normal(rng, &[r, r, kh, kw], 0.1)?;
+                let t2 = normal(rng, &[r, r, kh, kw], 0.1)?;
+                let w1b = normal(rng, &[r, inp], 1.0)?;
+                let w1a = normal(rng, &[r, out], 0.1)?;
+                let w2b = normal(rng, &[r, inp], 1.0)?;
+                let w2a = zeros(&[r, out])?;
+                (Factors::Loha { w1a, w1b, w2a, w2b, t: Some((t1, t2)) }, alpha)
+            }
+        },
         Algo::Lokr => {
             let (a, b) = factorization(out, ly.factor);
             let (c, d) = factorization(inp, ly.factor);

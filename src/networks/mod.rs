@@ -185,13 +185,14 @@ pub struct Network {
 
 static NEXT_ID: AtomicUsize = AtomicUsize::new(1);
 
-fn new_state(dropouts: Dropouts, seed: u64) -> Arc<NetworkState> {
+fn new_state(dropouts: Dropouts, seed: u64, lycoris: bool) -> Arc<NetworkState> {
     Arc::new(NetworkState {
         id: NEXT_ID.fetch_add(1, Ordering::SeqCst),
         multiplier: RwLock::new(1.0),
         training: AtomicBool::new(false),
         dropouts,
         rng: Mutex::new(Rng::new(seed ^ 0x5EED)),
+        lycoris,
     })
 }
 
@@ -246,7 +247,7 @@ impl Network {
         if cfg.dim == 0 {
             bail!("network dim must be at least 1");
         }
-        let state = new_state(cfg.dropouts, seed);
+        let state = new_state(cfg.dropouts, seed, cfg.lycoris.is_some());
         let mut rng = Rng::new(seed);
         let dev = model.device.clone();
         let sdxl = model.family == Family::Sdxl;
@@ -284,7 +285,8 @@ impl Network {
             let down = Var::from_tensor(&Tensor::from_vec(vals, down_shape.as_slice(), &dev)?.to_dtype(cfg.dtype)?)?;
             let up = Var::from_tensor(&Tensor::zeros(up_shape.as_slice(), cfg.dtype, &dev)?)?;
             let alpha = if alpha == 0.0 { r as f64 } else { alpha };
-            modules.push((c, Arc::new(Module::new(name, layer, Factors::Lora { down, up }, alpha, state.clone()))));
+            let factors = Factors::Lora { down, up, mid: None };
+            modules.push((c, Arc::new(Module::new(name, layer, factors, alpha, state.clone()))));
         }
         if modules.is_empty() {
             bail!(
@@ -304,7 +306,7 @@ impl Network {
     /// The same modules and weights (the Vars are shared) with a network's training options: dropouts (a fresh
     /// state seeded with `seed`) and LoRA+ ratios; what continuing a file's training (`network_weights`) uses.
     pub fn with_training_options(self, dropouts: Dropouts, loraplus: LoraPlus, seed: u64) -> Self {
-        let state = new_state(dropouts, seed);
+        let state = new_state(dropouts, seed, self.config.lycoris.is_some());
         let modules = self
             .modules
             .iter()

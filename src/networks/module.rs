@@ -29,6 +29,9 @@ pub struct NetworkState {
     pub training: AtomicBool,
     pub dropouts: Dropouts,
     pub rng: Mutex<Rng>,
+    /// LyCORIS' forward for every module: ΔW rebuilt and applied through the layer's op, its rows dropped by rank
+    /// dropout, max-norm through the scalar (sd-scripts' LoRA forward `up(down(x))` otherwise).
+    pub lycoris: bool,
 }
 
 /// One side of a LoKr Kronecker product: a whole matrix, or the product `a · b` of two low-rank factors.
@@ -61,10 +64,12 @@ impl Half {
 /// The trained factors of a module.
 #[derive(Clone)]
 pub enum Factors {
-    /// kohya's LoRA: `ΔW = up · down` (3×3 convs: a conv down, a 1×1 up).
-    Lora { down: Var, up: Var },
-    /// LyCORIS' LoHa: `ΔW = (w1a · w1b) ⊙ (w2a · w2b)`, kernels flattened into the columns.
-    Loha { w1a: Var, w1b: Var, w2a: Var, w2b: Var },
+    /// kohya's LoRA and LyCORIS' LoCon: `ΔW = up · down` (3×3 convs: a conv down, a 1×1 up); with Tucker
+    /// decomposition (`mid`, LyCORIS' `use_tucker`) a 1×1 down, the k×k `mid` and a 1×1 up.
+    Lora { down: Var, up: Var, mid: Option<Var> },
+    /// LyCORIS' LoHa: `ΔW = (w1a · w1b) ⊙ (w2a · w2b)`, kernels flattened into the columns; with Tucker
+    /// decomposition (`t` = (t1, t2)) each side is `t ×₁ w_aᵀ ×₂ w_bᵀ`, `w_a` [r, out], `w_b` [r, in].
+    Loha { w1a: Var, w1b: Var, w2a: Var, w2b: Var, t: Option<(Var, Var)> },
     /// LyCORIS' LoKr: `ΔW = w1 ⊗ w2`.
     Lokr { w1: Half, w2: Half },
 }
@@ -82,9 +87,17 @@ impl Factors {
     /// The tensors under their file-key suffixes, in the order LyCORIS and sd-scripts register them.
     pub fn named(&self) -> Vec<(&'static str, &Var)> {
         match self {
-            Factors::Lora { down, up } => vec![("lora_down.weight", down), ("lora_up.weight", up)],
-            Factors::Loha { w1a, w1b, w2a, w2b } => {
-                vec![("hada_w1_a", w1a), ("hada_w1_b", w1b), ("hada_w2_a", w2a), ("hada_w2_b", w2b)]
+            Factors::Lora { down, up, mid } => {
+                let mut v = vec![("lora_down.weight", down), ("lora_up.weight", up)];
+                v.extend(mid.iter().map(|m| ("lora_mid.weight", m)));
+                v
+            }
+            Factors::Loha { w1a, w1b, w2a, w2b, t } => {
+                let mut v = vec![("hada_w1_a", w1a), ("hada_w1_b", w1b), ("hada_w2_a", w2a), ("hada_w2_b", w2b)];
+                if let Some((t1, t2)) = t {
+                    v.extend([("hada_t1", t1), ("hada_t2", t2)]);
+                }
+                v
             }
             Factors::Lokr { w1, w2 } => {
                 let side = |h: &'_ Half, full: &'static str, a: &'static str, b: &'static str| match h {
@@ -160,11 +173,26 @@ impl Module {
         *self.scalar.lock().expect("scalar lock")
     }
 
-    /// `ΔW` of this module in the layer's weight shape, scale (and LoHa's scalar) included.
+    /// Whether max-norm regularization scales this module through its scalar (LyCORIS' LoHa and LoCon), and
+    /// which saved tensor the scalar is folded into.
+    fn scalar_key(&self) -> Option<&'static str> {
+        match &self.factors {
+            Factors::Loha { .. } => Some("hada_w1_a"),
+            Factors::Lora { .. } if self.state.lycoris => Some("lora_up.weight"),
+            _ => None,
+        }
+    }
+
+    /// `ΔW` of this module in the layer's weight shape, scale (and the LyCORIS scalar) included.
     pub fn delta_weight(&self) -> Result<Tensor> {
         let shape = weight_shape(&self.layer.kind);
         let delta = match &self.factors {
-            Factors::Lora { down, up } => {
+            Factors::Lora { down, up, mid: Some(mid) } => {
+                let (d, u) = (down.as_tensor(), up.as_tensor());
+                let wa = u.reshape((u.dims()[0], ()))?.t()?;
+                tucker(mid.as_tensor(), &wa, &d.reshape((d.dims()[0], ()))?)?
+            }
+            Factors::Lora { down, up, mid: None } => {
                 let (d, u) = (down.as_tensor(), up.as_tensor());
                 match &self.layer.kind {
                     LayerKind::Linear { .. } => u.matmul(d)?,
@@ -179,10 +207,15 @@ impl Module {
                         .contiguous()?,
                 }
             }
-            Factors::Loha { w1a, w1b, w2a, w2b } => {
+            Factors::Loha { w1a, w1b, w2a, w2b, t: None } => {
                 let m1 = w1a.as_tensor().matmul(w1b.as_tensor())?;
                 let m2 = w2a.as_tensor().matmul(w2b.as_tensor())?;
                 (m1 * m2)?.reshape(shape.as_slice())?
+            }
+            Factors::Loha { w1a, w1b, w2a, w2b, t: Some((t1, t2)) } => {
+                let m1 = tucker(t1.as_tensor(), w1a.as_tensor(), w1b.as_tensor())?;
+                let m2 = tucker(t2.as_tensor(), w2a.as_tensor(), w2b.as_tensor())?;
+                (m1 * m2)?
             }
             Factors::Lokr { w1, w2 } => kron(&w1.matrix()?, &w2.matrix()?)?.reshape(shape.as_slice())?,
         };
@@ -193,7 +226,10 @@ impl Module {
     /// LoRA-FA (`lora_fa`) trains the up weight only.
     pub fn trainable(&self, lora_fa: bool) -> (Vec<Var>, Option<Var>) {
         match &self.factors {
-            Factors::Lora { down, up } => (if lora_fa { vec![] } else { vec![down.clone()] }, Some(up.clone())),
+            Factors::Lora { down, up, mid } => {
+                let base = if lora_fa { vec![] } else { std::iter::once(down).chain(mid).cloned().collect() };
+                (base, Some(up.clone()))
+            }
             f => (f.named().into_iter().map(|(_, v)| v.clone()).collect(), None),
         }
     }
@@ -203,24 +239,25 @@ impl Module {
         self.factors.named().into_iter().map(|(_, v)| v.clone()).collect()
     }
 
-    /// The module's tensors as saved: (key suffix, tensor), LoHa's scalar folded into `hada_w1_a`.
+    /// The module's tensors as saved: (key suffix, tensor), the scalar folded in as LyCORIS saves it.
     pub fn saved(&self) -> Result<Vec<(&'static str, Tensor)>> {
-        let s = self.scalar();
+        let (s, fold) = (self.scalar(), self.scalar_key());
         self.factors
             .named()
             .into_iter()
             .map(|(k, v)| {
-                Ok((k, if k == "hada_w1_a" && s != 1.0 { (v.as_tensor() * s)? } else { v.as_tensor().clone() }))
+                let t = if Some(k) == fold && s != 1.0 { (v.as_tensor() * s)? } else { v.as_tensor().clone() };
+                Ok((k, t))
             })
             .collect()
     }
 
-    /// What a training state keeps of the module: the factors as they are and LoHa's scalar (`scalar`, f64), so
+    /// What a training state keeps of the module: the factors as they are and the LyCORIS scalar (`scalar`, f64), so
     /// that a resumed run continues exactly.
     pub fn state(&self) -> Result<Vec<(&'static str, Tensor)>> {
         let mut out: Vec<(&'static str, Tensor)> =
             self.factors.named().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
-        if matches!(self.factors, Factors::Loha { .. }) {
+        if self.scalar_key().is_some() {
             out.push(("scalar", Tensor::new(self.scalar(), &candle_core::Device::Cpu)?));
         }
         Ok(out)
@@ -236,13 +273,13 @@ impl Module {
         Ok(())
     }
 
-    /// Scales ΔW by `ratio` as sd-scripts and LyCORIS regularize max norms: LoRA both factors by √ratio, LoHa its
-    /// scalar, LoKr each factor by ratio^(1/factors).
+    /// Scales ΔW by `ratio` as sd-scripts and LyCORIS regularize max norms: sd-scripts' LoRA both factors by
+    /// √ratio, LyCORIS' LoHa and LoCon their scalar, LoKr each factor by ratio^(1/factors).
     pub fn scale_delta(&self, ratio: f64) -> Result<()> {
         let vars = self.vars();
-        match &self.factors {
-            Factors::Loha { .. } => *self.scalar.lock().expect("scalar lock") *= ratio,
-            _ => {
+        match self.scalar_key() {
+            Some(_) => *self.scalar.lock().expect("scalar lock") *= ratio,
+            None => {
                 let s = ratio.powf(1.0 / vars.len() as f64);
                 for v in vars {
                     v.set(&(v.as_tensor() * s)?)?;
@@ -254,7 +291,9 @@ impl Module {
 
     fn project(&self, x: &Tensor) -> Result<Tensor> {
         match &self.factors {
-            Factors::Lora { down, up } => self.project_lora(x, down.as_tensor(), up.as_tensor()),
+            Factors::Lora { down, up, mid: None } if !self.state.lycoris => {
+                self.project_lora(x, down.as_tensor(), up.as_tensor())
+            }
             _ => self.project_delta(x),
         }
     }
@@ -324,6 +363,18 @@ impl Module {
         let state = self.state.rng.lock().expect("rng lock").reserve(shape.iter().product());
         crate::nn::fused::keep_mask(state, shape, p, keep, h.dtype(), h.device())
     }
+}
+
+/// LyCORIS' `rebuild_tucker`: `einsum("i j ..., i p, j r -> p r ...", t, a, b)` for `t` [R1, R2, kh, kw],
+/// `a` [R1, P], `b` [R2, Q]: the [P, Q, kh, kw] kernel `aᵀ · t[:, :, s] · b` at each spatial position `s`.
+pub fn tucker(t: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (r1, r2, kh, kw) = t.dims4()?;
+    let (p, q) = (a.dims()[1], b.dims()[1]);
+    let ts = t.reshape((r1, r2, kh * kw))?.permute((2, 0, 1))?.contiguous()?; // [s, R1, R2]
+    let left = a.t()?.contiguous()?.unsqueeze(0)?.broadcast_as((kh * kw, p, r1))?.contiguous()?;
+    let right = b.unsqueeze(0)?.broadcast_as((kh * kw, r2, q))?.contiguous()?;
+    let k = left.matmul(&ts)?.matmul(&right)?; // [s, P, Q]
+    Ok(k.permute((1, 2, 0))?.contiguous()?.reshape((p, q, kh, kw))?)
 }
 
 /// `a ⊗ b` of two matrices (differentiable: a broadcast product and reshapes).
@@ -403,15 +454,17 @@ mod tests {
             training: AtomicBool::new(true),
             dropouts,
             rng: Mutex::new(Rng::new(99)),
+            lycoris: false,
         });
-        let factors = Factors::Lora { down: Var::from_tensor(&down).unwrap(), up: Var::from_tensor(&up).unwrap() };
+        let (down, up) = (Var::from_tensor(&down).unwrap(), Var::from_tensor(&up).unwrap());
+        let factors = Factors::Lora { down, up, mid: None };
         let m = Module::new("lora_unet_proj".into(), layer, factors, 2.0 * r as f64, state);
         (m, 99)
     }
 
     fn lora(m: &Module) -> (Tensor, Tensor) {
         match &m.factors {
-            Factors::Lora { down, up } => (down.as_tensor().clone(), up.as_tensor().clone()),
+            Factors::Lora { down, up, .. } => (down.as_tensor().clone(), up.as_tensor().clone()),
             _ => unreachable!("a LoRA module"),
         }
     }

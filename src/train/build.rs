@@ -47,8 +47,9 @@ pub struct NetworkOptions {
     pub loraplus_lr_ratio: Option<f64>,
     pub loraplus_unet_lr_ratio: Option<f64>,
     pub loraplus_text_encoder_lr_ratio: Option<f64>,
-    /// LyCORIS (`network_module = lycoris.kohya`): `algo` (loha, lokr), `preset`, LoKr's `factor` and
-    /// `decompose_both`, `rank_dropout_scale`; the options LyCORIS has beyond these are refused when on.
+    /// LyCORIS (`network_module = lycoris.kohya`): `algo` (locon, loha, lokr), `preset`, LoKr's `factor` and
+    /// `decompose_both`, Tucker (`use_tucker`/`use_cp`), `rank_dropout_scale`; the options LyCORIS has beyond these
+    /// are refused when on.
     #[serde(flatten)]
     pub lycoris: LycorisOptions,
 }
@@ -152,15 +153,12 @@ impl NetworkOptions {
         use crate::networks::lycoris::{Algo, LycorisConfig};
         let l = &self.lycoris;
         let algo = match l.algo.as_deref().map(|a| a.trim_matches('"').to_ascii_lowercase()).as_deref() {
+            None | Some("lora" | "locon") => Algo::Locon,
             Some("loha") => Algo::Loha,
             Some("lokr") => Algo::Lokr,
-            None | Some("lora" | "locon") => bail!("LyCORIS LoCon (algo=locon, LyCORIS' default) is not supported yet: use algo=loha or algo=lokr, or sd-scripts' networks.lora with conv_dim (kohya's LoCon)"),
-            Some(a) => bail!("LyCORIS algo `{a}` is not supported yet (loha and lokr are)"),
+            Some(a) => bail!("LyCORIS algo `{a}` is not supported yet (locon, loha and lokr are)"),
         };
         for (name, v, what) in [
-            ("use_tucker", &l.use_tucker, "Tucker decomposition"),
-            ("use_cp", &l.use_cp, "Tucker decomposition"),
-            ("use_conv_cp", &l.use_conv_cp, "Tucker decomposition"),
             ("use_scalar", &l.use_scalar, "the trained scalar"),
             ("dora_wd", &l.dora_wd, "DoRA weight decomposition"),
             ("train_norm", &l.train_norm, "training norm layers"),
@@ -172,8 +170,13 @@ impl NetworkOptions {
                 bail!("LyCORIS {name}=True ({what}) is not supported yet; set it to False");
             }
         }
-        if l.disable_conv_cp.is_some() && !flag("disable_conv_cp", &l.disable_conv_cp)? {
-            bail!("LyCORIS disable_conv_cp=False (Tucker decomposition) is not supported yet");
+        // lycoris.kohya: Tucker when any of these asks for it (disable_conv_cp=False included)
+        let tucker = flag("use_tucker", &l.use_tucker)?
+            || flag("use_cp", &l.use_cp)?
+            || flag("use_conv_cp", &l.use_conv_cp)?
+            || (l.disable_conv_cp.is_some() && !flag("disable_conv_cp", &l.disable_conv_cp)?);
+        if tucker && algo == Algo::Lokr {
+            bail!("LyCORIS LoKr with Tucker decomposition (use_tucker / use_cp) is not supported yet; LoCon and LoHa have it");
         }
         let preset = LycorisConfig::preset(l.preset.as_deref().unwrap_or("full"))?;
         let factor = match &l.factor {
@@ -198,7 +201,7 @@ impl NetworkOptions {
             ("use_scalar", l.use_scalar.as_ref().map(arg_text)),
             ("decompose_both", l.decompose_both.as_ref().map(arg_text)),
             ("rank_dropout_scale", l.rank_dropout_scale.as_ref().map(arg_text)),
-            ("algo", Some(algo.name().to_string())),
+            ("algo", l.algo.as_ref().map(|_| algo.name().to_string())),
             ("train_norm", l.train_norm.as_ref().map(arg_text)),
         ];
         Ok(LycorisConfig {
@@ -206,6 +209,7 @@ impl NetworkOptions {
             preset,
             factor,
             decompose_both: flag("decompose_both", &l.decompose_both)?,
+            tucker,
             args: given.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v))).collect(),
         })
     }
@@ -616,13 +620,18 @@ mod tests {
         assert!(e.contains("no_such"), "{e}");
         let e = options(serde_json::json!({ "algo": "loha" })).unwrap_err().to_string();
         assert!(e.contains("lycoris.kohya"), "{e}");
-        let e = options(serde_json::json!({ "network_module": "lycoris.kohya", "algo": "loha", "use_tucker": "True" }))
+        let e = options(serde_json::json!({ "network_module": "lycoris.kohya", "algo": "loha", "dora_wd": "True" }))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("use_tucker") && e.contains("not supported"), "{e}");
-        let e =
-            options(serde_json::json!({ "network_module": "lycoris.kohya", "algo": "locon" })).unwrap_err().to_string();
-        assert!(e.contains("LoCon"), "{e}");
+        assert!(e.contains("dora_wd") && e.contains("not supported"), "{e}");
+        let e = options(serde_json::json!({ "network_module": "lycoris.kohya", "algo": "lokr", "use_cp": "True" }))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("LoKr") && e.contains("Tucker"), "{e}");
+        // LyCORIS' default algo is LoCon; disable_conv_cp=False asks for Tucker
+        let c = options(serde_json::json!({ "network_module": "lycoris.kohya", "disable_conv_cp": "False" })).unwrap();
+        let ly = c.lycoris.unwrap();
+        assert!(ly.algo == crate::networks::lycoris::Algo::Locon && ly.tucker);
         let e =
             options(serde_json::json!({ "network_module": "lycoris.kohya", "algo": "loha", "preset": "mine.toml" }))
                 .unwrap_err()

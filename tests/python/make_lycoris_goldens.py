@@ -11,7 +11,9 @@ and `golden.safetensors` with the shared inputs (`in.*`) and, per tag:
 - `{tag}.unet.out` / `{tag}.te.out`: the UNet's noise prediction and CLIP's last hidden state with the network applied
   at multiplier 0.7 (LyCORIS' default rebuild-ΔW forward);
 - `{tag}.loss`, `{tag}.grad.<key>`: loss = mean((unet(x, t, te(ids)) - target)²) with the network at multiplier 1,
-  and every network parameter's gradient (text encoder and UNet modules alike).
+  and every network parameter's gradient (text encoder and UNet modules alike). For Tucker LoHa the gradients are
+  torch autograd's through LyCORIS' forward: LyCORIS 3.2's hand-written backward for it is wrong (how far off is
+  recorded in the metadata).
 The options of each configuration are in the file's metadata (`{tag}.args`).
 
 Needs (not in CI): torch, diffusers, transformers, safetensors, lycoris-lora 3.2.0.post2 (LyCORIS 4.x's `full`
@@ -23,6 +25,7 @@ import importlib.metadata
 import json
 import os
 
+import lycoris.functional.loha as lf
 import lycoris.kohya as lk
 import torch
 from diffusers import UNet2DConditionModel
@@ -37,7 +40,29 @@ CONFIGS = [
     ("lokr", 2, 1.0, {"algo": "lokr", "conv_dim": "2", "conv_alpha": "1"}),
     ("lokr_both", 1, 1.0, {"algo": "lokr", "decompose_both": "True", "factor": "4", "preset": "attn-mlp"}),
     ("loha_lin", 2, 0.0, {"algo": "loha", "preset": "full-lin"}),
+    ("locon", 4, 2.0, {"algo": "locon", "conv_dim": "2", "conv_alpha": "1"}),
+    ("locon_tucker", 2, 1.0, {"algo": "locon", "conv_dim": "2", "conv_alpha": "1", "use_tucker": "True",
+                              "preset": "unet-convblock-only"}),
+    ("loha_tucker", 2, 1.0, {"algo": "loha", "conv_dim": "2", "conv_alpha": "1", "use_tucker": "True",
+                             "preset": "unet-convblock-only"}),
 ]
+
+
+def autograd_tucker(t1, w1d, w1u, t2, w2d, w2u, scale=torch.tensor(1)):
+    """LyCORIS 3.2's Tucker LoHa forward (`HadaWeightTucker.forward`), differentiated by torch's autograd: 3.2's
+    hand-written backward contracts hada_w1_a's gradient with the other side's chain (fixed in LyCORIS 4)."""
+    rebuild1 = torch.einsum("i j ..., j r, i p -> p r ...", t1, w1d, w1u)
+    rebuild2 = torch.einsum("i j ..., j r, i p -> p r ...", t2, w2d, w2u)
+    return rebuild1 * rebuild2 * scale
+
+
+def gradients(net, te, unet, inputs):
+    net.zero_grad()
+    ctx = te(inputs["in.ids"])[0]
+    pred = unet(inputs["in.sample"], inputs["in.timesteps"], ctx).sample
+    loss = torch.nn.functional.mse_loss(pred, inputs["in.target"])
+    loss.backward()
+    return loss, {name: p.grad.detach().clone().contiguous() for name, p in net.named_parameters()}
 
 
 def models():
@@ -90,14 +115,20 @@ def main():
         # a training step's gradients at multiplier 1
         net.set_multiplier(1.0)
         net.train()
-        ctx = te(inputs["in.ids"])[0]
-        pred = unet(inputs["in.sample"], inputs["in.timesteps"], ctx).sample
-        loss = torch.nn.functional.mse_loss(pred, inputs["in.target"])
-        loss.backward()
+        loss, grads = gradients(net, te, unet, inputs)
+        if "tucker" in tag and args["algo"] == "loha":
+            custom = lf.make_weight_tucker
+            lf.make_weight_tucker = autograd_tucker
+            loss, reference = gradients(net, te, unet, inputs)
+            lf.make_weight_tucker = custom
+            off = max(((grads[k] - reference[k]).abs().max() / reference[k].abs().max()).item() for k in grads)
+            meta[f"{tag}.lycoris_3.2_backward_off_by"] = f"{off:.3e}"
+            print(f"{tag}: LyCORIS 3.2's Tucker backward is off by up to {off:.3e} (relative to the largest gradient)")
+            grads = reference
         out[f"{tag}.loss"] = loss.detach().reshape(1)
         n = 0
-        for name, p in net.named_parameters():
-            out[f"{tag}.grad.{name}"] = p.grad.detach().contiguous()
+        for name, grad in grads.items():
+            out[f"{tag}.grad.{name}"] = grad
             n += 1
         print(f"{tag}: {len(fresh)} tensors, {n} parameters, loss {loss.item():.6f}")
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(OUT, "golden.safetensors"), meta)

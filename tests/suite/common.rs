@@ -137,7 +137,7 @@ pub fn lora_pairs(
     net.modules
         .iter()
         .map(|(c, m)| match &m.factors {
-            sdtune::networks::module::Factors::Lora { down, up } => (*c, down.clone(), up.clone()),
+            sdtune::networks::module::Factors::Lora { down, up, .. } => (*c, down.clone(), up.clone()),
             f => panic!("{}: a {} module, not LoRA", m.name, f.kind()),
         })
         .collect()

@@ -290,7 +290,30 @@ fn imported_lycoris_configs_train_and_save_lycoris_files() {
         let m = load(&fixture(model));
         let net = sdtune::networks::file::load(&out, &m).unwrap();
         assert_eq!(net.config.lycoris.as_ref().unwrap().algo.name(), algo);
-    }
+    } // LyCORIS/LoCon (the GUI's legacy `LoCon` too), here with Tucker-decomposed 3×3 convs
+    let dir = scratch("import-lyco-locon");
+    let mut gui: serde_json::Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(config("locon-AdamW.json")).unwrap()).unwrap();
+    gui.insert("LoRA_type".into(), json!("LyCORIS/LoCon"));
+    gui.insert("use_tucker".into(), json!(true));
+    let path = dir.join("locon.json");
+    std::fs::write(&path, serde_json::to_string(&gui).unwrap()).unwrap();
+    let imp = import::kohya(&path).unwrap();
+    let args: Vec<&str> = imp.options["network_args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap()).collect();
+    assert!(
+        args.contains(&"algo=locon") && args.contains(&"use_tucker=True") && args.contains(&"conv_dim=16"),
+        "{args:?}"
+    );
+    let (recipe, _) = build::recipe_from_flat(quick(local(imp.options.clone(), &dir), "64,64")).unwrap();
+    script_runs_as_the_direct_route("locon.json", &recipe, &imp.report, &dir);
+    let stem = recipe["train"]["output_name"].as_str().unwrap_or("last");
+    let saved = sdtune::io::tensors::read_safetensors(
+        &dir.join("out").join(format!("{stem}.safetensors")),
+        None,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    assert!(saved.tensors.keys().any(|k| k.ends_with(".lora_mid.weight")), "Tucker convs have a mid");
 }
 
 #[test]

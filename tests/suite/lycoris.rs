@@ -1,4 +1,4 @@
-//! LyCORIS LoHa and LoKr networks against LyCORIS itself (`tests/fixtures/lycoris`, made by
+//! LyCORIS LoCon, LoHa and LoKr networks (with and without Tucker decomposition) against LyCORIS itself (`tests/fixtures/lycoris`, made by
 //! `tests/python/make_lycoris_goldens.py` with lycoris-lora 3.2.0.post2, diffusers and transformers).
 
 use crate::common::*;
@@ -6,7 +6,7 @@ use candle_core::{DType, Tensor};
 use sdtune::networks::{file, module::Factors, Network};
 use std::collections::{BTreeMap, HashMap};
 
-const TAGS: &[&str] = &["loha", "lokr", "lokr_both", "loha_lin"];
+const TAGS: &[&str] = &["loha", "lokr", "lokr_both", "loha_lin", "locon", "locon_tucker", "loha_tucker"];
 
 /// The options a configuration was made with (the golden file's metadata), as a network config.
 fn config(tag: &str) -> sdtune::networks::NetworkConfig {
@@ -158,10 +158,10 @@ fn lycoris_files_save_back_unchanged_with_their_metadata() {
 
 #[test]
 fn lycoris_max_norm_scales_as_lycoris() {
-    // LoHa scales its scalar (saved folded into hada_w1_a), LoKr every factor by ratio^(1/factors): either way
-    // ‖ΔW‖ ends at max_norm
+    // LoHa and LoCon scale their scalar (saved folded into hada_w1_a / lora_up), LoKr every factor by
+    // ratio^(1/factors): either way ‖ΔW‖ ends at max_norm
     let model = load(&fixture("tiny-sd15"));
-    for tag in ["loha", "lokr", "lokr_both"] {
+    for tag in ["loha", "lokr", "lokr_both", "locon", "loha_tucker"] {
         let net = file::load(&fixture(&format!("lycoris/{tag}.safetensors")), &model).unwrap();
         let norm = |m: &sdtune::networks::module::Module| {
             max_abs(&m.delta_weight().unwrap().sqr().unwrap().sum_all().unwrap()).sqrt()
@@ -174,14 +174,19 @@ fn lycoris_max_norm_scales_as_lycoris() {
         for (_, m) in &net.modules {
             assert!((norm(m) - target).abs() < 1e-4 * target.max(1.0), "{tag} {}: {} vs {target}", m.name, norm(m));
         }
-        // LoHa: only hada_w1_a changes in the saved tensors; the factors themselves stay
-        if tag == "loha" {
+        // LoHa / LoCon: only hada_w1_a / lora_up changes in the saved tensors; the factors themselves stay
+        let folded = match tag {
+            "loha" | "loha_tucker" => Some(".hada_w1_a"),
+            "locon" => Some(".lora_up.weight"),
+            _ => None,
+        };
+        if let Some(folded) = folded {
             let after = net.state_dict(DType::F32).unwrap();
             let changed: Vec<&String> =
                 after.keys().filter(|k| max_abs(&(&after[*k] - &before[*k]).unwrap()) > 0.0).collect();
-            assert!(!changed.is_empty() && changed.iter().all(|k| k.ends_with(".hada_w1_a")), "{changed:?}");
+            assert!(!changed.is_empty() && changed.iter().all(|k| k.ends_with(folded)), "{tag}: {changed:?}");
             let (_, m) = &net.modules[0];
-            assert!(matches!(m.factors, Factors::Loha { .. }));
+            assert!(matches!(m.factors, Factors::Loha { .. } | Factors::Lora { .. }));
         }
     }
 }
@@ -225,7 +230,7 @@ fn unsupported_lycoris_files_are_refused_by_name() {
             .unwrap();
     let name =
         src.tensors.keys().find(|k| k.ends_with(".hada_w1_a")).unwrap().trim_end_matches(".hada_w1_a").to_string();
-    for (key, what) in [("hada_t1", "Tucker"), ("dora_scale", "DoRA")] {
+    for (key, what) in [("lokr_t2", "Tucker"), ("dora_scale", "DoRA")] {
         let mut t = src.tensors.clone();
         t.insert(format!("{name}.{key}"), Tensor::zeros((2, 2), DType::F32, &candle_core::Device::Cpu).unwrap());
         let p = dir.join(format!("{key}.safetensors"));
@@ -258,8 +263,10 @@ fn lycoris_networks_train_with_dropouts_and_resume_exactly() {
     for (algo, extra) in [
         ("loha", json!({ "rank_dropout": 0.25, "rank_dropout_scale": "True", "module_dropout": 0.1 })),
         ("lokr", json!({ "factor": 4, "decompose_both": "True", "preset": "attn-mlp" })),
+        ("locon", json!({ "use_tucker": "True", "rank_dropout": 0.25, "preset": "unet-convblock-only" })),
+        ("loha", json!({ "use_cp": "True", "preset": "unet-convblock-only" })),
     ] {
-        let dir = scratch(&format!("lycoris-train-{algo}"));
+        let dir = scratch(&format!("lycoris-train-{algo}-{}", extra.as_object().unwrap().len()));
         let mut network =
             json!({ "network_module": "lycoris.kohya", "algo": algo, "dim": 2, "alpha": 1.0, "conv_dim": 2 });
         network.as_object_mut().unwrap().extend(extra.as_object().unwrap().clone());
