@@ -21,7 +21,6 @@ const MODULE_MARKERS: &[(&str, &str)] =
 /// Keys of network types and options not supported: (key fragment, what it is).
 const UNSUPPORTED: &[(&str, &str)] = &[
     (".lokr_t2", "Tucker-decomposed LoKr (use_tucker)"),
-    (".dora_scale", "DoRA (dora_wd)"),
     (".oft_blocks", "OFT"),
     (".oft_diag", "OFT"),
     (".diff", "full diff"),
@@ -77,7 +76,7 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
     // LyCORIS' forward (ΔW rebuilt; the same outputs, other dropouts and max-norm) for its files
     let lycoris_file = f.metadata.get("ss_network_module").is_some_and(|m| m.starts_with("lycoris"))
         || module_names.iter().any(|(_, t)| *t != "LoRA")
-        || keys.iter().any(|k| k.ends_with(".lora_mid.weight"));
+        || keys.iter().any(|k| k.ends_with(".lora_mid.weight") || k.ends_with(".dora_scale"));
     let state = new_state(Dropouts::default(), 0, lycoris_file);
     let mut modules = Vec::new();
     let (mut dim, mut alpha0, mut conv, mut algo) = (0, 0.0, None, None);
@@ -135,7 +134,11 @@ pub fn load(path: &Path, model: &StableDiffusion) -> Result<Network> {
                 alpha0 = alpha;
             }
         }
-        modules.push((c, Arc::new(Module::new(m.clone(), layer, factors, alpha, state.clone()))));
+        let dora = match f.tensors.get(&format!("{m}.dora_scale")) {
+            Some(d) => Some(Var::from_tensor(&dora_shape(&name, m, &layer.kind, d)?)?),
+            None => None,
+        };
+        modules.push((c, Arc::new(Module::new(m.clone(), layer, factors, alpha, state.clone()).with_dora(dora))));
     }
     let metadata: BTreeMap<String, String> = f.metadata.into_iter().collect();
     let lycoris = algo.map(|algo| lycoris_from_metadata(algo, &metadata));
@@ -193,6 +196,23 @@ fn lora_factors(
     };
     let mid = mid.map(|t| Var::from_tensor(&t)).transpose()?;
     Ok(Factors::Lora { down: Var::from_tensor(&down)?, up: Var::from_tensor(&up)?, mid })
+}
+
+/// A DoRA magnitude checked against its layer: [out, 1, …] (per output row) or [1, in, …] (per input column), in
+/// f32 (a 2-D [out, 1] on a layer loaded as 4-D is reshaped).
+fn dora_shape(file: &str, m: &str, kind: &LayerKind, d: &Tensor) -> Result<Tensor> {
+    let shape = super::module::weight_shape(kind);
+    let (mut rows, mut cols) = (vec![1usize; shape.len()], vec![1usize; shape.len()]);
+    rows[0] = shape[0];
+    cols[1] = shape[1];
+    let n = d.elem_count();
+    if n == shape[0] && d.dims().first() == Some(&shape[0]) {
+        Ok(d.to_dtype(DType::F32)?.reshape(rows)?)
+    } else if n == shape[1] && d.dims().first() == Some(&1) {
+        Ok(d.to_dtype(DType::F32)?.reshape(cols)?)
+    } else {
+        bail!("{file}: `{m}.dora_scale` has shape {:?}, which does not fit the model's layer {kind:?} (expected [{}, 1, …] or [1, {}, …])", d.dims(), shape[0], shape[1])
+    }
 }
 
 /// The layer's weight as a matrix: (rows, columns with the kernel flattened in).
@@ -284,6 +304,9 @@ fn lycoris_from_metadata(algo: Algo, metadata: &BTreeMap<String, String>) -> Lyc
         preset: arg("preset").and_then(|p| LycorisConfig::preset(p).ok()).unwrap_or(&super::lycoris::PRESETS[0]),
         factor: arg("factor").and_then(|f| f.parse().ok()).unwrap_or(-1),
         decompose_both: arg("decompose_both").is_some_and(|v| v.eq_ignore_ascii_case("true")),
+        dora: arg("dora_wd")
+            .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+            .then(|| !arg("wd_on_output").is_some_and(|v| v.eq_ignore_ascii_case("false"))),
         tucker: ["use_tucker", "use_cp", "use_conv_cp"]
             .iter()
             .any(|k| arg(k).is_some_and(|v| v.eq_ignore_ascii_case("true"))),

@@ -259,7 +259,11 @@ impl Network {
             if let Some(ly) = &cfg.lycoris {
                 let Some((r, alpha)) = lycoris::rank_for(c, &layer, cfg, ly, sdxl) else { continue };
                 let (factors, alpha) = lycoris::init(&layer.kind, ly, r, alpha, &mut rng, cfg.dtype, &dev)?;
-                modules.push((c, Arc::new(Module::new(name, layer, factors, alpha, state.clone()))));
+                let dora = ly
+                    .dora
+                    .map(|on_output| lycoris::dora_scale(&layer.slot.weight(), on_output, cfg.dtype))
+                    .transpose()?;
+                modules.push((c, Arc::new(Module::new(name, layer, factors, alpha, state.clone()).with_dora(dora))));
                 continue;
             }
             let Some((r, alpha)) = rank_for(c, &layer, cfg) else { continue };
@@ -347,12 +351,10 @@ impl Network {
         self.state.training.store(on, Ordering::Relaxed);
     }
 
-    /// Adds `multiplier · ΔW` into each layer's weight (sd-scripts' `merge_to`).
+    /// Adds `multiplier · ΔW` into each layer's weight (sd-scripts' `merge_to`; DoRA modules rescale `W + ΔW`).
     pub fn merge(&self, multiplier: f64) -> Result<()> {
         for (_, m) in &self.modules {
-            let w = m.layer.slot.weight();
-            let delta = (m.delta_weight()? * multiplier)?.to_dtype(w.dtype())?;
-            m.layer.slot.set_weight((w + delta.reshape(m.layer.slot.weight().dims())?)?);
+            m.layer.slot.set_weight(m.merged(&m.layer.slot.weight(), multiplier)?);
         }
         Ok(())
     }

@@ -138,6 +138,9 @@ pub struct Module {
     /// LyCORIS' LoHa scalar (1 until max-norm regularization scales the module; saved folded into `hada_w1_a`),
     /// shared like the factors' variables by copies of the module.
     pub scalar: Arc<Mutex<f64>>,
+    /// DoRA (LyCORIS' `dora_wd`): the learned magnitude `dora_scale` of `W + ΔW` per output row ([out, 1, …]) or,
+    /// `wd_on_output=False`, per input column ([1, in, …]).
+    pub dora: Option<Var>,
     pub state: Arc<NetworkState>,
 }
 
@@ -153,7 +156,50 @@ pub fn weight_shape(kind: &LayerKind) -> Vec<usize> {
 
 impl Module {
     pub fn new(name: String, layer: LayerInfo, factors: Factors, alpha: f64, state: Arc<NetworkState>) -> Self {
-        Self { name, layer, factors, alpha, scalar: Arc::new(Mutex::new(1.0)), state }
+        Self { name, layer, factors, alpha, scalar: Arc::new(Mutex::new(1.0)), dora: None, state }
+    }
+
+    /// The module with a DoRA magnitude.
+    pub fn with_dora(mut self, dora: Option<Var>) -> Self {
+        self.dora = dora;
+        self
+    }
+
+    /// The tensors under their file-key suffixes: the factors', then `dora_scale`.
+    pub fn named(&self) -> Vec<(&'static str, &Var)> {
+        let mut v = self.factors.named();
+        v.extend(self.dora.iter().map(|d| ("dora_scale", d)));
+        v
+    }
+
+    /// LyCORIS' `apply_weight_decompose`: `w` (= W + ΔW) rescaled to the DoRA magnitude along its axis (the norm
+    /// plus f32 epsilon), the scale blended with the multiplier as `m·(scale − 1) + 1`; `w` itself without DoRA.
+    pub fn decompose(&self, w: &Tensor, multiplier: f64) -> Result<Tensor> {
+        let Some(dora) = &self.dora else { return Ok(w.clone()) };
+        let mag = dora.as_tensor();
+        let dims = w.dims().to_vec();
+        let norm = if mag.dims()[0] == dims[0] && (mag.rank() < 2 || mag.dims()[1] == 1) {
+            w.reshape((dims[0], ()))?.sqr()?.sum_keepdim(1)?.sqrt()?.reshape(mag.dims())?
+        } else {
+            let t = w.transpose(0, 1)?.contiguous()?;
+            t.reshape((dims[1], ()))?.sqr()?.sum_keepdim(1)?.sqrt()?.reshape((1, dims[1]))?.reshape(mag.dims())?
+        };
+        let mut scale = mag.to_dtype(w.dtype())?.broadcast_div(&(norm + f32::EPSILON as f64)?)?;
+        if multiplier != 1.0 {
+            scale = (((scale - 1.0)? * multiplier)? + 1.0)?;
+        }
+        Ok(w.broadcast_mul(&scale)?)
+    }
+
+    /// The layer's weight `w` with the module merged at `multiplier`: `w + m·ΔW`, or with DoRA the decomposed
+    /// `W + ΔW`; in `w`'s dtype.
+    pub fn merged(&self, w: &Tensor, multiplier: f64) -> Result<Tensor> {
+        let delta = self.delta_weight()?.reshape(w.dims())?;
+        if self.dora.is_none() {
+            return Ok((w + (delta * multiplier)?.to_dtype(w.dtype())?)?);
+        }
+        let sum = (w.to_dtype(delta.dtype())? + delta)?;
+        Ok(self.decompose(&sum, multiplier)?.to_dtype(w.dtype())?)
     }
 
     /// The rank (for a LoKr of two whole matrices, 1).
@@ -227,23 +273,33 @@ impl Module {
     pub fn trainable(&self, lora_fa: bool) -> (Vec<Var>, Option<Var>) {
         match &self.factors {
             Factors::Lora { down, up, mid } => {
-                let base = if lora_fa { vec![] } else { std::iter::once(down).chain(mid).cloned().collect() };
+                let base = if lora_fa {
+                    vec![]
+                } else {
+                    std::iter::once(down).chain(mid).chain(&self.dora).cloned().collect()
+                };
                 (base, Some(up.clone()))
             }
-            f => (f.named().into_iter().map(|(_, v)| v.clone()).collect(), None),
+            f => (
+                f.named()
+                    .into_iter()
+                    .chain(self.dora.iter().map(|d| ("dora_scale", d)))
+                    .map(|(_, v)| v.clone())
+                    .collect(),
+                None,
+            ),
         }
     }
 
     /// Every variable, in file order.
     pub fn vars(&self) -> Vec<Var> {
-        self.factors.named().into_iter().map(|(_, v)| v.clone()).collect()
+        self.named().into_iter().map(|(_, v)| v.clone()).collect()
     }
 
     /// The module's tensors as saved: (key suffix, tensor), the scalar folded in as LyCORIS saves it.
     pub fn saved(&self) -> Result<Vec<(&'static str, Tensor)>> {
         let (s, fold) = (self.scalar(), self.scalar_key());
-        self.factors
-            .named()
+        self.named()
             .into_iter()
             .map(|(k, v)| {
                 let t = if Some(k) == fold && s != 1.0 { (v.as_tensor() * s)? } else { v.as_tensor().clone() };
@@ -256,7 +312,7 @@ impl Module {
     /// that a resumed run continues exactly.
     pub fn state(&self) -> Result<Vec<(&'static str, Tensor)>> {
         let mut out: Vec<(&'static str, Tensor)> =
-            self.factors.named().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+            self.named().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
         if self.scalar_key().is_some() {
             out.push(("scalar", Tensor::new(self.scalar(), &candle_core::Device::Cpu)?));
         }
@@ -266,7 +322,7 @@ impl Module {
     /// Sets the factors from saved tensors (`get(suffix)`) and the scalar from `scalar` (1 when absent, as
     /// LyCORIS loads a file).
     pub fn restore(&self, get: impl Fn(&str) -> Result<Tensor>, scalar: Option<f64>) -> Result<()> {
-        for (k, v) in self.factors.named() {
+        for (k, v) in self.named() {
             v.set(&get(k)?.to_dtype(v.dtype())?.to_device(v.as_tensor().device())?)?;
         }
         *self.scalar.lock().expect("scalar lock") = scalar.unwrap_or(1.0);
@@ -276,7 +332,7 @@ impl Module {
     /// Scales ΔW by `ratio` as sd-scripts and LyCORIS regularize max norms: sd-scripts' LoRA both factors by
     /// √ratio, LyCORIS' LoHa and LoCon their scalar, LoKr each factor by ratio^(1/factors).
     pub fn scale_delta(&self, ratio: f64) -> Result<()> {
-        let vars = self.vars();
+        let vars: Vec<Var> = self.factors.named().into_iter().map(|(_, v)| v.clone()).collect();
         match self.scalar_key() {
             Some(_) => *self.scalar.lock().expect("scalar lock") *= ratio,
             None => {
@@ -291,7 +347,7 @@ impl Module {
 
     fn project(&self, x: &Tensor) -> Result<Tensor> {
         match &self.factors {
-            Factors::Lora { down, up, mid: None } if !self.state.lycoris => {
+            Factors::Lora { down, up, mid: None } if !self.state.lycoris && self.dora.is_none() => {
                 self.project_lora(x, down.as_tensor(), up.as_tensor())
             }
             _ => self.project_delta(x),
@@ -316,7 +372,14 @@ impl Module {
             }
         }
         let m = *self.state.multiplier.read().expect("multiplier lock");
-        let dw = (dw * m)?;
+        let dw = match &self.dora {
+            // DoRA: the layer's weight replaced by decompose(W + ΔW): what is added is that minus W
+            Some(_) => {
+                let w = self.layer.slot.weight().detach().to_dtype(dw.dtype())?.reshape(dw.dims())?;
+                (self.decompose(&(&w + dw)?, m)? - w)?
+            }
+            None => (dw * m)?,
+        };
         Ok(match &self.layer.kind {
             LayerKind::Linear { .. } => crate::nn::grad::matmul_t(x, &dw, dw.dtype())?,
             LayerKind::Conv { stride, padding, .. } => crate::nn::conv2d(x, &dw, *padding, *stride)?,

@@ -73,8 +73,9 @@ pub struct LycorisOptions {
     pub full_matrix: Option<Value>,
     pub rs_lora: Option<Value>,
     pub unbalanced_factorization: Option<Value>,
-    /// Options of other algorithms (DyLoRA, IA3, Diag-OFT), without effect on LoHa and LoKr.
+    /// DoRA's axis: True (default) per output row, False per input column.
     pub wd_on_output: Option<Value>,
+    /// Options of other algorithms (DyLoRA, IA3, Diag-OFT), without effect on LoCon, LoHa and LoKr.
     pub block_size: Option<Value>,
     pub train_on_input: Option<Value>,
     pub constraint: Option<Value>,
@@ -160,7 +161,6 @@ impl NetworkOptions {
         };
         for (name, v, what) in [
             ("use_scalar", &l.use_scalar, "the trained scalar"),
-            ("dora_wd", &l.dora_wd, "DoRA weight decomposition"),
             ("train_norm", &l.train_norm, "training norm layers"),
             ("full_matrix", &l.full_matrix, "LoKr's full-matrix mode"),
             ("rs_lora", &l.rs_lora, "rank-stabilized scaling"),
@@ -210,6 +210,9 @@ impl NetworkOptions {
             factor,
             decompose_both: flag("decompose_both", &l.decompose_both)?,
             tucker,
+            dora: flag("dora_wd", &l.dora_wd)?
+                .then(|| flag("wd_on_output", &l.wd_on_output).map(|on| on || l.wd_on_output.is_none()))
+                .transpose()?,
             args: given.into_iter().filter_map(|(k, v)| v.map(|v| (k.to_string(), v))).collect(),
         })
     }
@@ -620,10 +623,16 @@ mod tests {
         assert!(e.contains("no_such"), "{e}");
         let e = options(serde_json::json!({ "algo": "loha" })).unwrap_err().to_string();
         assert!(e.contains("lycoris.kohya"), "{e}");
-        let e = options(serde_json::json!({ "network_module": "lycoris.kohya", "algo": "loha", "dora_wd": "True" }))
+        let e = options(serde_json::json!({ "network_module": "lycoris.kohya", "algo": "loha", "use_scalar": "True" }))
             .unwrap_err()
             .to_string();
-        assert!(e.contains("dora_wd") && e.contains("not supported"), "{e}");
+        assert!(e.contains("use_scalar") && e.contains("not supported"), "{e}");
+        let c = options(serde_json::json!({ "network_module": "lycoris.kohya", "dora_wd": "True" })).unwrap();
+        assert_eq!(c.lycoris.unwrap().dora, Some(true));
+        let c =
+            options(serde_json::json!({ "network_module": "lycoris.kohya", "dora_wd": true, "wd_on_output": "False" }))
+                .unwrap();
+        assert_eq!(c.lycoris.unwrap().dora, Some(false));
         let e = options(serde_json::json!({ "network_module": "lycoris.kohya", "algo": "lokr", "use_cp": "True" }))
             .unwrap_err()
             .to_string();

@@ -1,7 +1,7 @@
 """Reads the event file the test suite wrote (tests/suite/training.rs) with TensorBoard's own loader and checks
 sd-scripts' tags. Run by .ci/run.
 
-usage: python check_tensorboard.py target/tmp/tb-cross/tb
+usage: python check_tensorboard.py target/tmp/tb-cross/run1-tb  (logging_dir/{log_prefix}{output_name})
 """
 import glob
 import sys

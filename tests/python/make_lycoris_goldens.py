@@ -7,7 +7,8 @@ For each configuration in CONFIGS, writes into tests/fixtures/lycoris/:
   random values (a fresh network's ΔW is zero, which would test nothing);
 and `golden.safetensors` with the shared inputs (`in.*`) and, per tag:
 - `{tag}.shape.<key>`: an int64 vector with the shape of every tensor of the *fresh* network (what sdtune must create
-  for the same options), `{tag}.alpha.<module>`: its alpha;
+  for the same options), `{tag}.alpha.<module>`: its alpha, `{tag}.fresh.<module>.dora_scale`: DoRA's initial
+  magnitudes;
 - `{tag}.unet.out` / `{tag}.te.out`: the UNet's noise prediction and CLIP's last hidden state with the network applied
   at multiplier 0.7 (LyCORIS' default rebuild-ΔW forward);
 - `{tag}.loss`, `{tag}.grad.<key>`: loss = mean((unet(x, t, te(ids)) - target)²) with the network at multiplier 1,
@@ -45,6 +46,9 @@ CONFIGS = [
                               "preset": "unet-convblock-only"}),
     ("loha_tucker", 2, 1.0, {"algo": "loha", "conv_dim": "2", "conv_alpha": "1", "use_tucker": "True",
                              "preset": "unet-convblock-only"}),
+    ("locon_dora", 4, 2.0, {"algo": "locon", "conv_dim": "2", "conv_alpha": "1", "dora_wd": "True"}),
+    ("loha_dora", 2, 1.0, {"algo": "loha", "dora_wd": "True", "preset": "attn-mlp"}),
+    ("lokr_dora_in", 2, 1.0, {"algo": "lokr", "dora_wd": "True", "wd_on_output": "False", "preset": "attn-mlp"}),
 ]
 
 
@@ -96,12 +100,16 @@ def main():
         for k, v in fresh.items():
             if k.endswith(".alpha"):
                 out[f"{tag}.alpha.{k[:-len('.alpha')]}"] = v.detach().float().reshape(1)
+            elif k.endswith(".dora_scale"):
+                out[f"{tag}.shape.{k}"] = torch.tensor(list(v.shape), dtype=torch.int64)
+                out[f"{tag}.fresh.{k}"] = v.detach().float().clone().contiguous()  # (state_dict shares storage)
             else:
                 out[f"{tag}.shape.{k}"] = torch.tensor(list(v.shape), dtype=torch.int64)
-        # seeded random weights (std 0.3), so that every factor matters
+        # seeded random weights (std 0.3; DoRA magnitudes within ±30 % of their start), so that every factor matters
         with torch.no_grad():
             for name, p in net.named_parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+                noise = torch.randn(p.shape, generator=g) * 0.3
+                p.copy_(p * (1 + noise) if name.endswith("dora_scale") else noise)
         net.save_weights(os.path.join(OUT, f"{tag}.safetensors"), torch.float32,
                          {"ss_network_module": "lycoris.kohya", "ss_network_dim": str(dim),
                           "ss_network_alpha": str(alpha), "ss_network_args": json.dumps(args)})
