@@ -146,17 +146,8 @@ pub fn rank_for(
 /// DoRA's initial magnitude: the norms of the layer's weight `w` per output row ([out, 1, …]) or per input column
 /// ([1, in, …]), in f32, as a trainable variable in `dtype`.
 pub fn dora_scale(w: &Tensor, on_output: bool, dtype: DType) -> Result<Var> {
-    let w = w.to_dtype(DType::F32)?;
-    let dims = w.dims().to_vec();
-    let mut shape = vec![1usize; dims.len()];
-    let norm = if on_output {
-        shape[0] = dims[0];
-        w.reshape((dims[0], ()))?.sqr()?.sum_keepdim(1)?.sqrt()?
-    } else {
-        shape[1] = dims[1];
-        w.transpose(0, 1)?.contiguous()?.reshape((dims[1], ()))?.sqr()?.sum_keepdim(1)?.sqrt()?
-    };
-    Ok(Var::from_tensor(&norm.reshape(shape)?.to_dtype(dtype)?)?)
+    let norms = super::module::axis_norms(&w.to_dtype(DType::F32)?, on_output)?;
+    Ok(Var::from_tensor(&norms.to_dtype(dtype)?)?)
 }
 
 /// LyCORIS' `factorization`: `dimension = m · n` with m ≤ n, m the divisor nearest `factor` (−1: nearest √dim).

@@ -1,6 +1,6 @@
-//! A network module on one Linear or Conv2d layer and the adapter that attaches it: kohya's LoRA (`up · down`),
-//! LyCORIS' LoHa (`(w1a·w1b) ⊙ (w2a·w2b)`) and LoKr (`w1 ⊗ w2`, each side whole or a low-rank product), with
-//! sd-scripts' and LyCORIS' dropouts while training.
+//! A network module on one Linear or Conv2d layer and the adapter that attaches it: kohya's LoRA and LyCORIS'
+//! LoCon (`up · down`), LoHa (`(w1a·w1b) ⊙ (w2a·w2b)`) and LoKr (`w1 ⊗ w2`, each side whole or a low-rank
+//! product), Tucker-decomposed convolutions and DoRA, with sd-scripts' and LyCORIS' dropouts while training.
 
 use crate::nn::adapter::{Adapter, LayerInfo, LayerKind};
 use crate::rng::Rng;
@@ -135,8 +135,8 @@ pub struct Module {
     pub layer: LayerInfo,
     pub factors: Factors,
     pub alpha: f64,
-    /// LyCORIS' LoHa scalar (1 until max-norm regularization scales the module; saved folded into `hada_w1_a`),
-    /// shared like the factors' variables by copies of the module.
+    /// LyCORIS' scalar of LoHa and LoCon modules (1 until max-norm regularization scales the module; saved
+    /// folded into `hada_w1_a` / `lora_up`), shared like the factors' variables by copies of the module.
     pub scalar: Arc<Mutex<f64>>,
     /// DoRA (LyCORIS' `dora_wd`): the learned magnitude `dora_scale` of `W + ΔW` per output row ([out, 1, …]) or,
     /// `wd_on_output=False`, per input column ([1, in, …]).
@@ -177,13 +177,8 @@ impl Module {
     pub fn decompose(&self, w: &Tensor, multiplier: f64) -> Result<Tensor> {
         let Some(dora) = &self.dora else { return Ok(w.clone()) };
         let mag = dora.as_tensor();
-        let dims = w.dims().to_vec();
-        let norm = if mag.dims()[0] == dims[0] && (mag.rank() < 2 || mag.dims()[1] == 1) {
-            w.reshape((dims[0], ()))?.sqr()?.sum_keepdim(1)?.sqrt()?.reshape(mag.dims())?
-        } else {
-            let t = w.transpose(0, 1)?.contiguous()?;
-            t.reshape((dims[1], ()))?.sqr()?.sum_keepdim(1)?.sqrt()?.reshape((1, dims[1]))?.reshape(mag.dims())?
-        };
+        let on_output = mag.dims()[0] == w.dims()[0] && (mag.rank() < 2 || mag.dims()[1] == 1);
+        let norm = axis_norms(w, on_output)?.reshape(mag.dims())?;
         let mut scale = mag.to_dtype(w.dtype())?.broadcast_div(&(norm + f32::EPSILON as f64)?)?;
         if multiplier != 1.0 {
             scale = (((scale - 1.0)? * multiplier)? + 1.0)?;
@@ -426,6 +421,15 @@ impl Module {
         let state = self.state.rng.lock().expect("rng lock").reserve(shape.iter().product());
         crate::nn::fused::keep_mask(state, shape, p, keep, h.dtype(), h.device())
     }
+}
+
+/// The norms of `w` per output row ([out, 1, …]) or per input column ([1, in, …]).
+pub fn axis_norms(w: &Tensor, on_output: bool) -> Result<Tensor> {
+    let dims = w.dims();
+    let mut shape = vec![1usize; dims.len()];
+    let (axis, t) = if on_output { (0, w.clone()) } else { (1, w.transpose(0, 1)?.contiguous()?) };
+    shape[axis] = dims[axis];
+    Ok(t.reshape((dims[axis], ()))?.sqr()?.sum_keepdim(1)?.sqrt()?.reshape(shape)?)
 }
 
 /// LyCORIS' `rebuild_tucker`: `einsum("i j ..., i p, j r -> p r ...", t, a, b)` for `t` [R1, R2, kh, kw],

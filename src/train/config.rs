@@ -70,6 +70,9 @@ pub struct TrainConfig {
     /// `learning_rate`; 0 leaves that encoder untrained).
     pub learning_rate_te1: Option<f64>,
     pub learning_rate_te2: Option<f64>,
+    /// sdxl_train.py's `block_lr`: 23 comma-separated LRs for the SDXL UNet's blocks (time/label embeddings, the 9
+    /// input blocks, the 3 middle-block parts, the 9 output blocks, the output layers); 0 leaves a block frozen.
+    pub block_lr: Option<String>,
     /// Full fine-tuning: `safetensors` (a single file) or `diffusers` / `diffusers_safetensors` (a folder);
     /// by default the source model's layout.
     pub save_model_as: Option<String>,

@@ -4,6 +4,7 @@ pub mod build;
 pub mod config;
 pub mod loss;
 pub mod lr;
+pub mod network_options;
 pub mod noise;
 pub mod optim;
 pub mod scaler;

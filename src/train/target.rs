@@ -36,6 +36,40 @@ pub struct FineTune {
     pub format: SaveFormat,
     /// Two text encoders (their optimizer groups are separate).
     pub sdxl: bool,
+    /// `block_lr`: each UNet variable's block (sdxl_train.py's 23) and the blocks' LRs.
+    pub blocks: Option<(Vec<usize>, Vec<f64>)>,
+    /// The UNet variables of blocks at LR 0: not updated, their gradients still clipped with the rest (as
+    /// sdxl_train.py clips every UNet parameter).
+    pub frozen: Vec<Var>,
+}
+
+/// sdxl_train.py's block of an SDXL UNet parameter by its original (SGM) name: 0 time and label embeddings,
+/// 1–9 `input_blocks.N`, 10–12 `middle_block.N`, 13–21 `output_blocks.N`, 22 `out`.
+pub fn sdxl_block(sgm: &str) -> Option<usize> {
+    let index = |prefix: &str| sgm.strip_prefix(prefix)?.split('.').next()?.parse::<usize>().ok();
+    if sgm.starts_with("time_embed.") || sgm.starts_with("label_emb.") {
+        Some(0)
+    } else if let Some(i) = index("input_blocks.") {
+        Some(1 + i)
+    } else if let Some(i) = index("middle_block.") {
+        Some(10 + i)
+    } else if let Some(i) = index("output_blocks.") {
+        Some(13 + i)
+    } else {
+        sgm.starts_with("out.").then_some(22)
+    }
+}
+
+/// The 23 LRs of `block_lr`.
+fn parse_block_lr(text: &str) -> Result<Vec<f64>> {
+    let lrs = text
+        .split(',')
+        .map(|v| v.trim().parse::<f64>().with_context(|| format!("block_lr: {v:?} is not a number")))
+        .collect::<Result<Vec<_>>>()?;
+    if lrs.len() != 23 {
+        bail!("block_lr must have 23 values (sdxl_train.py's UNet blocks), got {}", lrs.len());
+    }
+    Ok(lrs)
 }
 
 impl FineTune {
@@ -69,7 +103,24 @@ impl FineTune {
         let train_te = cfg.train_text_encoder.unwrap_or(true);
         let (lr1, lr2) = te_lrs(cfg);
         let (copy, vars) = model.trainable((train_te && lr1 != 0.0, train_te && lr2 != 0.0), compute)?;
-        Ok((copy, Self { vars, format, sdxl: model.is_xl() }))
+        let (mut blocks, mut frozen) = (None, Vec::new());
+        if let Some(text) = &cfg.block_lr {
+            if !model.is_xl() {
+                bail!("block_lr is sdxl_train.py's per-block LRs of the SDXL UNet; this model is not SDXL");
+            }
+            let lrs = parse_block_lr(text)?;
+            let u = &model.unet.cfg;
+            let table = crate::io::keymap::unet_table(u.block_out_channels.len(), u.layers_per_block, &u.up_attn);
+            let of = |name: &str| -> Result<usize> {
+                let sgm = table.rename(name, crate::io::keymap::Side::Diffusers).unwrap_or_else(|| name.to_string());
+                sdxl_block(&sgm).with_context(|| format!("block_lr: no block for the UNet parameter {name} ({sgm})"))
+            };
+            let index = vars.unet.iter().map(|(n, _)| of(n)).collect::<Result<Vec<_>>>()?;
+            frozen =
+                vars.unet.iter().zip(&index).filter(|(_, b)| lrs[**b] == 0.0).map(|((_, v), _)| v.clone()).collect();
+            blocks = Some((index, lrs));
+        }
+        Ok((copy, Self { vars, format, sdxl: model.is_xl(), blocks, frozen }))
     }
 
     /// Every variable with its state name (`unet.`, `text_encoder.`, `text_encoder_2.` + the diffusers name).
@@ -129,6 +180,9 @@ fn lora_options_given(cfg: &TrainConfig) -> impl Iterator<Item = &'static str> {
 impl Target {
     /// Checks that `cfg` asks only what this target can do.
     pub fn check(&self, cfg: &TrainConfig) -> Result<()> {
+        if cfg.block_lr.is_some() && !matches!(self, Target::Model(_)) {
+            bail!("block_lr is sdxl_train.py's per-block LRs for full fine-tuning of SDXL (no network); networks take down_lr_weight / mid_lr_weight / up_lr_weight (SD 1.x/2.x)");
+        }
         match self {
             Target::Network(_) => {
                 if cfg.train_text_encoder.is_some() || cfg.save_model_as.is_some() {
@@ -194,8 +248,28 @@ impl Target {
                     }
                 }
 
-                let unet = ft.vars.unet.iter().map(|(_, v)| v.clone()).collect();
-                groups.push(ParamGroup { name: "unet".into(), params: unet, lr: unet_lr });
+                match &ft.blocks {
+                    None => {
+                        let unet = ft.vars.unet.iter().map(|(_, v)| v.clone()).collect();
+                        groups.push(ParamGroup { name: "unet".into(), params: unet, lr: unet_lr });
+                    }
+                    // sdxl_train.py's block_lr: a group per block at its own LR ("block{i}"), none for LR 0
+                    Some((index, lrs)) => {
+                        for (b, &lr) in lrs.iter().enumerate().filter(|(_, lr)| **lr != 0.0) {
+                            let params: Vec<Var> = ft
+                                .vars
+                                .unet
+                                .iter()
+                                .zip(index)
+                                .filter(|(_, i)| **i == b)
+                                .map(|((_, v), _)| v.clone())
+                                .collect();
+                            if !params.is_empty() {
+                                groups.push(ParamGroup { name: format!("block{b}"), params, lr });
+                            }
+                        }
+                    }
+                }
             }
             Target::Network(network) => {
                 let mut te: Vec<Pair> = Vec::new();
@@ -233,10 +307,11 @@ impl Target {
     }
 
     /// Variables whose gradients count in the clipping norm but are not updated (textual inversion's vocabulary
-    /// rows, as sd-scripts clips over the whole table).
+    /// rows, as sd-scripts clips over the whole table; the UNet blocks `block_lr` leaves at 0).
     pub fn clip_only(&self) -> &[Var] {
         match self {
             Target::Embedding(ti) => &ti.tables,
+            Target::Model(ft) => &ft.frozen,
             _ => &[],
         }
     }

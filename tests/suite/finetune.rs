@@ -229,6 +229,50 @@ fn fine_tuning_refuses_what_it_cannot_do() {
     assert_eq!(tr.current_lrs().unwrap(), [("textencoder2".to_string(), 2e-5), ("unet".to_string(), 1e-4)]);
 }
 
+#[test]
+fn sdxl_block_lr_trains_each_block_at_its_lr_and_leaves_zero_blocks_frozen() {
+    // sdxl_train.py's block_lr: 23 LRs by SGM block (0 embeddings, 1–9 input_blocks, 10–12 middle_block, 13–21
+    // output_blocks, 22 out); a block at 0 is not optimized
+    let dir = scratch("finetune-block-lr");
+    let mut lrs = vec!["0"; 23];
+    lrs[1] = "1e-3"; // input_blocks.0: conv_in
+    lrs[22] = "5e-4"; // out: the final norm and conv_out
+    let mut r = training_recipe(
+        &dir,
+        "tiny-sdxl/tiny-sdxl.safetensors",
+        serde_json::Value::Null,
+        json!({ "learning_rate": 1e-4, "train_text_encoder": false, "max_train_steps": 2, "block_lr": lrs.join(","),
+                "optimizer_type": "AdamW", "output_dir": dir.join("out"), "log_every_n_steps": 0 }),
+    );
+    r["fine_tune"] = json!(true);
+    r["dataset_options"]["resolution"] = json!(64);
+    let mut tr = build::build(&r).unwrap();
+    assert_eq!(tr.current_lrs().unwrap(), [("block1".to_string(), 1e-3), ("block22".to_string(), 5e-4)]);
+    let before = trained(&tr);
+    tr.run(&mut |_, _| {}).unwrap();
+    let after = trained(&tr);
+    let moved: std::collections::BTreeSet<&str> =
+        before.keys().filter(|k| max_abs_diff(&before[*k], &after[*k]) > 0.0).map(|k| k.as_str()).collect();
+    let want: std::collections::BTreeSet<&str> = [
+        "unet.conv_in.weight",
+        "unet.conv_in.bias",
+        "unet.conv_norm_out.weight",
+        "unet.conv_norm_out.bias",
+        "unet.conv_out.weight",
+        "unet.conv_out.bias",
+    ]
+    .into_iter()
+    .collect();
+    assert_eq!(moved, want, "only the blocks with an LR train");
+    // the frozen blocks' gradients still count in clipping, as sdxl_train.py clips every UNet parameter
+    assert!(tr.target.clip_only().len() > 100);
+    let e = format!("{:#}", build::build(&ft_recipe(&dir, "x", json!({ "block_lr": lrs.join(",") }))).err().unwrap());
+    assert!(e.contains("not SDXL"), "{e}");
+    r["train"]["block_lr"] = json!("1e-4,0");
+    let e = format!("{:#}", build::build(&r).err().unwrap());
+    assert!(e.contains("23 values"), "{e}");
+}
+
 /// Textual inversion: the word's two vectors (from init_word "red circle") train as in sd-scripts'
 /// train_textual_inversion.py under PyTorch (goldens: tests/python/make_ti_goldens.py), clipped by the whole
 /// embedding table's gradient norm as sd-scripts clips (acting at every step there); the file saved loads back as an

@@ -345,6 +345,18 @@ fn an_imported_finetuning_config_trains_the_model_on_its_metadata() {
     assert_eq!(o["train_data_dir"], json!("./test/img/10_darius kawasaki person"));
     assert_eq!((o["dataset_repeats"].clone(), o["train_text_encoder"].clone()), (json!(50), json!(true)));
     assert_eq!(o["learning_rate_te"], json!(5e-06));
+    assert!(!o.contains_key("block_lr"), "the GUI's empty block_lr is not passed");
+    // an SDXL Finetuning config's block_lr goes to sdxl_train.py as given
+    let mut gui: serde_json::Map<String, Value> =
+        serde_json::from_str(&std::fs::read_to_string(config("finetune-AdamW.json")).unwrap()).unwrap();
+    let lrs = vec!["1e-6"; 23].join(",");
+    gui.insert("block_lr".into(), json!(lrs));
+    gui.insert("sdxl_checkbox".into(), json!(true));
+    let p = dir.join("ft-block-lr.json");
+    std::fs::write(&p, serde_json::to_string(&gui).unwrap()).unwrap();
+    let with = import::kohya(&p).unwrap();
+    assert_eq!(with.options["block_lr"], json!(lrs));
+    assert!(!with.report.lines().join("\n").contains("block_lr"), "{:?}", with.report.lines());
     // the images and a metadata file as merge_captions_to_metadata.py writes it
     let data = sdtune::data::synthetic::write_shapes(&dir.join("data"), "toy", 1, 4, 64, 0).unwrap();
     let images = data.join("1_toy");
