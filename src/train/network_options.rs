@@ -41,16 +41,9 @@ pub struct NetworkOptions {
     pub loraplus_lr_ratio: Option<f64>,
     pub loraplus_unet_lr_ratio: Option<f64>,
     pub loraplus_text_encoder_lr_ratio: Option<f64>,
-    /// LyCORIS (`network_module = lycoris.kohya`): `algo` (locon, loha, lokr), `preset`, LoKr's `factor` and
-    /// `decompose_both`, Tucker (`use_tucker`/`use_cp`), `rank_dropout_scale`; the options LyCORIS has beyond these
-    /// are refused when on.
-    #[serde(flatten)]
-    pub lycoris: LycorisOptions,
-}
-
-/// The `network_args` of `lycoris.kohya`, as given (kohya_ss writes Python's `True`/`False` as text).
-#[derive(Deserialize, serde::Serialize, Default, Clone, Debug)]
-pub struct LycorisOptions {
+    /// LyCORIS (`network_module = lycoris.kohya`; kohya_ss writes Python's `True`/`False` as text): `algo`
+    /// (locon, loha, lokr), `preset`, LoKr's `factor` and `decompose_both`, Tucker (`use_tucker`/`use_cp`),
+    /// `dora_wd`, `rank_dropout_scale`; the options LyCORIS has beyond these are refused when on.
     pub algo: Option<String>,
     pub preset: Option<String>,
     pub factor: Option<Value>,
@@ -75,47 +68,6 @@ pub struct LycorisOptions {
     pub constraint: Option<Value>,
     pub rescaled: Option<Value>,
 }
-
-impl LycorisOptions {
-    /// The names of the options given.
-    fn given(&self) -> Vec<&'static str> {
-        let v = serde_json::to_value(self).unwrap_or_default();
-        let mut names = Vec::new();
-        if let Value::Object(m) = v {
-            for (k, x) in m {
-                if !x.is_null() {
-                    names.push(LYCORIS_KEYS.iter().find(|n| **n == k).copied().unwrap_or("algo"));
-                }
-            }
-        }
-        names
-    }
-}
-
-/// Option names of `lycoris.kohya` (`network_args`).
-pub const LYCORIS_KEYS: &[&str] = &[
-    "algo",
-    "preset",
-    "factor",
-    "decompose_both",
-    "rank_dropout_scale",
-    "bypass_mode",
-    "use_tucker",
-    "use_cp",
-    "use_conv_cp",
-    "disable_conv_cp",
-    "use_scalar",
-    "dora_wd",
-    "train_norm",
-    "full_matrix",
-    "rs_lora",
-    "unbalanced_factorization",
-    "wd_on_output",
-    "block_size",
-    "train_on_input",
-    "constraint",
-    "rescaled",
-];
 
 /// A flag given as a bool, a number or Python's `True`/`False` text.
 fn flag(name: &str, v: &Option<Value>) -> Result<bool> {
@@ -143,10 +95,40 @@ fn arg_text(v: &Value) -> String {
 }
 
 impl NetworkOptions {
+    /// The first LyCORIS option given, if any.
+    fn lycoris_given(&self) -> Option<&'static str> {
+        let text = [("algo", self.algo.is_some()), ("preset", self.preset.is_some())];
+        let values = [
+            ("factor", &self.factor),
+            ("decompose_both", &self.decompose_both),
+            ("rank_dropout_scale", &self.rank_dropout_scale),
+            ("bypass_mode", &self.bypass_mode),
+            ("use_tucker", &self.use_tucker),
+            ("use_cp", &self.use_cp),
+            ("use_conv_cp", &self.use_conv_cp),
+            ("disable_conv_cp", &self.disable_conv_cp),
+            ("use_scalar", &self.use_scalar),
+            ("dora_wd", &self.dora_wd),
+            ("train_norm", &self.train_norm),
+            ("full_matrix", &self.full_matrix),
+            ("rs_lora", &self.rs_lora),
+            ("unbalanced_factorization", &self.unbalanced_factorization),
+            ("wd_on_output", &self.wd_on_output),
+            ("block_size", &self.block_size),
+            ("train_on_input", &self.train_on_input),
+            ("constraint", &self.constraint),
+            ("rescaled", &self.rescaled),
+        ];
+        text.into_iter()
+            .find(|(_, given)| *given)
+            .map(|(k, _)| k)
+            .or_else(|| values.into_iter().find(|(_, v)| v.as_ref().is_some_and(|v| !v.is_null())).map(|(k, _)| k))
+    }
+
     /// The LyCORIS configuration when the module is `lycoris.kohya`.
     fn lycoris(&self) -> Result<crate::networks::lycoris::LycorisConfig> {
         use crate::networks::lycoris::{Algo, LycorisConfig};
-        let l = &self.lycoris;
+        let l = self;
         let algo = match l.algo.as_deref().map(|a| a.trim_matches('"').to_ascii_lowercase()).as_deref() {
             None | Some("lora" | "locon") => Algo::Locon,
             Some("loha") => Algo::Loha,
@@ -268,7 +250,7 @@ impl NetworkOptions {
             Some(m) => bail!("network_module {m} is not supported yet; available: networks.lora, networks.lora_fa, lycoris.kohya (algo loha or lokr)"),
         };
         if lycoris.is_none() {
-            if let Some(k) = self.lycoris.given().first() {
+            if let Some(k) = self.lycoris_given() {
                 bail!("network option `{k}` is an option of LyCORIS networks: set network_module lycoris.kohya");
             }
         }
@@ -304,7 +286,7 @@ impl NetworkOptions {
                 neuron: self.dropout,
                 rank: self.rank_dropout,
                 module: self.module_dropout,
-                rank_scale: flag("rank_dropout_scale", &self.lycoris.rank_dropout_scale)?,
+                rank_scale: flag("rank_dropout_scale", &self.rank_dropout_scale)?,
             },
             lycoris,
             train_unet: self.train_unet.unwrap_or(true),
@@ -319,6 +301,14 @@ mod tests {
 
     fn options(v: Value) -> Result<NetworkConfig> {
         serde_json::from_value::<NetworkOptions>(v)?.config()
+    }
+
+    #[test]
+    fn every_network_option_completes_in_scripts() {
+        let keys = crate::script::option_keys_of("lora");
+        for k in ["dim", "conv_dim", "conv_block_alphas", "algo", "preset", "dora_wd", "loraplus_lr_ratio"] {
+            assert!(keys.iter().any(|x| x == k), "{k} missing from {keys:?}");
+        }
     }
 
     #[test]
