@@ -12,6 +12,9 @@
 //!
 //! `cargo bench --bench train_step -- ft` times full fine-tuning instead (no network: every UNet and text-encoder
 //! weight trained, AdamW, the same batches).
+//!
+//! `cargo bench --bench train_step -- loha` (or `lokr`, `locon`) times a LyCORIS network of dim 8 / alpha 8 on the
+//! same layers (preset `attn-mlp`: the UNet's transformers, the text encoder's attention and MLP).
 
 use serde_json::json;
 use std::time::Instant;
@@ -38,6 +41,19 @@ fn main() {
             "train": { "learning_rate": 1e-4, "max_train_steps": 1000, "cache_latents": true, "output_dir": dir.join("out"), "overwrite": true, "log_every_n_steps": 0, "gradient_checkpointing": checkpointing },
         })
     };
+    if let [algo] = args.as_slice() {
+        if ["loha", "lokr", "locon"].contains(&algo.as_str()) {
+            let mut r = recipe(false);
+            r["network"] = json!({ "network_module": "lycoris.kohya", "algo": algo, "preset": "attn-mlp", "dim": 8, "alpha": 8.0 });
+            let mut tr = sdtune::train::build::build(&r).unwrap();
+            let (count, median, mean) = timed_epochs(&mut tr);
+            let n: usize = tr.network().unwrap().vars().iter().map(|(_, v)| v.elem_count()).sum();
+            println!("| configuration | steps | ms / step (median) | ms / step (mean) |");
+            println!("|---|---|---|---|");
+            println!("| LyCORIS {algo} ({fixture}, sdtune, {n} weights) | {count} | {median:.1} | {mean:.1} |");
+            return;
+        }
+    }
     if args == ["ft"] {
         let mut r = recipe(false);
         r["network"] = serde_json::Value::Null;

@@ -12,6 +12,9 @@ conditioning, transformers' CLIPTextModel and CLIPTextModelWithProjection, LoRA 
 `... train_step_reference.py ft` times full fine-tuning instead (train_db.py's step: every UNet and text-encoder
 weight trained, AdamW, same batch), as `cargo bench --bench train_step -- ft`.
 
+`... train_step_reference.py loha` (or `lokr`, `locon`) times a LyCORIS network (lycoris-lora's `lycoris.kohya`, dim 8
+/ alpha 8, preset `attn-mlp`) on the UNet and the text encoder, as `cargo bench --bench train_step -- loha`.
+
 `... train_step_reference.py RESOLUTION on|off` instead times UNet LoRA at RESOLUTION² with diffusers' gradient
 checkpointing on or off (as `cargo bench --bench train_step -- RESOLUTION on|off`) and prints the process's peak
 resident memory; run each setting in its own process.
@@ -149,7 +152,37 @@ def run_ft(steps=20, warmup=4):
           f"{steps} | {statistics.median(times):.1f} | {statistics.mean(times):.1f} |")
 
 
-if sys.argv[1:] == ["ft"]:
+def run_lycoris(algo, steps=20, warmup=4):
+    import lycoris.kohya as lk
+
+    unet = UNet2DConditionModel.from_pretrained(ROOT, subfolder="unet", torch_dtype=torch.float32)
+    te = CLIPTextModel.from_pretrained(ROOT, subfolder="text_encoder", dtype=torch.float32)
+    tok = CLIPTokenizer.from_pretrained(ROOT, subfolder="tokenizer")
+    sched = DDPMScheduler.from_pretrained(ROOT, subfolder="scheduler")
+    unet.requires_grad_(False)
+    te.requires_grad_(False)
+    holder = torch.nn.Module()  # sd-scripts' (transformers 4) module names: text_model.encoder...
+    holder.text_model = te
+    net = lk.create_network(1.0, 8, 8.0, None, holder, unet, algo=algo, preset="attn-mlp")
+    net.apply_to(holder, unet, apply_text_encoder=True, apply_unet=True)
+    params = list(net.parameters())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = tok(["a red circle"] * 4, padding="max_length", max_length=77, return_tensors="pt").input_ids
+    latents = torch.randn(4, 4, 8, 8)
+    times = timed_steps(lambda noisy, t: unet(noisy, t, te(ids)[0]).sample, params, latents, sched, opt, steps,
+                        warmup)
+    n = sum(p.numel() for p in params)
+    import importlib.metadata
+    version = importlib.metadata.version("lycoris-lora")
+    print(f"| LyCORIS {algo} (PyTorch {torch.__version__}, lycoris-lora {version}, {torch.get_num_threads()} threads, "
+          f"{n} weights) | {steps} | {statistics.median(times):.1f} | {statistics.mean(times):.1f} |")
+
+
+if sys.argv[1:2] and sys.argv[1] in ("loha", "lokr", "locon"):
+    print("| configuration | steps | ms / step (median) | ms / step (mean) |")
+    print("|---|---|---|---|")
+    run_lycoris(sys.argv[1])
+elif sys.argv[1:] == ["ft"]:
     print("| configuration | steps | ms / step (median) | ms / step (mean) |")
     print("|---|---|---|---|")
     run_ft()
