@@ -267,6 +267,16 @@ struct SampleArgs {
     /// name (repeatable; `NAME=FILE` for another name).
     #[arg(long)]
     embedding: Vec<String>,
+    /// A network file to sample with (LoRA, LoCon, LoHa, LoKr, DoRA; gen_img.py's `--network_weights`),
+    /// repeatable.
+    #[arg(long)]
+    network_weights: Vec<PathBuf>,
+    /// Each network's multiplier, in the order of `--network_weights` (gen_img.py's `--network_mul`; default 1).
+    #[arg(long)]
+    network_mul: Vec<f64>,
+    /// Merge the networks into the weights instead of applying them (gen_img.py's `--network_merge`).
+    #[arg(long)]
+    network_merge: bool,
 }
 
 fn sample(a: SampleArgs) -> anyhow::Result<()> {
@@ -289,6 +299,24 @@ fn sample(a: SampleArgs) -> anyhow::Result<()> {
         };
         let word = model.load_embedding(std::path::Path::new(file), word)?;
         eprintln!("embedding {word}: {file}");
+    }
+    if a.network_mul.len() > a.network_weights.len() {
+        anyhow::bail!(
+            "--network_mul: {} values for {} --network_weights",
+            a.network_mul.len(),
+            a.network_weights.len()
+        );
+    }
+    for (i, path) in a.network_weights.iter().enumerate() {
+        let m = a.network_mul.get(i).copied().unwrap_or(1.0);
+        let net = sdtune::networks::file::load(path, &model)?;
+        if a.network_merge {
+            net.merge(m)?;
+        } else {
+            net.apply(m);
+        }
+        let how = if a.network_merge { "merged" } else { "applied" };
+        eprintln!("network {} ({} modules) {how} at {m}", path.display(), net.modules.len());
     }
     let defaults = sdtune::sample::SampleOptions {
         sampler: a.sampler,

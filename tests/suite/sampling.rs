@@ -395,4 +395,25 @@ fn sdtune_sample_cli_writes_pngs_and_reports_bad_input() {
     let (code, _, stderr) = run(ok.to_str().unwrap(), &["--embedding", "missing.safetensors"]);
     assert_ne!(code, 0);
     assert!(stderr.contains("missing.safetensors"), "{stderr}");
+    // networks (gen_img.py's --network_weights / --network_mul / --network_merge): a LoHa changes the image, at
+    // multiplier 0 it does not, and merged it gives what applied gives
+    let ok = ok.to_str().unwrap();
+    let loha = fixture("lycoris/loha.safetensors");
+    let loha = loha.to_str().unwrap();
+    let image = |extra: &[&str]| {
+        let (code, stdout, stderr) = run(ok, extra);
+        assert_eq!(code, 0, "{stderr}");
+        pixels(&stdout)
+    };
+    let plain = image(&[]);
+    let applied = image(&["--network_weights", loha, "--network_mul", "0.7"]);
+    assert_ne!(applied, plain, "the LoHa changes the image");
+    assert_eq!(image(&["--network_weights", loha, "--network_mul", "0"]), plain);
+    let merged = image(&["--network_weights", loha, "--network_mul", "0.7", "--network_merge"]);
+    let worst = merged.iter().zip(&applied).map(|(a, b)| a.abs_diff(*b)).max().unwrap();
+    assert!(worst <= 1, "merged and applied differ by {worst} levels");
+    let (code, _, stderr) =
+        run(ok, &["--network_weights", fixture("lora-sdxl/lora_sdxl_dim4_alpha1.safetensors").to_str().unwrap()]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("SDXL network"), "{stderr}");
 }
