@@ -1,9 +1,10 @@
 //! The latent cache: VAE posterior samples per image, in memory and in sd-scripts' `.npz` files next to the images
-//! (`latents`, `original_size`, `crop_ltrb`, `latents_flipped`), validated before reuse and encoded in VAE batches.
+//! (`latents`, `original_size`, `crop_ltrb`, `latents_flipped`, `alpha_mask`), validated before reuse and encoded in
+//! VAE batches.
 
 use super::buckets::crop_ltrb;
 use super::dataset::Dataset;
-use super::image::{decode, fit_to_bucket, flip_horizontal, Rgb};
+use super::image::{decode, decode_alpha, fit_to_bucket, flip_horizontal, mask_values, Rgb};
 use super::npz::{read_npz, write_npz, NpyArray, NpyData};
 use crate::models::StableDiffusion;
 use crate::rng::Rng;
@@ -20,6 +21,8 @@ pub struct CachedLatents {
     pub latents_flipped: Option<Tensor>,
     pub original_size: (usize, usize),
     pub crop_ltrb: (f64, f64, f64, f64),
+    /// With `alpha_mask`: the alpha channel `[H, W]` in [0, 1] at the bucket's size (unflipped).
+    pub alpha_mask: Option<Tensor>,
 }
 
 /// What caching did.
@@ -52,12 +55,20 @@ pub fn save_npz(path: &Path, c: &CachedLatents) -> Result<()> {
     if let Some(f) = &c.latents_flipped {
         m.insert("latents_flipped".into(), arr(f)?);
     }
+    if let Some(a) = &c.alpha_mask {
+        m.insert("alpha_mask".into(), arr(a)?);
+    }
     write_npz(path, &m)
 }
 
-/// Reads a cache file if it is valid for `bucket` (latent size bucket/8, and flipped latents when `need_flip`);
-/// `Err` carries why it is not.
-pub fn load_npz(path: &Path, bucket: (usize, usize), need_flip: bool) -> std::result::Result<CachedLatents, String> {
+/// Reads a cache file if it is valid for `bucket` (latent size bucket/8, flipped latents when `need_flip`, the
+/// alpha mask when `need_mask`); `Err` carries why it is not.
+pub fn load_npz(
+    path: &Path,
+    bucket: (usize, usize),
+    need_flip: bool,
+    need_mask: bool,
+) -> std::result::Result<CachedLatents, String> {
     let m = read_npz(path).map_err(|e| format!("{e:#}"))?;
     let lat = m.get("latents").ok_or("no `latents` array (an old cache: regenerate it)")?;
     let want = (bucket.1 / 8, bucket.0 / 8);
@@ -73,6 +84,11 @@ pub fn load_npz(path: &Path, bucket: (usize, usize), need_flip: bool) -> std::re
         (_, true) => return Err("no valid `latents_flipped` although flip_aug is on".into()),
         _ => None,
     };
+    let alpha_mask = match (m.get("alpha_mask"), need_mask) {
+        (Some(a), _) if a.shape == [bucket.1, bucket.0] => Some(to_t(a)?),
+        (_, true) => return Err("no valid `alpha_mask` although alpha_mask is on".into()),
+        _ => None,
+    };
     let os = m.get("original_size").ok_or("no `original_size`")?.to_f64();
     let cl = m.get("crop_ltrb").ok_or("no `crop_ltrb`")?.to_f64();
     if os.len() != 2 || cl.len() != 4 {
@@ -83,6 +99,7 @@ pub fn load_npz(path: &Path, bucket: (usize, usize), need_flip: bool) -> std::re
         latents_flipped: flipped,
         original_size: (os[0] as usize, os[1] as usize),
         crop_ltrb: (cl[0], cl[1], cl[2], cl[3]),
+        alpha_mask,
     })
 }
 
@@ -137,9 +154,9 @@ pub fn cache_latents(
         let mut todo = Vec::new();
         for i in idx {
             let im = &ds.images[i];
-            let flip = ds.cfg.subsets[im.subset].flip_aug;
+            let sub = &ds.cfg.subsets[im.subset];
             if to_disk {
-                if let Ok(c) = load_npz(&npz_path(&im.path), bucket, flip) {
+                if let Ok(c) = load_npz(&npz_path(&im.path), bucket, sub.flip_aug, sub.alpha_mask) {
                     out[i] = Some(c);
                     stats.reused += 1;
                     continue;
@@ -149,12 +166,23 @@ pub fn cache_latents(
         }
         for chunk in todo.chunks(vae_batch_size.max(1)) {
             let mut imgs = Vec::new();
+            let mut masks = Vec::new();
             let mut ok = Vec::new();
             for &i in chunk {
                 let im = &ds.images[i];
-                match decode(&im.path) {
-                    Ok(img) => {
+                let alpha = ds.cfg.subsets[im.subset].alpha_mask;
+                let decoded =
+                    decode(&im.path).and_then(|img| Ok((img, alpha.then(|| decode_alpha(&im.path)).transpose()?)));
+                match decoded {
+                    Ok((img, mask)) => {
                         imgs.push(fit_to_bucket(&img, im.placement.resized, bucket, false, &mut rng));
+                        masks.push(match mask {
+                            Some(m) => {
+                                let m = fit_to_bucket(&m, im.placement.resized, bucket, false, &mut rng);
+                                Some(Tensor::from_vec(mask_values(&m), (bucket.1, bucket.0), &Device::Cpu)?)
+                            }
+                            None => None,
+                        });
                         ok.push(i);
                     }
                     Err(e) => {
@@ -184,6 +212,7 @@ pub fn cache_latents(
                     },
                     original_size: im.size,
                     crop_ltrb: crop_ltrb(bucket, im.size),
+                    alpha_mask: masks[k].clone(),
                 };
                 if to_disk {
                     save_npz(&npz_path(&im.path), &c)?;

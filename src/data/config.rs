@@ -68,6 +68,7 @@ macro_rules! config_table {
             pub color_aug: Option<bool>,
             pub flip_aug: Option<bool>,
             pub random_crop: Option<bool>,
+            pub alpha_mask: Option<bool>,
             pub face_crop_aug_range: Option<[f64; 2]>,
             pub token_warmup_min: Option<usize>,
             pub token_warmup_step: Option<f64>,
@@ -181,6 +182,8 @@ pub struct SubsetConfig {
     pub flip_aug: bool,
     pub color_aug: bool,
     pub random_crop: bool,
+    /// The image's alpha channel weights the loss (sd-scripts' `alpha_mask`).
+    pub alpha_mask: bool,
 }
 
 /// A dataset, resolved.
@@ -231,6 +234,7 @@ fn resolve_subset(s: &SubsetTable, d: &DatasetTable, g: &General, call: &General
         flip_aug: pick!(flip_aug, s, d, g, call).unwrap_or(false),
         color_aug: pick!(color_aug, s, d, g, call).unwrap_or(false),
         random_crop: pick!(random_crop, s, d, g, call).unwrap_or(false),
+        alpha_mask: pick!(alpha_mask, s, d, g, call).unwrap_or(false),
     };
     if sub.image_dir.is_none() && sub.metadata_file.is_none() {
         bail!("a subset needs `image_dir` (DreamBooth style) or `metadata_file` (fine-tune style)");

@@ -4,7 +4,9 @@
 use super::buckets::{crop_ltrb, BucketManager, Placement};
 use super::captions::{process_caption, Progress};
 use super::config::{DatasetConfig, SubsetConfig};
-use super::image::{color_aug, decode, dimensions, fit_to_bucket, flip_horizontal, is_image, Rgb};
+use super::image::{
+    color_aug, decode, decode_alpha, dimensions, fit_to_bucket, flip_horizontal, is_image, mask_values, Rgb,
+};
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
@@ -48,6 +50,8 @@ pub struct Sample {
     pub flipped: bool,
     pub is_reg: bool,
     pub path: PathBuf,
+    /// With `alpha_mask`: the alpha channel in [0, 1] at the bucket's size, trimmed and flipped as the image.
+    pub alpha_mask: Option<Vec<f32>>,
 }
 
 /// One dataset of a config (its own resolution, batch size and buckets).
@@ -326,6 +330,20 @@ impl Dataset {
         let info = &self.images[i];
         let sub = &self.cfg.subsets[info.subset];
         let img = decode(&info.path)?;
+        // the mask takes the picture's crop: the same draws of the stream
+        let mut alpha = match sub.alpha_mask {
+            true => {
+                let a = decode_alpha(&info.path)?;
+                Some(fit_to_bucket(
+                    &a,
+                    info.placement.resized,
+                    info.placement.bucket,
+                    sub.random_crop,
+                    &mut rng.clone(),
+                ))
+            }
+            false => None,
+        };
         let mut img = fit_to_bucket(&img, info.placement.resized, info.placement.bucket, sub.random_crop, rng);
         if sub.color_aug {
             img = color_aug(&img, rng);
@@ -333,6 +351,7 @@ impl Dataset {
         let flipped = sub.flip_aug && rng.uniform() < 0.5;
         if flipped {
             img = flip_horizontal(&img);
+            alpha = alpha.map(|a| flip_horizontal(&a));
         }
         let mut crop = crop_ltrb(info.placement.bucket, info.size);
         if flipped {
@@ -348,6 +367,7 @@ impl Dataset {
             flipped,
             is_reg: info.is_reg,
             path: info.path.clone(),
+            alpha_mask: alpha.as_ref().map(mask_values),
         })
     }
 }

@@ -47,6 +47,26 @@ pub fn decode(path: &Path) -> Result<Rgb> {
     Ok(Rgb { width: w as usize, height: h as usize, data: img.into_raw() })
 }
 
+/// The alpha channel as an image (the value in all three channels; opaque when the file has none), so that it is
+/// resized, trimmed and flipped exactly as the picture (sd-scripts' `alpha_mask`).
+pub fn decode_alpha(path: &Path) -> Result<Rgb> {
+    let img = image::ImageReader::open(path)
+        .with_context(|| format!("{}: cannot open", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("{}: cannot read", path.display()))?
+        .decode()
+        .map_err(|e| anyhow::anyhow!("{}: truncated or corrupt image ({e})", path.display()))?
+        .to_rgba8();
+    let (w, h) = img.dimensions();
+    let data = img.into_raw().chunks_exact(4).flat_map(|p| [p[3]; 3]).collect();
+    Ok(Rgb { width: w as usize, height: h as usize, data })
+}
+
+/// A mask image (from `decode_alpha`) as values in [0, 1], row-major.
+pub fn mask_values(m: &Rgb) -> Vec<f32> {
+    m.data.chunks_exact(3).map(|p| p[0] as f32 / 255.0).collect()
+}
+
 /// Per output index: (first source index, weights) along one axis.
 fn axis_weights(src: usize, dst: usize) -> Vec<(usize, Vec<f32>)> {
     let scale = src as f64 / dst as f64;

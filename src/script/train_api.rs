@@ -200,6 +200,7 @@ fn step_with(tr: &TrainerRef, m: &Map) -> Result<f64> {
         timesteps: Some(get("timesteps")?),
         time_ids: m.contains_key("time_ids").then(|| get("time_ids")).transpose()?,
         captions: None,
+        masks: None,
     };
     let mut t = tr.lock().map_err(|_| anyhow::anyhow!("the trainer is in use"))?;
     t.train_batch(&batch)

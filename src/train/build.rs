@@ -169,6 +169,7 @@ const DATASET_KEYS: &[&str] = &[
     "color_aug",
     "flip_aug",
     "random_crop",
+    "alpha_mask",
     "token_warmup_min",
     "token_warmup_step",
     "caption_dropout_rate",

@@ -66,6 +66,10 @@ pub struct TrainConfig {
     pub text_encoder_lr: Option<f64>,
     /// Full fine-tuning: whether the text encoder(s) train too (default true, as `train_db.py`).
     pub train_text_encoder: Option<bool>,
+    /// sd-scripts' `masked_loss`: the loss weighted by masks; sdtune takes them from the images' alpha
+    /// (`alpha_mask` datasets, which weight the loss anyway, as in sd-scripts).
+    #[serde(default)]
+    pub masked_loss: bool,
     /// SDXL full fine-tuning: each text encoder's LR (`sdxl_train.py`; default `learning_rate_te`, else
     /// `learning_rate`; 0 leaves that encoder untrained).
     pub learning_rate_te1: Option<f64>,
@@ -208,8 +212,7 @@ fn ten() -> usize {
 }
 
 /// sd-scripts options recognised but not implemented yet: an error names them instead of ignoring them.
-pub const NOT_YET: &[&str] =
-    &["full_fp16", "fp8_base", "masked_loss", "alpha_mask", "network_weights", "dim_from_weights"];
+pub const NOT_YET: &[&str] = &["full_fp16", "fp8_base", "network_weights", "dim_from_weights"];
 
 /// Whether a value leaves an option off: false, null or an empty string.
 fn leaves_off(v: &serde_json::Value) -> bool {

@@ -74,6 +74,18 @@ pub fn element_loss(kind: LossType, pred: &Tensor, target: &Tensor, c: Option<&T
     })
 }
 
+/// sd-scripts' `apply_masked_loss`: the element loss `[B, C, h, w]` times the mask `[B, 1, H, W]` brought to the
+/// latents' size by area interpolation (the mean of each 8×8 block).
+pub fn apply_mask(l: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    let (_, _, h, w) = l.dims4()?;
+    let (_, _, mh, mw) = mask.dims4()?;
+    if mh % h != 0 || mw % w != 0 {
+        anyhow::bail!("a {mw}×{mh} loss mask does not divide into the {w}×{h} latents");
+    }
+    let m = mask.to_dtype(l.dtype())?.to_device(l.device())?.avg_pool2d((mh / h, mw / w))?;
+    Ok(l.broadcast_mul(&m)?)
+}
+
 /// Per-sample mean over C, H, W: `[B, C, H, W]` → `[B]`.
 pub fn mean_per_sample(l: &Tensor) -> Result<Tensor> {
     Ok(l.flatten_from(1)?.mean(D::Minus1)?)
@@ -108,6 +120,22 @@ pub fn debiased_weight(snr: f64) -> f64 {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn masks_weight_the_loss_by_their_8x8_block_means() {
+        let dev = candle_core::Device::Cpu;
+        let l = Tensor::ones((1, 2, 2, 1), candle_core::DType::F32, &dev).unwrap();
+        // a 16×8 mask: the top 8×8 block half covered, the bottom one fully
+        let mut m = vec![0f32; 16 * 8];
+        for (k, v) in m.iter_mut().enumerate() {
+            let (y, x) = (k / 8, k % 8);
+            *v = if y >= 8 || x < 4 { 1.0 } else { 0.0 };
+        }
+        let m = Tensor::from_vec(m, (1, 1, 16, 8), &dev).unwrap();
+        let got = apply_mask(&l, &m).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        assert_eq!(got, vec![0.5, 1.0, 0.5, 1.0]);
+        assert!(apply_mask(&l, &Tensor::ones((1, 1, 15, 8), candle_core::DType::F32, &dev).unwrap()).is_err());
+    }
     use super::*;
     use candle_core::Device;
 

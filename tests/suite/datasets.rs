@@ -280,7 +280,7 @@ fn latent_cache_writes_valid_npz_and_reuses_it() {
         let (bw, bh) = im.placement.bucket;
         assert_eq!(c.latents.dims(), &[4, bh / 8, bw / 8]);
         assert!(c.latents_flipped.is_some());
-        let back = load_npz(&npz_path(&im.path), im.placement.bucket, true).unwrap();
+        let back = load_npz(&npz_path(&im.path), im.placement.bucket, true, false).unwrap();
         assert_eq!(max_abs_diff(&back.latents, &c.latents), 0.0);
         assert_eq!(back.original_size, im.size);
     }
@@ -289,7 +289,7 @@ fn latent_cache_writes_valid_npz_and_reuses_it() {
     // a cache made for another bucket is not valid
     let x = &d.images.iter().find(|i| i.path.ends_with("x.png")).unwrap();
     assert_eq!(x.placement.bucket, (64, 64));
-    assert!(load_npz(&npz_path(&x.path), (96, 64), true).unwrap_err().contains("bucket needs"));
+    assert!(load_npz(&npz_path(&x.path), (96, 64), true, false).unwrap_err().contains("bucket needs"));
     // pixel-changing augmentation refuses caching
     let mut o2 = o.clone();
     o2.call.color_aug = Some(true);
@@ -301,7 +301,7 @@ fn latent_cache_writes_valid_npz_and_reuses_it() {
 fn sd_scripts_npz_files_are_accepted_and_ours_are_written_for_numpy() {
     use sdtune::data::cache::{load_npz, save_npz, CachedLatents};
     // written by numpy exactly as sd-scripts' save_latents_to_disk (tests/fixtures/npz/make_npz.py)
-    let c = load_npz(&fixture("npz/sd_scripts_cache.npz"), (64, 64), true).unwrap();
+    let c = load_npz(&fixture("npz/sd_scripts_cache.npz"), (64, 64), true, false).unwrap();
     assert_eq!(c.original_size, (70, 64));
     assert_eq!(c.crop_ltrb, (0.0, 0.0, 64.0, 58.0));
     let l = c.latents.to_vec3::<f32>().unwrap();
@@ -318,10 +318,13 @@ fn sd_scripts_npz_files_are_accepted_and_ours_are_written_for_numpy() {
         latents_flipped: Some(t),
         original_size: (100, 64),
         crop_ltrb: (0.0, 1.0, 96.0, 62.0),
+        // sd-scripts' `alpha_mask`: [H, W] at pixel resolution
+        alpha_mask: Some(candle_core::Tensor::full(0.25f32, (64, 96), &candle_core::Device::Cpu).unwrap()),
     };
     let out = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("sdtune-latents-for-numpy.npz");
     save_npz(&out, &ours).unwrap();
-    let back = load_npz(&out, (96, 64), true).unwrap();
+    let back = load_npz(&out, (96, 64), true, true).unwrap();
+    assert_eq!(back.alpha_mask.as_ref().unwrap().dims(), [64, 96]);
     assert_eq!(back.original_size, (100, 64));
 }
 

@@ -20,6 +20,7 @@ fn golden_batch(g: &HashMap<String, Tensor>, i: usize) -> Batch {
         timesteps: Some(t("timesteps")),
         time_ids: None,
         captions: None,
+        masks: None,
     }
 }
 

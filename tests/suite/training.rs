@@ -803,3 +803,87 @@ fn weighted_captions_weight_tokens_and_train_the_text_encoder() {
     let e = build::build(&xl).err().unwrap().to_string();
     assert!(e.contains("weighted_captions") && e.contains("SDXL"), "{e}");
 }
+
+/// A `10_toy` folder of four 64×64 RGBA images (a gradient) whose alpha is `alpha(x, y)`, with captions.
+fn rgba_folder(root: &std::path::Path, alpha: impl Fn(u32, u32) -> u8) -> std::path::PathBuf {
+    let dir = root.join("data/10_toy");
+    std::fs::create_dir_all(&dir).unwrap();
+    for i in 0..4u32 {
+        let img = image::RgbaImage::from_fn(64, 64, |x, y| {
+            image::Rgba([(x * 4) as u8, (y * 4) as u8, (i * 60) as u8, alpha(x, y)])
+        });
+        img.save(dir.join(format!("{i}.png"))).unwrap();
+        std::fs::write(dir.join(format!("{i}.txt")), "toy, a picture").unwrap();
+    }
+    root.join("data")
+}
+
+#[test]
+fn alpha_masks_weight_the_loss_as_sd_scripts_masked_loss() {
+    let dir = scratch("train-alpha-mask");
+    let recipe = |data: &std::path::Path, extra: serde_json::Value, out: &str| {
+        let mut r = json!({
+            "model": fixture("tiny-sd15/tiny-sd15.safetensors"),
+            "dataset": data,
+            "dataset_options": { "resolution": 64, "caption_extension": ".txt", "batch_size": 2, "alpha_mask": true, "flip_aug": true },
+            "network": { "dim": 4, "alpha": 4.0 },
+            "train": { "learning_rate": 1e-3, "max_train_steps": 2, "seed": 2, "output_dir": dir.join("out"), "output_name": out, "log_every_n_steps": 0 },
+        });
+        for (k, v) in extra.as_object().unwrap() {
+            r["train"][k] = v.clone();
+        }
+        r
+    };
+    // the sample: the alpha channel in [0, 1], trimmed and flipped with the picture (left half opaque)
+    let half = rgba_folder(&dir.join("half"), |x, _| if x < 32 { 255 } else { 0 });
+    let tr = build::build(&recipe(&half, json!({}), "half")).unwrap();
+    let ds = &tr.data.as_ref().unwrap().datasets[0];
+    let mut rng = sdtune::rng::Rng::new(1);
+    let mut seen = [false; 2];
+    for _ in 0..16 {
+        let s = ds.sample(0, sdtune::data::captions::Progress::default(), &mut rng).unwrap();
+        let m = s.alpha_mask.unwrap();
+        assert_eq!(m.len(), 64 * 64);
+        let (left, right) = (m[10 * 64 + 5], m[10 * 64 + 60]);
+        assert_eq!((left, right), if s.flipped { (0.0, 1.0) } else { (1.0, 0.0) });
+        seen[s.flipped as usize] = true;
+    }
+    assert!(seen[0] && seen[1], "flip_aug flips the mask too");
+    // a fully transparent dataset: every loss is exactly 0 and no gradient reaches the network (the up weights,
+    // zero at the start, stay zero; AdamW's weight decay alone moves the downs), cached or not
+    let clear = rgba_folder(&dir.join("clear"), |_, _| 0);
+    for cache in [json!({}), json!({ "cache_latents": true, "cache_latents_to_disk": true })] {
+        let name = if cache.as_object().unwrap().is_empty() { "clear" } else { "clear-cached" };
+        let mut tr = build::build(&recipe(&clear, cache.clone(), name)).unwrap();
+        tr.run(&mut |_, _| {}).unwrap();
+        assert!(tr.losses.iter().all(|l| *l == 0.0), "{cache}: {:?}", tr.losses);
+        let ups_zero = lora_pairs(tr.network().unwrap())
+            .iter()
+            .all(|(_, _, u)| u.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap() == 0.0);
+        assert!(ups_zero, "{cache}: a masked-out loss trained the network");
+    }
+    let npz = sdtune::data::npz::read_npz(&clear.join("10_toy/0.npz")).unwrap();
+    assert_eq!(npz["alpha_mask"].shape, vec![64, 64], "sd-scripts' cache key");
+    // fully opaque: the same run as without alpha_mask; masked_loss without alpha masks is refused
+    let opaque = rgba_folder(&dir.join("opaque"), |_, _| 255);
+    let mut with = build::build(&recipe(&opaque, json!({ "masked_loss": true }), "with")).unwrap();
+    with.run(&mut |_, _| {}).unwrap();
+    let mut r = recipe(&opaque, json!({}), "without");
+    r["dataset_options"]["alpha_mask"] = json!(false);
+    let mut without = build::build(&r).unwrap();
+    without.run(&mut |_, _| {}).unwrap();
+    assert_eq!(with.losses, without.losses);
+    let e = format!(
+        "{:#}",
+        build::build(&{
+            let mut r = r.clone();
+            r["train"]["masked_loss"] = json!(true);
+            r
+        })
+        .err()
+        .unwrap()
+    );
+    assert!(e.contains("masked_loss") && e.contains("alpha_mask"), "{e}");
+    let meta = sdtune::io::tensors::read_metadata(&dir.join("out/with.safetensors")).unwrap();
+    assert_eq!(meta["ss_masked_loss"], "True");
+}

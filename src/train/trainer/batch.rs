@@ -28,6 +28,16 @@ pub struct Batch {
     pub time_ids: Option<Tensor>,
     /// The processed captions (what `weighted_captions` encodes); absent for batches given as ids.
     pub captions: Option<Vec<String>>,
+    /// With `alpha_mask`: the images' alpha `[B, 1, H, W]` in [0, 1] (1 for images of subsets without it), which
+    /// weights the loss.
+    pub masks: Option<Tensor>,
+}
+
+/// A `[H, W]` mask mirrored left–right.
+fn flip_width(m: &Tensor) -> Result<Tensor> {
+    let w = m.dim(1)?;
+    let rev: Vec<u32> = (0..w as u32).rev().collect();
+    Ok(m.index_select(&Tensor::new(rev.as_slice(), m.device())?, 1)?)
 }
 
 /// SDXL's conditioning vector for a batch: the pooled text embedding with the batch's size ids (or, without them,
@@ -75,6 +85,7 @@ impl Trainer {
         let mut captions = Vec::new();
         let mut weights = Vec::new();
         let mut sizes = Vec::new();
+        let mut masks: Vec<Option<Tensor>> = Vec::new();
         match &self.caches[di] {
             Some(cache) => {
                 for &i in idx {
@@ -90,6 +101,10 @@ impl Trainer {
                     } else {
                         c.latents.clone()
                     });
+                    masks.push(match &c.alpha_mask {
+                        Some(m) if flip => Some(flip_width(m)?),
+                        m => m.clone(),
+                    });
                     let caption = process_caption(&im.caption, &sub.caption, progress, &mut rng);
                     captions.push(templated_caption(&self.cfg, caption, &mut rng));
                     weights.push(if im.is_reg { self.cfg.prior_loss_weight } else { 1.0 } as f32);
@@ -101,6 +116,10 @@ impl Trainer {
                     let s = ds.sample(i, progress, &mut rng)?;
                     sizes.extend(size_ids(s.original_size, s.crop_ltrb, s.bucket, s.flipped));
                     imgs.push(s.image.data.iter().map(|&b| b as f32 / 127.5 - 1.0).collect::<Vec<f32>>());
+                    let (w, h) = s.bucket;
+                    masks.push(
+                        s.alpha_mask.map(|m| Tensor::from_vec(m, (h, w), &candle_core::Device::Cpu)).transpose()?,
+                    );
                     captions.push(templated_caption(&self.cfg, s.caption, &mut rng));
                     weights.push(if s.is_reg { self.cfg.prior_loss_weight } else { 1.0 } as f32);
                 }
@@ -123,7 +142,16 @@ impl Trainer {
                 None => self.model.tokenizer.tokenize(c, &candle_core::Device::Cpu),
             })
             .collect::<Result<_>>()?;
+        let masks = if masks.iter().any(|m| m.is_some()) {
+            let (w, h) = ds.images[idx[0]].placement.bucket;
+            let ones = Tensor::ones((h, w), DType::F32, &candle_core::Device::Cpu)?;
+            let all: Vec<Tensor> = masks.into_iter().map(|m| m.unwrap_or_else(|| ones.clone())).collect();
+            Some(Tensor::stack(&all, 0)?.unsqueeze(1)?)
+        } else {
+            None
+        };
         Ok(Batch {
+            masks,
             latents,
             input_ids: Tensor::cat(&ids, 0)?,
             weights: Tensor::new(weights.as_slice(), &candle_core::Device::Cpu)?,

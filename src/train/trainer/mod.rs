@@ -127,6 +127,11 @@ impl Trainer {
         if let Target::Network(network) = &target {
             check_network_precision(&model, network, &cfg)?;
         }
+        let alpha_masks =
+            data.as_ref().is_some_and(|d| d.datasets.iter().any(|ds| ds.cfg.subsets.iter().any(|s| s.alpha_mask)));
+        if cfg.masked_loss && !alpha_masks {
+            bail!("masked_loss: no dataset has alpha_mask; masks from conditioning images (conditioning_data_dir) are not supported yet");
+        }
         if cfg.weighted_captions && model.is_xl() {
             bail!("weighted_captions: sd-scripts weights captions for SD 1.x/2.x only, not for SDXL");
         }
@@ -269,7 +274,11 @@ impl Trainer {
                 .collect();
             Some(Tensor::new(cs.as_slice(), pred.device())?)
         };
-        let per_sample = mean_per_sample(&element_loss(loss_type, &pred, &target, huber.as_ref())?)?;
+        let mut elements = element_loss(loss_type, &pred, &target, huber.as_ref())?;
+        if let Some(m) = &b.masks {
+            elements = loss::apply_mask(&elements, m)?;
+        }
+        let per_sample = mean_per_sample(&elements)?;
         let per_sample = per_sample.mul(&b.weights.to_dtype(DType::F32)?.to_device(pred.device())?)?;
         let factors: Vec<f32> = ts
             .iter()

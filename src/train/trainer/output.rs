@@ -107,6 +107,7 @@ impl Trainer {
         m.insert("ss_min_snr_gamma".into(), opt(c.min_snr_gamma));
         m.insert("ss_ip_noise_gamma".into(), opt(c.ip_noise_gamma));
         m.insert("ss_debiased_estimation".into(), if c.debiased_estimation_loss { "True" } else { "False" }.into());
+        m.insert("ss_masked_loss".into(), if c.masked_loss { "True" } else { "False" }.into());
         m.insert("ss_loss_type".into(), c.loss_type.clone());
         m.insert("ss_huber_schedule".into(), c.huber_schedule.clone());
         m.insert("ss_huber_c".into(), py(c.huber_c));
