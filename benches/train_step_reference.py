@@ -39,6 +39,15 @@ TE_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"]
 torch.manual_seed(0)
 
 
+def load_sd15():
+    """tiny-sd15's UNet, text encoder, tokenizer and noise schedule, in f32."""
+    unet = UNet2DConditionModel.from_pretrained(ROOT, subfolder="unet", torch_dtype=torch.float32)
+    te = CLIPTextModel.from_pretrained(ROOT, subfolder="text_encoder", dtype=torch.float32)
+    tok = CLIPTokenizer.from_pretrained(ROOT, subfolder="tokenizer")
+    sched = DDPMScheduler.from_pretrained(ROOT, subfolder="scheduler")
+    return unet, te, tok, sched
+
+
 def timed_steps(forward, params, latents, sched, opt, steps, warmup):
     """Times `warmup + steps` LoRA steps; `forward(noisy, t)` returns the prediction. Returns the last `steps` in ms."""
     times = []
@@ -58,10 +67,7 @@ def timed_steps(forward, params, latents, sched, opt, steps, warmup):
 
 
 def run(train_te, steps=20, warmup=4, res=64, checkpointing=None):
-    unet = UNet2DConditionModel.from_pretrained(ROOT, subfolder="unet", torch_dtype=torch.float32)
-    te = CLIPTextModel.from_pretrained(ROOT, subfolder="text_encoder", dtype=torch.float32)
-    tok = CLIPTokenizer.from_pretrained(ROOT, subfolder="tokenizer")
-    sched = DDPMScheduler.from_pretrained(ROOT, subfolder="scheduler")
+    unet, te, tok, sched = load_sd15()
     unet.requires_grad_(False)
     te.requires_grad_(False)
     if checkpointing:
@@ -137,10 +143,7 @@ def run_sdxl(train_te, steps=20, warmup=4):
 
 
 def run_ft(steps=20, warmup=4):
-    unet = UNet2DConditionModel.from_pretrained(ROOT, subfolder="unet", torch_dtype=torch.float32)
-    te = CLIPTextModel.from_pretrained(ROOT, subfolder="text_encoder", dtype=torch.float32)
-    tok = CLIPTokenizer.from_pretrained(ROOT, subfolder="tokenizer")
-    sched = DDPMScheduler.from_pretrained(ROOT, subfolder="scheduler")
+    unet, te, tok, sched = load_sd15()
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=1e-5)
     ids = tok(["a red circle"] * 4, padding="max_length", max_length=77, return_tensors="pt").input_ids
@@ -155,10 +158,7 @@ def run_ft(steps=20, warmup=4):
 def run_lycoris(algo, steps=20, warmup=4):
     import lycoris.kohya as lk
 
-    unet = UNet2DConditionModel.from_pretrained(ROOT, subfolder="unet", torch_dtype=torch.float32)
-    te = CLIPTextModel.from_pretrained(ROOT, subfolder="text_encoder", dtype=torch.float32)
-    tok = CLIPTokenizer.from_pretrained(ROOT, subfolder="tokenizer")
-    sched = DDPMScheduler.from_pretrained(ROOT, subfolder="scheduler")
+    unet, te, tok, sched = load_sd15()
     unet.requires_grad_(False)
     te.requires_grad_(False)
     holder = torch.nn.Module()  # sd-scripts' (transformers 4) module names: text_model.encoder...

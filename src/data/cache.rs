@@ -4,7 +4,7 @@
 
 use super::buckets::crop_ltrb;
 use super::dataset::Dataset;
-use super::image::{decode, decode_alpha, fit_to_bucket, flip_horizontal, mask_values, Rgb};
+use super::image::{decode, decode_with_alpha, fit_to_bucket, flip_horizontal, mask_values, Rgb};
 use super::npz::{read_npz, write_npz, NpyArray, NpyData};
 use crate::models::StableDiffusion;
 use crate::rng::Rng;
@@ -171,8 +171,10 @@ pub fn cache_latents(
             for &i in chunk {
                 let im = &ds.images[i];
                 let alpha = ds.cfg.subsets[im.subset].alpha_mask;
-                let decoded =
-                    decode(&im.path).and_then(|img| Ok((img, alpha.then(|| decode_alpha(&im.path)).transpose()?)));
+                let decoded = match alpha {
+                    true => decode_with_alpha(&im.path).map(|(img, a)| (img, Some(a))),
+                    false => decode(&im.path).map(|img| (img, None)),
+                };
                 match decoded {
                     Ok((img, mask)) => {
                         imgs.push(fit_to_bucket(&img, im.placement.resized, bucket, false, &mut rng));

@@ -5,7 +5,7 @@ use super::buckets::{crop_ltrb, BucketManager, Placement};
 use super::captions::{process_caption, Progress};
 use super::config::{DatasetConfig, SubsetConfig};
 use super::image::{
-    color_aug, decode, decode_alpha, dimensions, fit_to_bucket, flip_horizontal, is_image, mask_values, Rgb,
+    color_aug, decode, decode_with_alpha, dimensions, fit_to_bucket, flip_horizontal, is_image, mask_values, Rgb,
 };
 use crate::rng::Rng;
 use anyhow::{bail, Context, Result};
@@ -329,21 +329,14 @@ impl Dataset {
     pub fn sample(&self, i: usize, progress: Progress, rng: &mut Rng) -> Result<Sample> {
         let info = &self.images[i];
         let sub = &self.cfg.subsets[info.subset];
-        let img = decode(&info.path)?;
-        // the mask takes the picture's crop: the same draws of the stream
-        let mut alpha = match sub.alpha_mask {
-            true => {
-                let a = decode_alpha(&info.path)?;
-                Some(fit_to_bucket(
-                    &a,
-                    info.placement.resized,
-                    info.placement.bucket,
-                    sub.random_crop,
-                    &mut rng.clone(),
-                ))
-            }
-            false => None,
+        let (img, alpha) = match sub.alpha_mask {
+            true => decode_with_alpha(&info.path).map(|(img, a)| (img, Some(a)))?,
+            false => (decode(&info.path)?, None),
         };
+        // the mask takes the picture's crop: the same draws of the stream
+        let mut alpha = alpha.map(|a| {
+            fit_to_bucket(&a, info.placement.resized, info.placement.bucket, sub.random_crop, &mut rng.clone())
+        });
         let mut img = fit_to_bucket(&img, info.placement.resized, info.placement.bucket, sub.random_crop, rng);
         if sub.color_aug {
             img = color_aug(&img, rng);

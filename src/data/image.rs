@@ -34,35 +34,39 @@ pub fn dimensions(path: &Path) -> Result<(usize, usize)> {
     Ok((w as usize, h as usize))
 }
 
-/// Decodes a whole image to RGB8 (alpha dropped); a truncated or corrupt file is an error naming it.
-pub fn decode(path: &Path) -> Result<Rgb> {
-    let img = image::ImageReader::open(path)
+/// Decodes a whole image; a truncated or corrupt file is an error naming it.
+fn decode_image(path: &Path) -> Result<image::DynamicImage> {
+    image::ImageReader::open(path)
         .with_context(|| format!("{}: cannot open", path.display()))?
         .with_guessed_format()
         .with_context(|| format!("{}: cannot read", path.display()))?
         .decode()
-        .map_err(|e| anyhow::anyhow!("{}: truncated or corrupt image ({e})", path.display()))?
-        .to_rgb8();
+        .map_err(|e| anyhow::anyhow!("{}: truncated or corrupt image ({e})", path.display()))
+}
+
+/// Decodes a whole image to RGB8 (alpha dropped).
+pub fn decode(path: &Path) -> Result<Rgb> {
+    let img = decode_image(path)?.to_rgb8();
     let (w, h) = img.dimensions();
     Ok(Rgb { width: w as usize, height: h as usize, data: img.into_raw() })
 }
 
-/// The alpha channel as an image (the value in all three channels; opaque when the file has none), so that it is
-/// resized, trimmed and flipped exactly as the picture (sd-scripts' `alpha_mask`).
-pub fn decode_alpha(path: &Path) -> Result<Rgb> {
-    let img = image::ImageReader::open(path)
-        .with_context(|| format!("{}: cannot open", path.display()))?
-        .with_guessed_format()
-        .with_context(|| format!("{}: cannot read", path.display()))?
-        .decode()
-        .map_err(|e| anyhow::anyhow!("{}: truncated or corrupt image ({e})", path.display()))?
-        .to_rgba8();
+/// Decodes a whole image once to RGB8 and its alpha channel as an image (the value in all three channels; opaque
+/// when the file has none), so that the mask is resized, trimmed and flipped exactly as the picture (sd-scripts'
+/// `alpha_mask`).
+pub fn decode_with_alpha(path: &Path) -> Result<(Rgb, Rgb)> {
+    let img = decode_image(path)?.to_rgba8();
     let (w, h) = img.dimensions();
-    let data = img.into_raw().chunks_exact(4).flat_map(|p| [p[3]; 3]).collect();
-    Ok(Rgb { width: w as usize, height: h as usize, data })
+    let (mut rgb, mut alpha) = (Vec::with_capacity((w * h * 3) as usize), Vec::with_capacity((w * h * 3) as usize));
+    for p in img.into_raw().chunks_exact(4) {
+        rgb.extend_from_slice(&p[..3]);
+        alpha.extend_from_slice(&[p[3]; 3]);
+    }
+    let (width, height) = (w as usize, h as usize);
+    Ok((Rgb { width, height, data: rgb }, Rgb { width, height, data: alpha }))
 }
 
-/// A mask image (from `decode_alpha`) as values in [0, 1], row-major.
+/// A mask image (from `decode_with_alpha`) as values in [0, 1], row-major.
 pub fn mask_values(m: &Rgb) -> Vec<f32> {
     m.data.chunks_exact(3).map(|p| p[0] as f32 / 255.0).collect()
 }

@@ -275,14 +275,7 @@ impl Module {
                 };
                 (base, Some(up.clone()))
             }
-            f => (
-                f.named()
-                    .into_iter()
-                    .chain(self.dora.iter().map(|d| ("dora_scale", d)))
-                    .map(|(_, v)| v.clone())
-                    .collect(),
-                None,
-            ),
+            _ => (self.vars(), None),
         }
     }
 

@@ -6,16 +6,17 @@ For each configuration in CONFIGS, writes into tests/fixtures/lycoris/:
 - `{tag}.safetensors`: the network as LyCORIS saves it (`save_weights`, f32), after its weights were set to seeded
   random values (a fresh network's ΔW is zero, which would test nothing);
 and `golden.safetensors` with the shared inputs (`in.*`) and, per tag:
-- `{tag}.shape.<key>`: an int64 vector with the shape of every tensor of the *fresh* network (what sdtune must create
-  for the same options), `{tag}.alpha.<module>`: its alpha, `{tag}.fresh.<module>.dora_scale`: DoRA's initial
-  magnitudes;
+- in the metadata, `{tag}.shapes` (JSON: the shape of every tensor of the *fresh* network, what sdtune must create
+  for the same options) and `{tag}.alphas` (JSON: each module's alpha); `{tag}.fresh`: DoRA's initial magnitudes,
+  packed (below);
 - `{tag}.unet.out` / `{tag}.te.out`: the UNet's noise prediction and CLIP's last hidden state with the network applied
   at multiplier 0.7 (LyCORIS' default rebuild-ΔW forward);
-- `{tag}.loss`, `{tag}.grad.<key>`: loss = mean((unet(x, t, te(ids)) - target)²) with the network at multiplier 1,
-  and every network parameter's gradient (text encoder and UNet modules alike). For Tucker LoHa the gradients are
+- `{tag}.loss`, `{tag}.grad`: loss = mean((unet(x, t, te(ids)) - target)²) with the network at multiplier 1,
+  and every network parameter's gradient, packed (text encoder and UNet modules alike). For Tucker LoHa the gradients are
   torch autograd's through LyCORIS' forward: LyCORIS 3.2's hand-written backward for it is wrong (how far off is
   recorded in the metadata).
-The options of each configuration are in the file's metadata (`{tag}.args`).
+Packed tensors are one f32 vector, their keys and shapes in order in the metadata under the same name (JSON
+`[[key, shape], ...]`). The options of each configuration are in the file's metadata (`{tag}.args`).
 
 Needs (not in CI): torch, diffusers, transformers, safetensors, lycoris-lora 3.2.0.post2 (LyCORIS 4.x's `full`
 preset fails on SD 1.x UNets: it targets the `TimestepEmbedding` class and the `time_embedding.linear_*` names,
@@ -60,6 +61,14 @@ def autograd_tucker(t1, w1d, w1u, t2, w2d, w2u, scale=torch.tensor(1)):
     return rebuild1 * rebuild2 * scale
 
 
+def pack(out, meta, name, tensors):
+    """`tensors` as one f32 vector `out[name]`, its keys and shapes in order in `meta[name]` (JSON)."""
+    if not tensors:
+        return
+    out[name] = torch.cat([t.reshape(-1) for t in tensors.values()]).contiguous()
+    meta[name] = json.dumps([[k, list(t.shape)] for k, t in tensors.items()])
+
+
 def gradients(net, te, unet, inputs):
     net.zero_grad()
     ctx = te(inputs["in.ids"])[0]
@@ -97,14 +106,19 @@ def main():
         net = lk.create_network(1.0, dim, alpha, None, holder, unet, **dict(args))
         net.apply_to(holder, unet, apply_text_encoder=True, apply_unet=True)
         fresh = net.state_dict()
+        shapes, alphas, dora = {}, {}, {}
         for k, v in fresh.items():
             if k.endswith(".alpha"):
-                out[f"{tag}.alpha.{k[:-len('.alpha')]}"] = v.detach().float().reshape(1)
-            elif k.endswith(".dora_scale"):
-                out[f"{tag}.shape.{k}"] = torch.tensor(list(v.shape), dtype=torch.int64)
-                out[f"{tag}.fresh.{k}"] = v.detach().float().clone().contiguous()  # (state_dict shares storage)
-            else:
-                out[f"{tag}.shape.{k}"] = torch.tensor(list(v.shape), dtype=torch.int64)
+                alphas[k[:-len(".alpha")]] = v.detach().float().item()
+                continue
+            shapes[k] = list(v.shape)
+            if k.endswith(".dora_scale"):
+                dora[k] = v.detach().float().clone()  # (state_dict shares storage)
+        # thousands of tensors, each a header entry, would make the header larger than the data: the shapes and
+        # alphas go in the metadata, tensors of one kind into one vector with its keys in the metadata
+        meta[f"{tag}.shapes"] = json.dumps(shapes)
+        meta[f"{tag}.alphas"] = json.dumps(alphas)
+        pack(out, meta, f"{tag}.fresh", dora)
         # seeded random weights (std 0.3; DoRA magnitudes within ±30 % of their start), so that every factor matters
         with torch.no_grad():
             for name, p in net.named_parameters():
@@ -134,10 +148,8 @@ def main():
             print(f"{tag}: LyCORIS 3.2's Tucker backward is off by up to {off:.3e} (relative to the largest gradient)")
             grads = reference
         out[f"{tag}.loss"] = loss.detach().reshape(1)
-        n = 0
-        for name, grad in grads.items():
-            out[f"{tag}.grad.{name}"] = grad
-            n += 1
+        pack(out, meta, f"{tag}.grad", grads)
+        n = len(grads)
         print(f"{tag}: {len(fresh)} tensors, {n} parameters, loss {loss.item():.6f}")
     save_file({k: v.contiguous() for k, v in out.items()}, os.path.join(OUT, "golden.safetensors"), meta)
 

@@ -21,7 +21,7 @@ const TAGS: &[&str] = &[
 
 /// The options a configuration was made with (the golden file's metadata), as a network config.
 fn config(tag: &str) -> sdtune::networks::NetworkConfig {
-    let meta = sdtune::io::tensors::read_metadata(&fixture("lycoris/golden.safetensors")).unwrap();
+    let meta = golden_meta();
     let mut args: serde_json::Map<String, serde_json::Value> =
         serde_json::from_str(&meta[&format!("{tag}.args")]).unwrap();
     args.insert("network_module".into(), "lycoris.kohya".into());
@@ -40,6 +40,27 @@ fn config(tag: &str) -> sdtune::networks::NetworkConfig {
         .unwrap()
 }
 
+/// The golden file's metadata.
+fn golden_meta() -> HashMap<String, String> {
+    sdtune::io::tensors::read_metadata(&fixture("lycoris/golden.safetensors")).unwrap().into_iter().collect()
+}
+
+/// A packed golden (`{tag}.grad`, `{tag}.fresh`: one vector, its keys and shapes in the metadata) by key.
+fn unpack(g: &HashMap<String, Tensor>, meta: &HashMap<String, String>, name: &str) -> HashMap<String, Tensor> {
+    let (Some(flat), Some(index)) = (g.get(name), meta.get(name)) else { return HashMap::new() };
+    let index: Vec<(String, Vec<usize>)> = serde_json::from_str(index).unwrap();
+    let mut at = 0;
+    index
+        .into_iter()
+        .map(|(k, shape)| {
+            let n: usize = shape.iter().product();
+            let t = flat.narrow(0, at, n).unwrap().reshape(shape).unwrap();
+            at += n;
+            (k, t)
+        })
+        .collect()
+}
+
 fn max_abs(t: &Tensor) -> f64 {
     t.abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
 }
@@ -47,30 +68,27 @@ fn max_abs(t: &Tensor) -> f64 {
 #[test]
 fn created_lycoris_networks_have_lycoris_keys_shapes_and_alphas() {
     let g = goldens("lycoris/golden.safetensors");
+    let meta = golden_meta();
     let model = load(&fixture("tiny-sd15"));
     for tag in TAGS {
         let net = Network::create(&model, &config(tag), 1).unwrap();
         let ours = net.state_dict(DType::F32).unwrap();
-        let mut want: Vec<String> = g
-            .keys()
-            .filter_map(|k| k.strip_prefix(&format!("{tag}.shape.")).map(String::from))
-            .chain(g.keys().filter_map(|k| k.strip_prefix(&format!("{tag}.alpha.")).map(|m| format!("{m}.alpha"))))
-            .collect();
+        let shapes: HashMap<String, Vec<usize>> = serde_json::from_str(&meta[&format!("{tag}.shapes")]).unwrap();
+        let alphas: HashMap<String, f64> = serde_json::from_str(&meta[&format!("{tag}.alphas")]).unwrap();
+        let fresh = unpack(&g, &meta, &format!("{tag}.fresh"));
+        let mut want: Vec<String> = shapes.keys().cloned().chain(alphas.keys().map(|m| format!("{m}.alpha"))).collect();
         let mut have: Vec<String> = ours.keys().cloned().collect();
         want.sort();
         have.sort();
         assert_eq!(have, want, "{tag}: the modules and their tensors");
         for (k, t) in &ours {
             if let Some(m) = k.strip_suffix(".alpha") {
-                let a = g[&format!("{tag}.alpha.{m}")].to_vec1::<f32>().unwrap()[0];
-                assert_eq!(t.to_scalar::<f32>().unwrap(), a, "{tag} {k}");
+                assert_eq!(t.to_scalar::<f32>().unwrap(), alphas[m] as f32, "{tag} {k}");
             } else {
-                let shape: Vec<usize> =
-                    g[&format!("{tag}.shape.{k}")].to_vec1::<i64>().unwrap().into_iter().map(|d| d as usize).collect();
-                assert_eq!(t.dims(), shape.as_slice(), "{tag} {k}: shape");
+                assert_eq!(t.dims(), shapes[k].as_slice(), "{tag} {k}: shape");
             }
             // DoRA starts at the layer's own norms
-            if let Some(fresh) = g.get(&format!("{tag}.fresh.{k}")) {
+            if let Some(fresh) = fresh.get(k) {
                 let d = max_abs(&(t - fresh).unwrap()) / max_abs(fresh);
                 assert!(d <= 1e-6, "{tag} {k}: initial magnitude off by {d:e}");
             }
@@ -115,6 +133,7 @@ fn lycoris_files_applied_and_merged_reproduce_lycoris() {
 #[test]
 fn lycoris_gradients_equal_lycoris_autograd() {
     let g = goldens("lycoris/golden.safetensors");
+    let meta = golden_meta();
     let model = load(&fixture("tiny-sd15"));
     for tag in TAGS {
         let net = file::load(&fixture(&format!("lycoris/{tag}.safetensors")), &model).unwrap();
@@ -129,11 +148,12 @@ fn lycoris_gradients_equal_lycoris_autograd() {
         let grads = loss.backward().unwrap();
         net.set_training(false);
         net.remove();
+        let golden_grads = unpack(&g, &meta, &format!("{tag}.grad"));
         let (mut n, mut worst) = (0, 0.0f64);
         for (_, m) in &net.modules {
             for (suffix, v) in m.named() {
-                let key = format!("{tag}.grad.{}.{suffix}", m.name);
-                let reference = &g[&key];
+                let key = format!("{}.{suffix}", m.name);
+                let reference = &golden_grads[&key];
                 let ours = grads.get(v.as_tensor()).unwrap_or_else(|| panic!("{key}: no gradient"));
                 let ours = ours.reshape(reference.dims()).unwrap();
                 // relative to the tensor's largest gradient: f32 sums over a UNet and a text encoder
@@ -143,7 +163,7 @@ fn lycoris_gradients_equal_lycoris_autograd() {
                 n += 1;
             }
         }
-        assert_eq!(n, g.keys().filter(|k| k.starts_with(&format!("{tag}.grad."))).count(), "{tag}: every parameter");
+        assert_eq!(n, golden_grads.len(), "{tag}: every parameter");
         eprintln!("{tag}: loss {l} (LyCORIS {want}); {n} gradients, worst relative difference {worst:.2e}");
     }
 }

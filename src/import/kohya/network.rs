@@ -21,6 +21,8 @@ pub(super) const LYCORIS_ARGS: &[(&str, &str, &str, &[&str])] = &[
     ("use_scalar", "use_scalar", "False", &["LoCon", "LoHa", "LoKr"]),
     ("decompose_both", "decompose_both", "False", &["LoKr"]),
     ("rank_dropout_scale", "rank_dropout_scale", "False", &["LoCon", "LoHa", "LoKr"]),
+    // the type itself, lower-cased (no GUI key of its own)
+    ("algo", "", "", &["LoCon", "LoHa", "LoKr"]),
     ("train_norm", "train_norm", "False", &["LoCon", "LoHa", "LoKr"]),
 ];
 
@@ -64,11 +66,12 @@ pub(super) const NETWORK_ARGS: [&str; 13] = [
 pub(super) fn translate(gui: &Map<String, Value>, report: &mut Report) -> (&'static str, Vec<String>) {
     let get = |k: &str| gui.get(k).filter(|v| !unset(v));
     let lora_type = gui.get("LoRA_type").map(text);
+    let lycoris = lycoris_type(gui);
     let module = match lora_type.as_deref() {
+        _ if lycoris.is_some() => "lycoris.kohya",
         None | Some("Standard") => "networks.lora",
         Some("Kohya LoCon") => "networks.lora",
         Some("LoRA-FA") => "networks.lora_fa",
-        Some("LyCORIS/LoCon" | "LoCon" | "LyCORIS/LoHa" | "LyCORIS/LoKr") => "lycoris.kohya",
         Some(other) => {
             report.unsupported(
                 "LoRA_type",
@@ -87,20 +90,18 @@ pub(super) fn translate(gui: &Map<String, Value>, report: &mut Report) -> (&'sta
             }
         }
     }
-    if let Some(t) = lycoris_type(gui) {
+    if let Some(t) = lycoris {
         // the GUI's LyCORIS arguments, every one written (absent keys at the GUI's defaults)
-        for (arg, key, default, types) in LYCORIS_ARGS {
-            if types.contains(&t) {
-                let v =
-                    gui.get(*key).map(py_text).filter(|v| !v.trim().is_empty()).unwrap_or_else(|| default.to_string());
-                network_args.push(format!("{arg}={v}"));
-            }
+        for (arg, key, default, _) in LYCORIS_ARGS.iter().filter(|(_, _, _, types)| types.contains(&t)) {
+            let v = match *arg {
+                "algo" => t.to_ascii_lowercase(),
+                _ => gui.get(*key).map(py_text).filter(|v| !v.trim().is_empty()).unwrap_or_else(|| default.to_string()),
+            };
+            network_args.push(format!("{arg}={v}"));
         }
-        // the GUI's order: algo before train_norm, the last
-        network_args.insert(network_args.len() - 1, format!("algo={}", t.to_ascii_lowercase()));
     }
     for k in NETWORK_ARGS {
-        if lycoris_type(gui).is_some() && matches!(k, "rank_dropout" | "module_dropout") {
+        if lycoris.is_some() && matches!(k, "rank_dropout" | "module_dropout") {
             continue; // written with the LyCORIS arguments
         }
         if let Some(v) = get(k) {
